@@ -1,0 +1,51 @@
+# The two commands of a fresh machine: `make up` runs the service, `make test` runs the tests.
+# Both build the Python environment they need from the pinned requirements. It lives outside the
+# clone, keyed by the pins' hash, so a re-run (or another clone) reuses the multi-GB torch install.
+
+SHELL := /bin/bash
+PYTHON ?= python3.11
+INFERQ_CACHE ?= $(HOME)/.cache/inferq
+PINS_HASH := $(shell cat requirements.txt requirements-dev.txt | $(PYTHON) -c 'import sys,hashlib;print(hashlib.sha256(sys.stdin.buffer.read()+sys.version.encode()).hexdigest()[:16])')
+VENV ?= $(INFERQ_CACHE)/venv-$(PINS_HASH)
+PY := $(VENV)/bin/python
+ARTIFACT_DIR ?= artifacts/efficientnet_lite0
+IMAGES ?=
+
+.PHONY: venv artifact test lint up classify bench clean
+
+venv: $(VENV)/.complete
+
+# Built in a temporary folder and renamed when complete, so an interrupted install is never reused.
+$(VENV)/.complete: requirements.txt requirements-dev.txt
+	@echo "==> building the Python environment in $(VENV) (first run: several minutes, torch is large)"
+	rm -rf $(VENV).tmp
+	$(PYTHON) -m venv $(VENV).tmp
+	$(VENV).tmp/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	rm -rf $(VENV) && mv $(VENV).tmp $(VENV)
+	@# venv scripts carry the build path in their shebangs; re-create them for the final path
+	$(PYTHON) -m venv --upgrade $(VENV) >/dev/null
+	touch $@
+
+artifact: venv
+	$(PY) -m artifacts.build --out $(ARTIFACT_DIR) --if-missing
+
+test: venv artifact
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+classify: venv artifact
+	@test -n "$(IMAGES)" || { echo 'usage: make classify IMAGES="a.jpg b.png"'; exit 2; }
+	$(PY) -m worker.classify --artifact $(ARTIFACT_DIR) $(IMAGES)
+
+up: venv artifact
+	$(PY) -m shared.launcher
+
+bench: venv artifact
+	$(PY) -m bench
+
+clean:
+	rm -rf $(ARTIFACT_DIR) .inferq .pytest_cache .ruff_cache

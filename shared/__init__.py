@@ -1,0 +1,1 @@
+"""What the api and the worker must agree on: config, Redis, keys, schemas, preprocessing."""

@@ -1,0 +1,164 @@
+"""Jobs as the api creates them and as every reader (api, tests, CLI) sees them.
+
+One inferq job is one ordinary RQ job: function `worker.tasks.classify`, args `(image_key, top_k)`,
+serialized with RQ's JSONSerializer. The image bytes live in their own key (`shared.keys.image_key`)
+so nothing the client sent is ever pickled or compressed into the job hash. The worker writes:
+- on success, the RQ result (`job.return_value()`): `{"predictions": [...], "model": {"name", "sha256"}}`;
+- in both cases, `job.meta["timings"]`: `{"queue_ms", "preprocess_ms", "inference_ms", "batch_size"}`;
+- on failure, `job.meta["error"]`: `{"code", "message"}` (a crash found by RQ's registry cleanup has
+  no such entry and is reported as `worker_crashed`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from redis import Redis
+from rq import Queue, Retry
+from rq.job import Job, JobStatus
+from rq.results import Result
+from rq.serializers import JSONSerializer
+
+from shared.config import Settings
+from shared.keys import cancel_stream_key, image_key
+
+JOB_FUNC = "worker.tasks.classify"
+SERIALIZER = JSONSerializer
+
+# RQ statuses a client never needs to tell apart: a job waiting for a retry is still queued.
+_STATUS_FOR_CLIENT = {
+    JobStatus.QUEUED: "queued",
+    JobStatus.DEFERRED: "queued",
+    JobStatus.SCHEDULED: "queued",
+    JobStatus.CREATED: "queued",
+    JobStatus.STARTED: "started",
+    JobStatus.FINISHED: "finished",
+    JobStatus.FAILED: "failed",
+    JobStatus.STOPPED: "failed",
+    JobStatus.CANCELED: "canceled",
+}
+TERMINAL_STATUSES = frozenset({"finished", "failed", "canceled"})
+
+
+def make_queue(conn: Redis, settings: Settings) -> Queue:
+    return Queue(settings.queue_name, connection=conn, serializer=SERIALIZER)
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+def submit(queue: Queue, image: bytes, top_k: int, settings: Settings, meta: dict[str, Any] | None = None) -> Job:
+    """Store the image and enqueue its job in one round trip (one MULTI/EXEC pipeline)."""
+    job_id = new_job_id()
+    key = image_key(job_id)
+    with queue.connection.pipeline() as pipe:
+        pipe.set(key, image, ex=settings.image_ttl)
+        job = queue.enqueue_call(
+            JOB_FUNC,
+            args=(key, top_k),
+            job_id=job_id,
+            timeout=max(60, int(settings.abandoned_after_seconds * 4)),
+            result_ttl=settings.result_ttl,
+            failure_ttl=settings.failure_ttl,
+            ttl=settings.image_ttl,
+            description=f"classify top_k={top_k}",
+            meta=meta or {},
+            # Retries are spent only when a worker dies with the job (RQ's registry cleanup
+            # requeues abandoned jobs while retries are left); a bad image fails at once.
+            retry=Retry(max=settings.max_attempts - 1) if settings.max_attempts > 1 else None,
+            pipeline=pipe,
+        )
+        pipe.execute()
+    return job
+
+
+def fetch(conn: Redis, job_id: str) -> Job | None:
+    from rq.exceptions import NoSuchJobError
+
+    try:
+        return Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
+    except NoSuchJobError:
+        return None
+
+
+def client_status(job: Job) -> str:
+    status = job.get_status(refresh=False)
+    return _STATUS_FOR_CLIENT.get(status, "queued") if status is not None else "queued"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def job_error(job: Job, status: str, result: Result | None) -> dict[str, str] | None:
+    if status == "canceled":
+        return {"code": "canceled", "message": "The job was canceled before it started."}
+    if status != "failed":
+        return None
+    error = job.meta.get("error")
+    if isinstance(error, dict) and "code" in error:
+        return {"code": str(error["code"]), "message": str(error.get("message", ""))}
+    exc = (result.exc_string if result is not None else None) or job.exc_info or ""
+    if "AbandonedJobError" in exc or "stuck in intermediate queue" in exc:
+        return {
+            "code": "worker_crashed",
+            "message": "The worker processing this job died and the job ran out of attempts.",
+        }
+    return {"code": "internal_error", "message": "The job failed inside the worker."}
+
+
+def job_view(job: Job, result: Result | None = None) -> dict[str, Any]:
+    """The body of `GET /v1/jobs/<id>` (DESIGN 2)."""
+    status = client_status(job)
+    if result is None and status in ("finished", "failed"):
+        result = job.latest_result()
+    payload = None
+    if status == "finished" and result is not None and result.type == Result.Type.SUCCESSFUL:
+        payload = result.return_value
+    timings = job.meta.get("timings") or {}
+    return {
+        "id": job.id,
+        "status": status,
+        "result": payload,
+        "error": job_error(job, status, result),
+        "created_at": _iso(job.enqueued_at or job.created_at),
+        "started_at": _iso(job.started_at),
+        "ended_at": _iso(job.ended_at),
+        "timings": {
+            "queue_ms": timings.get("queue_ms"),
+            "inference_ms": timings.get("inference_ms"),
+            "batch_size": timings.get("batch_size"),
+        },
+    }
+
+
+def wait_for_end(conn: Redis, job_id: str, timeout: float) -> None:
+    """Block until the job has a result or is canceled, or `timeout` passes.
+
+    RQ appends every final result to the stream `rq:results:<id>`; a cancel appends to inferq's
+    cancel stream. XREAD from the stream start returns at once if either already has an entry, so
+    there is no window between checking the status and starting to wait.
+    """
+    if timeout <= 0:
+        return
+    conn.xread(
+        {Result.get_key(job_id): "0-0", cancel_stream_key(job_id): "0-0"},
+        count=1,
+        block=max(1, int(timeout * 1000)),
+    )
+
+
+def cancel(conn: Redis, job: Job, settings: Settings) -> bool:
+    """Cancel a queued job; False when it already started or ended. Wakes long-polls on it."""
+    if client_status(job) != "queued":
+        return False
+    job.cancel()
+    with conn.pipeline() as pipe:
+        pipe.delete(image_key(job.id))
+        pipe.xadd(cancel_stream_key(job.id), {"canceled": "1"}, maxlen=1)
+        pipe.expire(cancel_stream_key(job.id), settings.result_ttl)
+        pipe.execute()
+    return True

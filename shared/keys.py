@@ -1,0 +1,25 @@
+"""Redis keys inferq owns. RQ keeps its own keys (`rq:job:<id>`, `rq:queue:<name>`, …) so that
+RQ's tools (rq-dashboard, `rq info`, `Job.fetch`) see inferq jobs as ordinary RQ jobs."""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "inferq:"
+# RQ's job ids are uuid4 strings; inferq only ever generates those, so anything else is refused
+# before it reaches a key.
+JOB_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+def is_job_id(value: str) -> bool:
+    return bool(JOB_ID_RE.match(value))
+
+
+def image_key(job_id: str) -> str:
+    """The uploaded bytes of one job, raw (never pickled), with a TTL; deleted when the job ends."""
+    return f"{PREFIX}img:{job_id}"
+
+
+def cancel_stream_key(job_id: str) -> str:
+    """A stream a long-poll waits on beside RQ's result stream, so a cancel wakes it too."""
+    return f"{PREFIX}cancel:{job_id}"
