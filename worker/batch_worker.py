@@ -1,0 +1,327 @@
+"""`BatchWorker`: an RQ worker that runs its jobs in micro-batches, in its own process.
+
+It is RQ's `SimpleWorker` (no fork: the model stays loaded, and a CUDA context is never inherited
+across a fork) with the dequeue/execute loop replaced (DESIGN 5):
+grab up to N ids reliably (`worker.batching`) → fetch jobs and images in one round trip → start
+every job in one pipeline (RQ `Execution`, started registry, job status) → preprocess each, one
+forward pass → finish every job through RQ in one pipeline (results, registries, counters).
+Every job stays an ordinary RQ job: `Job.fetch(id).return_value()`, the registries, rq-dashboard
+and the worker's counters all see what RQ's own workers would write.
+
+Liveness: a heartbeat thread refreshes the worker key and the started-registry entries of the
+jobs in flight every `HEARTBEAT_SECONDS`, with a TTL of `ABANDONED_AFTER_SECONDS`. If the process
+dies, those entries expire and RQ's own registry cleanup (which these workers run every few
+seconds instead of every ten minutes) requeues the jobs while attempts are left.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+from rq.utils import now
+from rq.worker import SimpleWorker, WorkerStatus
+
+from shared.config import Settings, get_settings
+from shared.errors import InferqError
+from shared.keys import image_key
+from worker.batching import BatchCollector
+from worker.handler import ClassifyHandler, ItemOutcome
+
+log = logging.getLogger("inferq.worker")
+
+# Blocking dequeue in short slices so a stop request is noticed within this many seconds.
+_IDLE_BLOCK_SECONDS = 1.0
+
+
+def load_handler(settings: Settings) -> ClassifyHandler:
+    """Load and verify the artifact, warm it up: done once per worker process, before registering."""
+    from worker.model import load_artifact
+    from worker.runner import InferenceRunner
+
+    model = load_artifact(settings.artifact_dir, device=settings.device)
+    runner = InferenceRunner(model, threads=settings.torch_threads)
+    sizes = sorted(
+        {1, *(2**i for i in range(1, 10) if 2**i < settings.max_batch_size), settings.max_batch_size}
+    )
+    runner.warm_up(sizes)
+    return ClassifyHandler(model, runner, settings.max_image_pixels)
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, worker: BatchWorker, interval: float) -> None:
+        super().__init__(name="inferq-heartbeat", daemon=True)
+        self.worker = worker
+        self.interval = interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self.worker.beat()
+            except redis.exceptions.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=self.interval + 1)
+
+
+class BatchWorker(SimpleWorker):
+    def __init__(
+        self,
+        queues: Any,
+        *args: Any,
+        settings: Settings | None = None,
+        handler: ClassifyHandler | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.settings = settings or get_settings()
+        # Client data is never unpickled: JSON whatever the caller (e.g. `rq worker`) asked for.
+        kwargs["serializer"] = JSONSerializer
+        kwargs.setdefault("default_result_ttl", self.settings.result_ttl)
+        kwargs.setdefault(
+            "maintenance_interval", max(1, math.ceil(self.settings.abandoned_after_seconds / 2))
+        )
+        kwargs.setdefault("worker_ttl", max(10, math.ceil(self.settings.abandoned_after_seconds * 2)))
+        if kwargs.get("connection") is None:
+            from shared.redis_conn import redis_from_url
+
+            kwargs["connection"] = redis_from_url(self.settings.redis_url)
+        super().__init__(queues, *args, **kwargs)
+        if len(self.queues) != 1:
+            raise ValueError("BatchWorker listens on exactly one queue (one model per queue).")
+        self.handler = handler
+        self.execution_ttl = math.ceil(self.settings.abandoned_after_seconds)
+        self._in_flight: list[tuple[Job, Execution]] = []
+        self._in_flight_lock = threading.Lock()
+        self.batches_done = 0
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        # RQ raises StopRequested from the signal handler when idle; that can land between a
+        # BLMOVE and the jobs' start. Only set the flag: the loop checks it between batches.
+        self._stop_requested = True
+
+    def work(  # type: ignore[override]
+        self,
+        burst: bool = False,
+        logging_level: str | None = None,
+        date_format: str = "%H:%M:%S",
+        log_format: str = "%(asctime)s %(message)s",
+        max_jobs: int | None = None,
+        **_: Any,
+    ) -> bool:
+        if self.handler is None:
+            started = time.perf_counter()
+            self.handler = load_handler(self.settings)
+            log.info(
+                "model %s (sha256 %s) loaded and warmed up in %.1f s",
+                self.handler.model_info["name"],
+                self.handler.model_info["sha256"][:12],
+                time.perf_counter() - started,
+            )
+        self.bootstrap(logging_level or self.settings.log_level, date_format, log_format)
+        self._install_signal_handlers()
+        queue = self.queues[0]
+        collector = BatchCollector(
+            self.connection,
+            queue.key,
+            queue.intermediate_queue_key,
+            max_size=self.settings.max_batch_size,
+            max_delay=self.settings.max_batch_delay_ms / 1000,
+        )
+        heartbeat = _Heartbeat(self, self.settings.heartbeat_seconds)
+        heartbeat.start()
+        done = 0
+        backoff = 0.5
+        try:
+            while not self._stop_requested:
+                try:
+                    self.check_for_suspension(burst)
+                    if self.should_run_maintenance_tasks:
+                        self.run_maintenance_tasks()
+                    first = collector.take_first(_IDLE_BLOCK_SECONDS)
+                    if first is None:
+                        if burst:
+                            break
+                        continue
+                    done += self.run_batch(queue, collector, first)
+                    backoff = 0.5
+                    if max_jobs is not None and done >= max_jobs:
+                        break
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                    log.error("Redis unreachable (%s); retrying in %.1f s", exc, backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+        finally:
+            heartbeat.stop()
+            try:
+                self.teardown()
+            except redis.exceptions.RedisError as exc:
+                log.warning("could not deregister from Redis: %s", exc)
+        log.info("worker %s stopped after %d jobs", self.name, done)
+        return done > 0
+
+    def beat(self) -> None:
+        """Prove liveness: the worker key and the started-registry entries of the jobs in flight."""
+        with self._in_flight_lock:
+            in_flight = list(self._in_flight)
+        with self.connection.pipeline() as pipe:
+            self.heartbeat(self.worker_ttl, pipeline=pipe)
+            for job, execution in in_flight:
+                execution.heartbeat(job.started_job_registry, self.execution_ttl, pipeline=pipe)
+            pipe.execute()
+
+    # --- one batch -------------------------------------------------------------------------------
+
+    def run_batch(self, queue: Queue, collector: BatchCollector, first: str) -> int:
+        ids = [first, *collector.take_available(collector.max_size - 1)]
+        jobs, images = self._fetch(ids)
+        arrivals = [job.enqueued_at.timestamp() for job in jobs.values() if job and job.enqueued_at]
+        collector.arrivals.observe(arrivals)
+        if len(ids) < collector.max_size and arrivals:
+            extra = collector.wait_for_more(len(ids), min(arrivals))
+            if extra:
+                more_jobs, more_images = self._fetch(extra)
+                jobs.update(more_jobs)
+                images.update(more_images)
+                ids += extra
+        started = self._start(queue, ids, jobs)
+        if not started:
+            return 0
+        outcomes, inference_ms = self.handler.handle(  # type: ignore[union-attr]
+            [images.get(job.id) for job, _ in started], [self._top_k(job) for job, _ in started]
+        )
+        self._finish(started, outcomes, inference_ms)
+        self.batches_done += 1
+        return len(started)
+
+    def _fetch(self, ids: Sequence[str]) -> tuple[dict[str, Job | None], dict[str, bytes | None]]:
+        """Job hashes and image bytes of `ids` in one round trip."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(Job.key_for(job_id))
+            pipe.mget([image_key(job_id) for job_id in ids])
+            *hashes, blobs = pipe.execute()
+        jobs: dict[str, Job | None] = {}
+        for job_id, raw in zip(ids, hashes, strict=True):
+            job = None
+            if raw:
+                job = self.job_class(job_id, connection=self.connection, serializer=self.serializer)
+                try:
+                    job.restore(raw)
+                except Exception:
+                    log.exception("job %s has unreadable data; skipping it", job_id)
+                    job = None
+            jobs[job_id] = job
+        return jobs, dict(zip(ids, blobs, strict=True))
+
+    def _top_k(self, job: Job) -> int:
+        try:
+            top_k = int(job.args[1])
+        except (IndexError, TypeError, ValueError):
+            top_k = self.settings.default_top_k
+        return min(max(top_k, 1), self.settings.max_top_k)
+
+    def _start(
+        self, queue: Queue, ids: Sequence[str], jobs: dict[str, Job | None]
+    ) -> list[tuple[Job, Execution]]:
+        """Mark every runnable job started in one pipeline; drop ids whose job is gone or canceled."""
+        started: list[tuple[Job, Execution]] = []
+        with self.connection.pipeline() as pipe:
+            for job_id in ids:
+                job = jobs.get(job_id)
+                # Leaving the intermediate list is what tells RQ's cleanup the job did start.
+                pipe.lrem(queue.intermediate_queue_key, 1, job_id)
+                if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
+                    continue
+                execution = Execution.create(job, self.execution_ttl, pipeline=pipe, worker_name=self.name)
+                job.prepare_for_execution(self.name, pipeline=pipe)
+                started.append((job, execution))
+            if started:
+                self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+                self.set_current_job_id(started[0][0].id, pipeline=pipe)
+            with self._in_flight_lock:
+                self._in_flight = list(started)
+            pipe.execute()
+        return started
+
+    def _finish(
+        self, started: list[tuple[Job, Execution]], outcomes: list[ItemOutcome], inference_ms: float
+    ) -> None:
+        """Write every job's own result or error through RQ, in one pipeline."""
+        ended = now()
+        result_ttl = self.settings.result_ttl
+        with self.connection.pipeline() as pipe:
+            for (job, execution), outcome in zip(started, outcomes, strict=True):
+                job.ended_at = ended
+                assert job.started_at is not None
+                queued_at = job.enqueued_at or job.created_at
+                job.meta["timings"] = {
+                    "queue_ms": round((job.started_at - queued_at).total_seconds() * 1000, 3),
+                    "preprocess_ms": round(outcome.preprocess_ms, 3),
+                    "inference_ms": round(inference_ms, 3),
+                    "batch_size": len(started),
+                }
+                self.increment_total_working_time(ended - job.started_at, pipe)
+                if outcome.error is None:
+                    self._write_success(job, execution, outcome.result, result_ttl, pipe)
+                else:
+                    self._write_failure(job, execution, outcome.error, pipe)
+                pipe.hset(job.key, "meta", self.serializer.dumps(job.meta))
+                execution.delete(job, pipe)
+                pipe.delete(image_key(job.id))
+            self.set_current_job_id(None, pipeline=pipe)
+            self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+            pipe.execute()
+        with self._in_flight_lock:
+            self._in_flight = []
+        failed = sum(1 for o in outcomes if o.error is not None)
+        log.info(
+            "batch of %d done: %d finished, %d failed, inference %.1f ms",
+            len(started),
+            len(started) - failed,
+            failed,
+            inference_ms,
+        )
+
+    def _write_success(
+        self, job: Job, execution: Execution, result: dict[str, Any] | None, result_ttl: int, pipe: Any
+    ) -> None:
+        job._status = JobStatus.FINISHED
+        job._result = result
+        self.increment_successful_job_count(pipe)
+        job._handle_success(
+            result_ttl,
+            pipeline=pipe,
+            worker_name=self.name,
+            execution_id=execution.id,
+            execution_started_at=execution.created_at,
+            execution_ended_at=job.ended_at,
+        )
+        job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+
+    def _write_failure(self, job: Job, execution: Execution, error: InferqError, pipe: Any) -> None:
+        job._status = JobStatus.FAILED
+        job.meta["error"] = error.to_dict()
+        job.set_status(JobStatus.FAILED, pipeline=pipe)
+        self.increment_failed_job_count(pipe)
+        job._handle_failure(
+            f"{error.code}: {error.message}",
+            pipe,
+            worker_name=self.name,
+            execution_id=execution.id,
+            execution_started_at=execution.created_at,
+            execution_ended_at=job.ended_at,
+        )

@@ -1,0 +1,101 @@
+"""The classification handler, split like a TorchServe handler: preprocess, inference, postprocess.
+
+Preprocessing errors stay per item: a bad image becomes that item's error and never touches the
+other items of its batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shared.errors import CorruptImage, ImageError, InferqError
+from shared.preprocess import preprocess
+from worker.model import LoadedModel
+from worker.runner import InferenceRunner
+
+
+@dataclass
+class ItemOutcome:
+    """What one job of a batch ends with: a result payload or an error, plus its own timings."""
+
+    result: dict[str, Any] | None = None
+    error: InferqError | None = None
+    preprocess_ms: float = 0.0
+
+
+class ClassifyHandler:
+    def __init__(self, model: LoadedModel, runner: InferenceRunner, max_pixels: int) -> None:
+        self.model = model
+        self.runner = runner
+        self.max_pixels = max_pixels
+        self.model_info = {"name": model.manifest.name, "sha256": model.sha256}
+
+    def preprocess_one(self, data: bytes | None) -> tuple[np.ndarray | None, InferqError | None, float]:
+        started = time.perf_counter()
+        try:
+            if data is None:
+                raise CorruptImage(
+                    "The image bytes are gone (expired or deleted) before the job started.",
+                    code="image_missing",
+                )
+            array = preprocess(data, self.model.manifest.input, self.max_pixels)
+            return array, None, (time.perf_counter() - started) * 1000
+        except ImageError as exc:
+            return None, exc, (time.perf_counter() - started) * 1000
+
+    def inference(self, inputs: Sequence[np.ndarray], top_ks: Sequence[int]) -> list[list[dict[str, Any]]]:
+        return self.runner.predict(inputs, list(top_ks))
+
+    def postprocess(self, predictions: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"predictions": predictions, "model": dict(self.model_info)}
+
+    def handle(
+        self, images: Sequence[bytes | None], top_ks: Sequence[int]
+    ) -> tuple[list[ItemOutcome], float]:
+        """Run a whole batch; returns one outcome per item and the forward pass time in ms."""
+        outcomes = [ItemOutcome() for _ in images]
+        ready: list[int] = []
+        arrays: list[np.ndarray] = []
+        for i, data in enumerate(images):
+            array, error, elapsed = self.preprocess_one(data)
+            outcomes[i].preprocess_ms = elapsed
+            if error is not None:
+                outcomes[i].error = error
+            else:
+                assert array is not None
+                ready.append(i)
+                arrays.append(array)
+        if not arrays:
+            return outcomes, 0.0
+        started = time.perf_counter()
+        self._infer_isolating_failures(ready, arrays, top_ks, outcomes)
+        inference_ms = (time.perf_counter() - started) * 1000
+        return outcomes, inference_ms
+
+    def _infer_isolating_failures(
+        self,
+        indices: list[int],
+        arrays: list[np.ndarray],
+        top_ks: Sequence[int],
+        outcomes: list[ItemOutcome],
+    ) -> None:
+        """One forward pass; if it raises, bisect so only the item that raises fails."""
+        try:
+            predictions = self.inference(arrays, [top_ks[i] for i in indices])
+        except Exception as exc:
+            if len(indices) == 1:
+                outcomes[indices[0]].error = InferqError(
+                    f"The model could not process this image: {type(exc).__name__}.", code="inference_failed"
+                )
+                return
+            half = len(indices) // 2
+            self._infer_isolating_failures(indices[:half], arrays[:half], top_ks, outcomes)
+            self._infer_isolating_failures(indices[half:], arrays[half:], top_ks, outcomes)
+            return
+        for i, prediction in zip(indices, predictions, strict=True):
+            outcomes[i].result = self.postprocess(prediction)
