@@ -21,7 +21,7 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from rq import Queue
@@ -35,7 +35,11 @@ from shared.config import Settings, get_settings
 from shared.errors import InferqError
 from shared.keys import image_key
 from worker.batching import BatchCollector
-from worker.handler import ClassifyHandler, ItemOutcome
+
+if TYPE_CHECKING:
+    # torch is imported only by the process that runs the model: RQ's worker-pool imports this
+    # class in its supervisor process and forks workers from it.
+    from worker.handler import ClassifyHandler, ItemOutcome
 
 log = logging.getLogger("inferq.worker")
 
@@ -45,6 +49,7 @@ _IDLE_BLOCK_SECONDS = 1.0
 
 def load_handler(settings: Settings) -> ClassifyHandler:
     """Load and verify the artifact, warm it up: done once per worker process, before registering."""
+    from worker.handler import ClassifyHandler
     from worker.model import load_artifact
     from worker.runner import InferenceRunner
 
