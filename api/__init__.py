@@ -1,0 +1,81 @@
+"""The inferq HTTP api: a Flask application factory (DESIGN 1-2).
+
+The api validates uploads, stores them and enqueues RQ jobs (shared.jobs), and reads jobs back.
+It keeps no job state in process: any number of api processes may serve one Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask
+from redis import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from api.state import EXTENSION_KEY, ApiState
+from shared.config import Settings, get_settings
+from shared.jobs import make_queue
+from shared.redis_conn import BLOCKING_MARGIN_SECONDS, redis_from_url
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_SECONDS = 1.0
+
+
+def create_app(settings: Settings | None = None, redis: Redis | None = None) -> Flask:
+    """Build the app. Connecting is lazy: the app starts even while Redis is down (readyz says so).
+
+    `redis` (tests, embedding) replaces the client built from `settings.redis_url`; the clients
+    for long-polls and probes are copies of its connection settings with other timeouts.
+    """
+    # Imported here, not at module top: prometheus_client reads PROMETHEUS_MULTIPROC_DIR when it is
+    # first imported, and gunicorn_conf sets that variable before the app module is loaded.
+    from api import health, metrics, routes
+    from api.errors import register_error_handlers
+    from api.validation import MULTIPART_OVERHEAD_BYTES
+
+    settings = settings or get_settings()
+    blocking_timeout = settings.max_wait_seconds + BLOCKING_MARGIN_SECONDS
+    if redis is None:
+        redis = redis_from_url(settings.redis_url, client_name="inferq-api")
+    # Long-polls: a socket_timeout longer than the longest XREAD BLOCK (shared.redis_conn).
+    redis_blocking = _clone(redis, socket_timeout=blocking_timeout)
+    # /readyz and /metrics answer probes and scrapers that have short deadlines of their own:
+    # one attempt with short timeouts, instead of the ~2.5 s of retries /v1 routes ride out
+    # a Redis restart with.
+    redis_probe = _clone(
+        redis,
+        retry=Retry(NoBackoff(), 0),
+        socket_timeout=PROBE_TIMEOUT_SECONDS,
+        socket_connect_timeout=PROBE_TIMEOUT_SECONDS,
+    )
+
+    app = Flask(__name__)
+    # The default body limit of every route; upload routes set their own (api.validation).
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the contract's field order
+    app.extensions[EXTENSION_KEY] = ApiState(
+        settings=settings,
+        redis=redis,
+        redis_blocking=redis_blocking,
+        redis_probe=redis_probe,
+        queue=make_queue(redis, settings),
+    )
+    register_error_handlers(app)
+    metrics.install_request_metrics(app)
+    app.register_blueprint(routes.bp)
+    app.register_blueprint(health.bp)
+    return app
+
+
+def _clone(redis: Redis, **overrides: Any) -> Redis:
+    """A client with its own pool on the same server as `redis`, with some connection options changed."""
+    pool = redis.connection_pool
+    try:
+        kwargs = {**pool.connection_kwargs, **overrides}
+        return Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
+    except Exception:  # an exotic pool (sentinel, cluster): share the client, whose timeouts still hold
+        log.warning("cannot clone the Redis connection pool; sharing it", exc_info=True)
+        return redis

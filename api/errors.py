@@ -1,0 +1,128 @@
+"""Every error leaves the api as `{"error": {"code", "message"}}` JSON (DESIGN 2).
+
+That includes Werkzeug's own 404/405/413, Redis outages (503, never a 500 or a hang) and
+unexpected exceptions (500 with a generic message: tracebacks, URLs and secrets stay in the log).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from shared.errors import InferqError
+
+log = logging.getLogger(__name__)
+
+# Werkzeug names its exceptions for humans ("Method Not Allowed"); clients get stable snake_case,
+# with a few renamed to the codes the contract uses.
+_HTTP_CODES = {413: "payload_too_large", 415: "unsupported_media_type"}
+# Error replies of a Redis that is up but cannot serve writes (MasterDownError is a ClusterDownError).
+_UNAVAILABLE_ERRORS = (OutOfMemoryError, ReadOnlyError, ClusterDownError, TryAgainError)
+
+
+class ApiError(InferqError):
+    """An InferqError raised by the api itself, optionally with extra response headers / fields."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        http_status: int,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, code=code, http_status=http_status)
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+
+def error_response(
+    code: str,
+    message: str,
+    status: int,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Response:
+    response = jsonify({"error": {"code": code, "message": message, **(extra or {})}})
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def payload_too_large(limit: int | None) -> ApiError:
+    limit_text = f" (at most {limit:,} bytes)" if limit else ""
+    return ApiError(f"the request body is too large{limit_text}", code="payload_too_large", http_status=413)
+
+
+def _http_code(exc: HTTPException) -> str:
+    code = exc.code or 500
+    if code in _HTTP_CODES:
+        return _HTTP_CODES[code]
+    return re.sub(r"[^a-z0-9]+", "_", (exc.name or "error").lower()).strip("_")
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(InferqError)
+    def _inferq_error(exc: InferqError) -> Response:
+        if isinstance(exc, ApiError):
+            return error_response(exc.code, exc.message, exc.http_status, exc.headers, exc.extra)
+        return error_response(exc.code, exc.message, exc.http_status)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        if isinstance(exc, RequestEntityTooLarge):
+            # Raised by Werkzeug when Content-Length or a chunked body exceeds the route's limit.
+            return _inferq_error(payload_too_large(g.get("inferq_body_limit", request.max_content_length)))
+        # Keep protocol headers Werkzeug adds (Allow on 405, WWW-Authenticate, Retry-After, ...).
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+        message = exc.description or exc.name
+        if status == 404:
+            message = f"no route for {request.method} {request.path[:200]}"
+        return error_response(_http_code(exc), message, status, headers)
+
+    @app.errorhandler(RedisConnectionError)
+    @app.errorhandler(RedisTimeoutError)
+    def _redis_down(exc: Exception) -> Response:
+        # redis-py has already retried with backoff (shared.redis_conn): Redis is really gone or
+        # wedged. The exception text names host and port: log it, do not send it.
+        log.warning("Redis unavailable on %s %s: %s", request.method, request.path[:200], exc)
+        return error_response(
+            "redis_unavailable",
+            "the job store (Redis) is unreachable; try again shortly",
+            503,
+            {"Retry-After": "1"},
+        )
+
+    @app.errorhandler(ResponseError)
+    def _redis_refused(exc: ResponseError) -> Response:
+        # A server that is up but cannot take writes (maxmemory reached under noeviction, a
+        # read-only replica after a failover, persistence errors) is an outage, not a bug of ours.
+        if isinstance(exc, _UNAVAILABLE_ERRORS) or str(exc).startswith("MISCONF"):
+            log.error("Redis refused a command on %s %s: %s", request.method, request.path[:200], exc)
+            return error_response(
+                "redis_unavailable",
+                "the job store (Redis) cannot accept work right now; try again later",
+                503,
+            )
+        return _unexpected(exc)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.path[:200])
+        return error_response("internal_error", "an unexpected error occurred; it has been logged", 500)

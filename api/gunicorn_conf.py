@@ -1,0 +1,86 @@
+"""gunicorn settings of the api, all derived from shared.config (environment variables).
+
+Run: `gunicorn --config api/gunicorn_conf.py api.wsgi:app` from the project root.
+
+- gthread workers: a long-poll (`GET /v1/jobs/<id>?wait=30`) holds a thread, not a process, for up
+  to MAX_WAIT_SECONDS while it blocks in Redis; API_THREADS threads per process bound how many run
+  at once. The worker's own heartbeat runs on its main thread, so long requests do not trip `timeout`.
+- Prometheus multi-process mode: each process writes its samples to PROMETHEUS_MULTIPROC_DIR and a
+  scrape of any process adds them up; the directory is wiped at start (stale files of a previous
+  run would be added in) and a dead process's live gauges are dropped in `child_exit`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# gunicorn executes this file by path: make the project importable whatever the cwd.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from shared.config import get_settings  # noqa: E402
+
+_settings = get_settings()
+
+# --- Prometheus multi-process directory (must be in the environment before any worker imports
+# prometheus_client: workers fork from this master and load the app afterwards) ------------------
+_owned_metrics_dir: str | None = None
+if _settings.prometheus_multiproc_dir is not None:
+    _metrics_dir = str(_settings.prometheus_multiproc_dir)
+    os.makedirs(_metrics_dir, exist_ok=True)
+else:
+    _metrics_dir = _owned_metrics_dir = tempfile.mkdtemp(prefix="inferq-prometheus-")
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
+# --- Server -------------------------------------------------------------------------------------
+bind = [f"{_settings.host}:{_settings.port}"]
+workers = _settings.web_concurrency
+worker_class = "gthread"
+threads = _settings.api_threads
+# Seconds without a heartbeat from a worker's main loop before the master kills it (not a request
+# timeout: with gthread a request may outlive it, which long-polls do by design).
+timeout = 30
+# After SIGTERM, in-flight requests (long-polls included) get this long to finish.
+graceful_timeout = _settings.api_graceful_timeout
+keepalive = 5
+# Restart a process after this many requests (0 = never), jittered so processes do not restart together.
+max_requests = _settings.api_max_requests
+max_requests_jitter = _settings.api_max_requests // 10
+# The heartbeat file lives in RAM: a slow disk must not make a healthy worker look dead.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+proc_name = "inferq-api"
+# gunicorn 27's control socket defaults to one path per user: several api servers (tests, `make up`)
+# would fight over it, and nothing here uses it.
+control_socket_disable = True
+
+# --- Logging ------------------------------------------------------------------------------------
+loglevel = _settings.log_level.lower()
+errorlog = "-"
+accesslog = "-"
+# client, request line, status, response bytes, duration in ms, user agent.
+access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms "%(a)s"'
+
+
+# --- Hooks ----------------------------------------------------------------------------------------
+def on_starting(server: Any) -> None:
+    # Files of processes from a previous run would be summed into this run's counters.
+    for entry in Path(_metrics_dir).glob("*.db"):
+        entry.unlink(missing_ok=True)
+    server.log.info("prometheus multiprocess dir: %s", _metrics_dir)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    if _owned_metrics_dir is not None:
+        shutil.rmtree(_owned_metrics_dir, ignore_errors=True)

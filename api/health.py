@@ -1,0 +1,78 @@
+"""Operational routes: liveness, readiness, Prometheus metrics and the OpenAPI document."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+from redis.exceptions import RedisError
+from rq.worker_registration import WORKERS_BY_QUEUE_KEY
+
+from api import metrics
+from api.openapi import openapi_document
+from api.state import ApiState, current_state
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("ops", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> dict[str, str]:
+    # Liveness: the process answers HTTP. Deliberately no Redis call, so an orchestrator does not
+    # restart healthy api processes because Redis is down (readiness says that).
+    return {"status": "ok"}
+
+
+def live_workers(state: ApiState) -> int:
+    """Workers registered on the queue whose registration key still exists.
+
+    Same source as `rq.Worker.count(connection, queue=queue)`, but a worker that died without
+    deregistering (SIGKILL, OOM) stays in RQ's set until some worker's maintenance cleans it; its
+    own key, refreshed by its heartbeat, expires on time, so only those still alive are counted.
+    """
+    names = state.redis_probe.smembers(WORKERS_BY_QUEUE_KEY % state.queue.name)
+    if not names:
+        return 0
+    with state.redis_probe.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.exists(name)
+        return sum(pipe.execute())
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    state = current_state()
+    try:
+        state.redis_probe.ping()
+    except RedisError as exc:
+        log.warning("readyz: Redis unreachable: %s", exc)
+        return _unready("Redis is unreachable")
+    try:
+        workers = live_workers(state)
+    except RedisError as exc:
+        log.warning("readyz: cannot read workers from Redis: %s", exc)
+        return _unready("Redis is unreachable")
+    if workers < 1:
+        # Workers register only once their model is loaded and warmed up.
+        return _unready(f"no live worker is listening on queue {state.queue.name!r}")
+    return jsonify({"status": "ok", "workers": workers}), 200
+
+
+def _unready(reason: str) -> tuple[Response, int]:
+    response = jsonify({"status": "unavailable", "reason": reason})
+    response.headers["Retry-After"] = "1"
+    return response, 503
+
+
+@bp.get("/metrics")
+def prometheus_metrics() -> Response:
+    state = current_state()
+    body, content_type = metrics.render(state.redis_probe, state.queue)
+    return Response(body, mimetype=None, content_type=content_type)
+
+
+@bp.get("/openapi.json")
+def openapi() -> dict[str, Any]:
+    return openapi_document(current_state().settings)

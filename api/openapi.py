@@ -1,0 +1,331 @@
+"""The OpenAPI 3.1 document of the HTTP contract (DESIGN 2), written by hand: the contract is small
+and stable, and limits are filled in from the running settings so the document never lies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from api.validation import RAW_IMAGE_TYPES
+from shared.config import Settings
+
+_JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {_JSON: {"schema": _ref("Error")}}}
+
+
+def _json(description: str, schema: dict[str, Any], headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description, "content": {_JSON: {"schema": schema}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _schemas(settings: Settings) -> dict[str, Any]:
+    nullable_number = {"type": ["number", "null"]}
+    nullable_time = {"type": ["string", "null"], "format": "date-time"}
+    return {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["code", "message"],
+                    "properties": {
+                        "code": {
+                            "type": "string",
+                            "description": "Stable snake_case code.",
+                            "example": "corrupt_image",
+                        },
+                        "message": {"type": "string", "description": "For humans."},
+                        "index": {
+                            "type": "integer",
+                            "description": "POST /v1/batches only: which `image` file (0-based) was refused.",
+                        },
+                    },
+                }
+            },
+        },
+        "JobCreated": {
+            "type": "object",
+            "required": ["id", "status", "url"],
+            "properties": {
+                "id": {"type": "string", "format": "uuid"},
+                "status": {"type": "string", "example": "queued"},
+                "url": {"type": "string", "example": "/v1/jobs/3f8e0a9c-1b2d-4e5f-8a7b-6c5d4e3f2a1b"},
+            },
+        },
+        "Prediction": {
+            "type": "object",
+            "required": ["label", "index", "score"],
+            "properties": {
+                "label": {"type": "string"},
+                "index": {"type": "integer"},
+                "score": {"type": "number"},
+            },
+        },
+        "Job": {
+            "type": "object",
+            "required": [
+                "id",
+                "status",
+                "result",
+                "error",
+                "created_at",
+                "started_at",
+                "ended_at",
+                "timings",
+            ],
+            "properties": {
+                "id": {"type": "string", "format": "uuid"},
+                "status": {"type": "string", "enum": ["queued", "started", "finished", "failed", "canceled"]},
+                "result": {
+                    "oneOf": [
+                        {
+                            "type": "object",
+                            "required": ["predictions", "model"],
+                            "properties": {
+                                "predictions": {
+                                    "type": "array",
+                                    "items": _ref("Prediction"),
+                                    "maxItems": settings.max_top_k,
+                                },
+                                "model": {
+                                    "type": "object",
+                                    "properties": {"name": {"type": "string"}, "sha256": {"type": "string"}},
+                                },
+                            },
+                        },
+                        {"type": "null"},
+                    ]
+                },
+                "error": {
+                    "oneOf": [
+                        {
+                            "type": "object",
+                            "required": ["code", "message"],
+                            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                        },
+                        {"type": "null"},
+                    ]
+                },
+                "created_at": nullable_time,
+                "started_at": nullable_time,
+                "ended_at": nullable_time,
+                "timings": {
+                    "type": "object",
+                    "properties": {
+                        "queue_ms": nullable_number,
+                        "inference_ms": nullable_number,
+                        "batch_size": {"type": ["integer", "null"]},
+                    },
+                },
+            },
+        },
+        "Status": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {"status": {"type": "string"}, "reason": {"type": "string"}},
+        },
+    }
+
+
+def openapi_document(settings: Settings) -> dict[str, Any]:
+    top_k = {
+        "name": "top_k",
+        "in": "query",
+        "required": False,
+        "description": "How many predictions to return (422 `invalid_top_k` outside the range).",
+        "schema": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": settings.max_top_k,
+            "default": settings.default_top_k,
+        },
+    }
+    job_id = {
+        "name": "job_id",
+        "in": "path",
+        "required": True,
+        "description": "The id returned at submission (a uuid4); any other value is 404.",
+        "schema": {"type": "string", "format": "uuid"},
+    }
+    idempotency_key = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "A retry with the same key (same image and top_k) returns the first request's job "
+        "instead of creating another.",
+        "schema": {"type": "string", "maxLength": 255},
+    }
+    location = {"Location": {"description": "/v1/jobs/<id>", "schema": {"type": "string"}}}
+    retry_after = {
+        "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+    }
+    binary = {"type": "string", "format": "binary"}
+    raw_bodies = {mime: {"schema": binary} for mime in sorted(RAW_IMAGE_TYPES)}
+    common_errors = {
+        "503": {**_error("Redis is unreachable (`redis_unavailable`)."), "headers": retry_after},
+        "500": _error("Unexpected error (`internal_error`); details are only in the server log."),
+    }
+    upload_errors = {
+        "400": _error(
+            "`empty_image`, `corrupt_image`, `missing_image`, `too_many_images`, `invalid_idempotency_key`."
+        ),
+        "413": _error(
+            f"`payload_too_large` (body over {settings.max_upload_bytes} bytes per image) or "
+            f"`image_too_large` (over {settings.max_image_pixels} pixels)."
+        ),
+        "415": _error("`unsupported_media_type` (Content-Type) or `unsupported_image_format` (the bytes)."),
+        "422": _error("`invalid_top_k`, `idempotency_key_reused`."),
+        "429": {**_error("`queue_full`: the queue holds MAX_QUEUE_DEPTH jobs."), "headers": retry_after},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "inferq",
+            "version": "1",
+            "description": "Asynchronous, micro-batching image classification. Every error body is "
+            '`{"error": {"code", "message"}}`.',
+        },
+        "paths": {
+            "/v1/jobs": {
+                "post": {
+                    "summary": "Submit one image for classification",
+                    "description": "The bytes are sniffed (the Content-Type and filename are not trusted); "
+                    "nothing invalid is queued.",
+                    "parameters": [
+                        top_k,
+                        idempotency_key,
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            **raw_bodies,
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["image"],
+                                    "properties": {"image": binary},
+                                }
+                            },
+                        },
+                    },
+                    "responses": {
+                        "202": _json("Queued.", _ref("JobCreated"), location),
+                        **upload_errors,
+                        **common_errors,
+                    },
+                }
+            },
+            "/v1/batches": {
+                "post": {
+                    "summary": f"Submit up to {settings.max_batch_submit} images at once (all or nothing)",
+                    "description": "Every image is validated before any is queued; an error names the "
+                    "failing file's `index`.",
+                    "parameters": [top_k],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["image"],
+                                    "properties": {
+                                        "image": {
+                                            "type": "array",
+                                            "items": binary,
+                                            "maxItems": settings.max_batch_submit,
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": _json(
+                            "Queued.",
+                            {
+                                "type": "object",
+                                "properties": {"jobs": {"type": "array", "items": _ref("JobCreated")}},
+                            },
+                        ),
+                        **upload_errors,
+                        "413": _error(
+                            f"`payload_too_large` (body over {settings.max_batch_upload_bytes} bytes)."
+                        ),
+                        "422": _error("`invalid_top_k`, `too_many_images`."),
+                        **common_errors,
+                    },
+                }
+            },
+            "/v1/jobs/{job_id}": {
+                "get": {
+                    "summary": "Read a job, optionally long-polling until it ends",
+                    "parameters": [
+                        job_id,
+                        {
+                            "name": "wait",
+                            "in": "query",
+                            "required": False,
+                            "description": "Seconds to wait for the job to end; returns as soon as it does "
+                            "(422 `invalid_wait` outside the range).",
+                            "schema": {"type": "number", "minimum": 0, "maximum": settings.max_wait_seconds},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json("The job.", _ref("Job")),
+                        "404": _error("`job_not_found`."),
+                        "422": _error("`invalid_wait`."),
+                        **common_errors,
+                    },
+                },
+                "delete": {
+                    "summary": "Cancel a queued job",
+                    "parameters": [job_id],
+                    "responses": {
+                        "200": _json("Canceled; the job, with status `canceled`.", _ref("Job")),
+                        "404": _error("`job_not_found`."),
+                        "409": _error("`job_not_cancelable`: already started or ended."),
+                        **common_errors,
+                    },
+                },
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness (the process answers; Redis is not checked)",
+                    "responses": {"200": _json("Alive.", _ref("Status"))},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: Redis answers and at least one worker (model loaded) listens",
+                    "responses": {
+                        "200": _json("Ready.", _ref("Status")),
+                        "503": _json("Not ready; `reason` says why.", _ref("Status")),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {"description": "Prometheus text format.", "content": {"text/plain": {}}}
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {"200": {"description": "OpenAPI 3.1.", "content": {_JSON: {}}}},
+                }
+            },
+        },
+        "components": {"schemas": _schemas(settings)},
+    }
