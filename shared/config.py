@@ -49,6 +49,13 @@ class Settings(BaseSettings):
         description="Longest a job waits for companions, counted from the oldest job's arrival.",
     )
 
+    low_lane_share: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="Share of each batch owed to the low-priority lane while it has jobs waiting.",
+    )
+
     # --- Input ----------------------------------------------------------------------------------
     max_upload_bytes: int = Field(
         default=10 * 1024 * 1024, ge=1, description="Largest accepted body (413 above)."

@@ -45,8 +45,29 @@ _STATUS_FOR_CLIENT = {
 TERMINAL_STATUSES = frozenset({"finished", "failed", "canceled"})
 
 
-def make_queue(conn: Redis, settings: Settings) -> Queue:
-    return Queue(settings.queue_name, connection=conn, serializer=SERIALIZER)
+# Priority lanes, highest first. Each lane is its own RQ queue: `high` is the base queue name (so RQ
+# tools pointed at `QUEUE_NAME` see ordinary traffic), `low` is `<QUEUE_NAME>-low`. Workers listen
+# on all lanes; `worker.batching` documents how they share a batch between lanes.
+LANES = ("high", "low")
+DEFAULT_LANE = "high"
+# Keys of `job.meta` the api sets and the worker reads.
+META_DEADLINE = "deadline_at"  # epoch seconds after which a job that has not started ends `expired`
+META_OWNER = "owner"  # id of the API key that created the job (its hash), when keys are enabled
+
+
+def lane_queue_name(settings: Settings, lane: str) -> str:
+    if lane not in LANES:
+        raise ValueError(f"unknown lane {lane!r}; lanes are {', '.join(LANES)}")
+    return settings.queue_name if lane == "high" else f"{settings.queue_name}-{lane}"
+
+
+def make_queue(conn: Redis, settings: Settings, lane: str = DEFAULT_LANE) -> Queue:
+    return Queue(lane_queue_name(settings, lane), connection=conn, serializer=SERIALIZER)
+
+
+def make_lane_queues(conn: Redis, settings: Settings) -> list[Queue]:
+    """All lanes' queues, highest priority first (the order workers listen in)."""
+    return [make_queue(conn, settings, lane) for lane in LANES]
 
 
 def new_job_id() -> str:

@@ -18,9 +18,11 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from shared.jobs import LANES, lane_queue_name
     from worker.batch_worker import BatchWorker
 
-    worker = BatchWorker([settings.queue_name], name=args.name, settings=settings)
+    queues = [lane_queue_name(settings, lane) for lane in LANES]
+    worker = BatchWorker(queues, name=args.name, settings=settings)
     worker.work(burst=args.burst, max_jobs=args.max_jobs)
     return 0
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
-from rq import Queue
+from rq import worker_registration
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
@@ -33,8 +33,9 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from shared.config import Settings, get_settings
 from shared.errors import InferqError
+from shared.jobs import META_DEADLINE
 from shared.keys import image_key
-from worker.batching import BatchCollector
+from worker.batching import BatchCollector, Grabbed, Lane
 
 if TYPE_CHECKING:
     # torch is imported only by the process that runs the model: RQ's worker-pool imports this
@@ -43,8 +44,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("inferq.worker")
 
-# Blocking dequeue in short slices so a stop request is noticed within this many seconds.
-_IDLE_BLOCK_SECONDS = 1.0
+# Blocking dequeue in short slices: a stop request, and a job on a lower lane, are noticed within
+# this many seconds by an idle worker.
+_IDLE_BLOCK_SECONDS = 0.5
+# How long a batch's results are retried against an unreachable Redis before they are given up
+# (the jobs' registry entries then expire and RQ requeues them).
+_FINISH_RETRY_SECONDS = 60.0
 
 
 def load_handler(settings: Settings) -> ClassifyHandler:
@@ -103,8 +108,6 @@ class BatchWorker(SimpleWorker):
 
             kwargs["connection"] = redis_from_url(self.settings.redis_url)
         super().__init__(queues, *args, **kwargs)
-        if len(self.queues) != 1:
-            raise ValueError("BatchWorker listens on exactly one queue (one model per queue).")
         self.handler = handler
         self.execution_ttl = math.ceil(self.settings.abandoned_after_seconds)
         self._in_flight: list[tuple[Job, Execution]] = []
@@ -138,13 +141,14 @@ class BatchWorker(SimpleWorker):
             )
         self.bootstrap(logging_level or self.settings.log_level, date_format, log_format)
         self._install_signal_handlers()
-        queue = self.queues[0]
+        # Queues in the order given are lanes, highest priority first (`python -m worker` passes
+        # all of `shared.jobs.LANES`; `rq worker-pool` passes the names on its command line).
         collector = BatchCollector(
             self.connection,
-            queue.key,
-            queue.intermediate_queue_key,
+            [Lane(q.key, q.intermediate_queue_key) for q in self.queues],
             max_size=self.settings.max_batch_size,
             max_delay=self.settings.max_batch_delay_ms / 1000,
+            low_share=self.settings.low_lane_share,
         )
         heartbeat = _Heartbeat(self, self.settings.heartbeat_seconds)
         heartbeat.start()
@@ -161,7 +165,7 @@ class BatchWorker(SimpleWorker):
                         if burst:
                             break
                         continue
-                    done += self.run_batch(queue, collector, first)
+                    done += self.run_batch(collector, first)
                     backoff = 0.5
                     if max_jobs is not None and done >= max_jobs:
                         break
@@ -186,31 +190,63 @@ class BatchWorker(SimpleWorker):
             self.heartbeat(self.worker_ttl, pipeline=pipe)
             for job, execution in in_flight:
                 execution.heartbeat(job.started_job_registry, self.execution_ttl, pipeline=pipe)
-            pipe.execute()
+            created_worker_key = pipe.execute()[0] == 1
+        if created_worker_key:
+            # The worker key had vanished (Redis restarted without persistence, or it expired
+            # during an outage): register again so readiness checks and dashboards see us.
+            with self.connection.pipeline() as pipe:
+                pipe.hset(self.key, mapping=self.serialize())
+                worker_registration.register(self, pipe)
+                pipe.expire(self.key, self.worker_ttl)
+                pipe.execute()
+            log.warning("worker %s re-registered after its key vanished", self.name)
 
     # --- one batch -------------------------------------------------------------------------------
 
-    def run_batch(self, queue: Queue, collector: BatchCollector, first: str) -> int:
-        ids = [first, *collector.take_available(collector.max_size - 1)]
-        jobs, images = self._fetch(ids)
+    def run_batch(self, collector: BatchCollector, first: Grabbed) -> int:
+        grabbed = [first, *collector.take_available(collector.max_size - 1)]
+        jobs, images = self._fetch([g.job_id for g in grabbed])
         arrivals = [job.enqueued_at.timestamp() for job in jobs.values() if job and job.enqueued_at]
         collector.arrivals.observe(arrivals)
-        if len(ids) < collector.max_size and arrivals:
-            extra = collector.wait_for_more(len(ids), min(arrivals))
+        if len(grabbed) < collector.max_size and arrivals:
+            extra = collector.wait_for_more(len(grabbed), min(arrivals))
             if extra:
-                more_jobs, more_images = self._fetch(extra)
+                more_jobs, more_images = self._fetch([g.job_id for g in extra])
                 jobs.update(more_jobs)
                 images.update(more_images)
-                ids += extra
-        started = self._start(queue, ids, jobs)
-        if not started:
-            return 0
-        outcomes, inference_ms = self.handler.handle(  # type: ignore[union-attr]
-            [images.get(job.id) for job, _ in started], [self._top_k(job) for job, _ in started]
-        )
-        self._finish(started, outcomes, inference_ms)
+                grabbed += extra
+        try:
+            started = self._start(grabbed, jobs)
+            # A job that was started before (its worker died with it) may be what kills workers:
+            # run each such suspect alone, after the others are safely written.
+            fresh = [(job, ex) for job, ex in started if job.meta.get("attempts", 1) <= 1]
+            groups = [fresh] + [[(job, ex)] for job, ex in started if job.meta.get("attempts", 1) > 1]
+            for group in groups:
+                if group:
+                    self._run_group(group, images)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight = []
         self.batches_done += 1
         return len(started)
+
+    def _run_group(self, group: list[tuple[Job, Execution]], images: dict[str, bytes | None]) -> None:
+        outcomes, inference_ms = self.handler.handle(  # type: ignore[union-attr]
+            [images.get(job.id) for job, _ in group], [self._top_k(job) for job, _ in group]
+        )
+        deadline = time.monotonic() + _FINISH_RETRY_SECONDS
+        while True:
+            try:
+                self._finish(group, outcomes, inference_ms)
+                break
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("could not write results (%s); retrying while Redis comes back", exc)
+                time.sleep(1.0)
+        done = {job.id for job, _ in group}
+        with self._in_flight_lock:
+            self._in_flight = [(job, ex) for job, ex in self._in_flight if job.id not in done]
 
     def _fetch(self, ids: Sequence[str]) -> tuple[dict[str, Job | None], dict[str, bytes | None]]:
         """Job hashes and image bytes of `ids` in one round trip."""
@@ -239,21 +275,30 @@ class BatchWorker(SimpleWorker):
             top_k = self.settings.default_top_k
         return min(max(top_k, 1), self.settings.max_top_k)
 
-    def _start(
-        self, queue: Queue, ids: Sequence[str], jobs: dict[str, Job | None]
-    ) -> list[tuple[Job, Execution]]:
-        """Mark every runnable job started in one pipeline; drop ids whose job is gone or canceled."""
+    def _start(self, grabbed: Sequence[Grabbed], jobs: dict[str, Job | None]) -> list[tuple[Job, Execution]]:
+        """Mark every runnable job started in one pipeline. Ids whose job is gone or no longer
+        queued (canceled) are dropped; jobs past their deadline end `deadline_expired` unstarted."""
         started: list[tuple[Job, Execution]] = []
+        expired: list[Job] = []
+        wall = time.time()
         with self.connection.pipeline() as pipe:
-            for job_id in ids:
-                job = jobs.get(job_id)
+            for item in grabbed:
+                job = jobs.get(item.job_id)
                 # Leaving the intermediate list is what tells RQ's cleanup the job did start.
-                pipe.lrem(queue.intermediate_queue_key, 1, job_id)
+                pipe.lrem(self.queues[item.lane].intermediate_queue_key, 1, item.job_id)
                 if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
                     continue
+                deadline = job.meta.get(META_DEADLINE)
+                if isinstance(deadline, int | float) and wall > deadline:
+                    expired.append(job)
+                    continue
+                job.meta["attempts"] = int(job.meta.get("attempts", 0)) + 1
+                pipe.hset(job.key, "meta", self.serializer.dumps(job.meta))
                 execution = Execution.create(job, self.execution_ttl, pipeline=pipe, worker_name=self.name)
                 job.prepare_for_execution(self.name, pipeline=pipe)
                 started.append((job, execution))
+            for job in expired:
+                self._write_expired(job, wall, pipe)
             if started:
                 self.set_state(WorkerStatus.BUSY, pipeline=pipe)
                 self.set_current_job_id(started[0][0].id, pipeline=pipe)
@@ -262,10 +307,25 @@ class BatchWorker(SimpleWorker):
             pipe.execute()
         return started
 
+    def _write_expired(self, job: Job, wall: float, pipe: Any) -> None:
+        late_ms = (wall - float(job.meta[META_DEADLINE])) * 1000
+        error = InferqError(
+            f"The job's deadline passed {late_ms:.0f} ms before a worker could start it.",
+            code="deadline_expired",
+        )
+        job.ended_at = now()
+        job._status = JobStatus.FAILED
+        job.meta["error"] = error.to_dict()
+        job.set_status(JobStatus.FAILED, pipeline=pipe)
+        job._handle_failure(f"{error.code}: {error.message}", pipe, worker_name=self.name)
+        pipe.hset(job.key, "meta", self.serializer.dumps(job.meta))
+        pipe.delete(image_key(job.id))
+
     def _finish(
         self, started: list[tuple[Job, Execution]], outcomes: list[ItemOutcome], inference_ms: float
     ) -> None:
         """Write every job's own result or error through RQ, in one pipeline."""
+        started, outcomes = self._still_owned(started, outcomes)
         ended = now()
         result_ttl = self.settings.result_ttl
         with self.connection.pipeline() as pipe:
@@ -290,8 +350,6 @@ class BatchWorker(SimpleWorker):
             self.set_current_job_id(None, pipeline=pipe)
             self.set_state(WorkerStatus.IDLE, pipeline=pipe)
             pipe.execute()
-        with self._in_flight_lock:
-            self._in_flight = []
         failed = sum(1 for o in outcomes if o.error is not None)
         log.info(
             "batch of %d done: %d finished, %d failed, inference %.1f ms",
@@ -300,6 +358,26 @@ class BatchWorker(SimpleWorker):
             failed,
             inference_ms,
         )
+
+    def _still_owned(
+        self, started: list[tuple[Job, Execution]], outcomes: list[ItemOutcome]
+    ) -> tuple[list[tuple[Job, Execution]], list[ItemOutcome]]:
+        """Drop jobs whose execution left the started registry meanwhile: RQ's cleanup judged this
+        worker dead (e.g. it stalled past ABANDONED_AFTER_SECONDS) and requeued them, so another
+        worker owns them now and a second result must not be written."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            for job, execution in started:
+                pipe.zscore(job.started_job_registry.key, execution.composite_key)
+            scores = pipe.execute()
+        kept = [
+            (pair, outcome) for pair, outcome, score in zip(started, outcomes, scores, strict=True) if score
+        ]
+        if len(kept) < len(started):
+            log.warning(
+                "%d job(s) were requeued while running here; not writing their results",
+                len(started) - len(kept),
+            )
+        return [pair for pair, _ in kept], [outcome for _, outcome in kept]
 
     def _write_success(
         self, job: Job, execution: Execution, result: dict[str, Any] | None, result_ttl: int, pipe: Any

@@ -47,6 +47,13 @@ class ClassifyHandler:
             return array, None, (time.perf_counter() - started) * 1000
         except ImageError as exc:
             return None, exc, (time.perf_counter() - started) * 1000
+        except Exception as exc:
+            # Whatever a decoder raises (MemoryError on a huge-but-allowed image, a codec bug)
+            # fails this image only: no input may take down the batch or the worker.
+            error = InferqError(
+                f"The image could not be preprocessed: {type(exc).__name__}.", code="preprocess_failed"
+            )
+            return None, error, (time.perf_counter() - started) * 1000
 
     def inference(self, inputs: Sequence[np.ndarray], top_ks: Sequence[int]) -> list[list[dict[str, Any]]]:
         return self.runner.predict(inputs, list(top_ks))
