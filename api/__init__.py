@@ -14,10 +14,11 @@ from redis import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from api.auth import KeyRing
 from api.state import EXTENSION_KEY, ApiState
 from shared.config import Settings, get_settings
-from shared.jobs import make_queue
-from shared.redis_conn import BLOCKING_MARGIN_SECONDS, redis_from_url
+from shared.jobs import LANES, make_queue
+from shared.redis_conn import BLOCKING_MARGIN_SECONDS, redact_url, redis_from_url
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,19 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         redis=redis,
         redis_blocking=redis_blocking,
         redis_probe=redis_probe,
-        queue=make_queue(redis, settings),
+        queues={lane: make_queue(redis, settings, lane) for lane in LANES},
+        keyring=KeyRing(settings.api_keys),
     )
     register_error_handlers(app)
     metrics.install_request_metrics(app)
     app.register_blueprint(routes.bp)
     app.register_blueprint(health.bp)
+    log.info(
+        "api ready: Redis %s, queues %s, API keys %s",
+        redact_url(settings.redis_url) if settings.redis_url else "<given>",
+        ", ".join(q.name for q in app.extensions[EXTENSION_KEY].queue_list),
+        f"required ({len(settings.api_keys)} configured)" if settings.auth_enabled else "disabled",
+    )
     return app
 
 

@@ -8,6 +8,11 @@ Run: `gunicorn --config api/gunicorn_conf.py api.wsgi:app` from the project root
 - Prometheus multi-process mode: each process writes its samples to PROMETHEUS_MULTIPROC_DIR and a
   scrape of any process adds them up; the directory is wiped at start (stale files of a previous
   run would be added in) and a dead process's live gauges are dropped in `child_exit`.
+- The bind rule (`shared.config.check_bind_allowed`): without API keys, only loopback addresses.
+  Checked in `on_starting` against the addresses gunicorn will really bind (a `--bind` on the
+  command line or in GUNICORN_CMD_ARGS overrides HOST:PORT), before any socket is opened.
+- Logs: gunicorn's error and access logs go through `api.log_redaction` (Authorization values and
+  Redis URL passwords are masked), re-installed whenever gunicorn rebuilds its handlers.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from shared.config import get_settings  # noqa: E402
+from gunicorn.glogging import Logger as _GunicornLogger  # noqa: E402
+
+from shared.config import BindNotAllowed, check_bind_allowed, get_settings  # noqa: E402
 
 _settings = get_settings()
 
@@ -67,8 +74,32 @@ accesslog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms "%(a)s"'
 
 
+class RedactingLogger(_GunicornLogger):
+    """gunicorn's logger, with the secret-redacting filter on its handlers (after every setup)."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        # Imported here: `api` must not be imported before PROMETHEUS_MULTIPROC_DIR is set (above).
+        from api.log_redaction import install_redaction
+
+        install_redaction(self.error_log, self.access_log)
+
+
+logger_class = RedactingLogger
+
+
 # --- Hooks ----------------------------------------------------------------------------------------
 def on_starting(server: Any) -> None:
+    # Before anything listens: the api may only be public with API keys. gunicorn prints a
+    # RuntimeError raised here as "Error: <message>" and exits 1.
+    try:
+        for address in server.cfg.address:
+            if isinstance(address, tuple):  # (host, port); a unix socket path (str) or fd (int) is local
+                check_bind_allowed(_settings, host=str(address[0]))
+    except BindNotAllowed:
+        if _owned_metrics_dir is not None:
+            shutil.rmtree(_owned_metrics_dir, ignore_errors=True)
+        raise
     # Files of processes from a previous run would be summed into this run's counters.
     for entry in Path(_metrics_dir).glob("*.db"):
         entry.unlink(missing_ok=True)

@@ -1,4 +1,8 @@
-"""Operational routes: liveness, readiness, Prometheus metrics and the OpenAPI document."""
+"""Operational routes: liveness, readiness, Prometheus metrics and the OpenAPI document.
+
+/healthz and /readyz stay open (probes carry no credentials) and say no more than a status and a
+short reason; /metrics needs an API key when keys are configured.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from redis.exceptions import RedisError
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from api import metrics
+from api.auth import require_api_key
 from api.openapi import openapi_document
 from api.state import ApiState, current_state
 
@@ -26,13 +31,13 @@ def healthz() -> dict[str, str]:
 
 
 def live_workers(state: ApiState) -> int:
-    """Workers registered on the queue whose registration key still exists.
+    """Workers registered on any lane's queue whose registration key still exists (each counted once).
 
     Same source as `rq.Worker.count(connection, queue=queue)`, but a worker that died without
     deregistering (SIGKILL, OOM) stays in RQ's set until some worker's maintenance cleans it; its
     own key, refreshed by its heartbeat, expires on time, so only those still alive are counted.
     """
-    names = state.redis_probe.smembers(WORKERS_BY_QUEUE_KEY % state.queue.name)
+    names = state.redis_probe.sunion([WORKERS_BY_QUEUE_KEY % queue.name for queue in state.queue_list])
     if not names:
         return 0
     with state.redis_probe.pipeline(transaction=False) as pipe:
@@ -55,9 +60,10 @@ def readyz() -> tuple[Response, int]:
         log.warning("readyz: cannot read workers from Redis: %s", exc)
         return _unready("Redis is unreachable")
     if workers < 1:
-        # Workers register only once their model is loaded and warmed up.
-        return _unready(f"no live worker is listening on queue {state.queue.name!r}")
-    return jsonify({"status": "ok", "workers": workers}), 200
+        # Workers register only once their model is loaded and warmed up. (Probes are
+        # unauthenticated: no queue names, counts or addresses here; /metrics has the details.)
+        return _unready("no live worker")
+    return jsonify({"status": "ok"}), 200
 
 
 def _unready(reason: str) -> tuple[Response, int]:
@@ -67,9 +73,10 @@ def _unready(reason: str) -> tuple[Response, int]:
 
 
 @bp.get("/metrics")
+@require_api_key
 def prometheus_metrics() -> Response:
     state = current_state()
-    body, content_type = metrics.render(state.redis_probe, state.queue)
+    body, content_type = metrics.render(state.redis_probe, state.queue_list, state.settings)
     return Response(body, mimetype=None, content_type=content_type)
 
 

@@ -1,16 +1,26 @@
 """`Idempotency-Key` on `POST /v1/jobs`: a retried submission returns the job the first one made.
 
-The claim and the enqueue are one transaction (WATCH the claim key, then MULTI: claim + image +
-job, EXEC), so two concurrent requests with one key can never both enqueue, and a client can never
-be handed an id whose job does not exist yet. The claim lives in Redis (the api is stateless).
+- Scope: per API key. The claim key is `inferq:idem:<sha256(owner id, Idempotency-Key)>`: hashed
+  (the header is client text and never shapes a Redis key), and two keys' clients using the same
+  header value never see each other's jobs.
+- Lifetime: the claim lives as long as the job id is remembered (`Settings.known_job_ttl`: the job's
+  longest life plus EXPIRED_GRACE_SECONDS). While the job exists (queued, running, or ended and its
+  result still kept) a replay returns it; once the job itself has expired, a replay answers 410
+  `job_expired` like a GET does. Never a second job for one claim.
+- Same key, different request (other image bytes, top_k, priority or deadline_ms): 409
+  `idempotency_key_reused`.
+- The claim and the enqueue are one transaction (WATCH the claim key, then MULTI: claim + image +
+  tombstone + job, EXEC), so two concurrent requests with one key can never both enqueue, and a
+  client can never be handed an id whose job does not exist yet.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from redis.client import Pipeline
 from redis.exceptions import WatchError
 from rq import Queue
 from rq.job import Job
@@ -18,19 +28,31 @@ from rq.job import Job
 from api.errors import ApiError
 from shared.config import Settings
 from shared.jobs import submit
-from shared.keys import PREFIX
+from shared.keys import PREFIX, known_key
 
 # Conflicting writers retry at once; a handful of rounds is plenty for one key.
 _MAX_ROUNDS = 8
+_ANONYMOUS = "-"  # the scope when API keys are disabled
 
 
-def claim_key(idempotency_key: str) -> str:
-    # Hashed: the header is client text and must not shape a Redis key.
-    return f"{PREFIX}idem:{hashlib.sha256(idempotency_key.encode()).hexdigest()}"
+def claim_key(idempotency_key: str, owner: str | None = None) -> str:
+    scope = f"{owner or _ANONYMOUS}\0{idempotency_key}"
+    return f"{PREFIX}idem:{hashlib.sha256(scope.encode()).hexdigest()}"
 
 
-def fingerprint(image: bytes, top_k: int) -> str:
-    return hashlib.sha256(image + b"\0top_k=" + str(top_k).encode()).hexdigest()
+def fingerprint(image: bytes, params: Mapping[str, Any]) -> str:
+    digest = hashlib.sha256(image)
+    digest.update(b"\0" + json.dumps(dict(params), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def expired_job(job_id: str) -> ApiError:
+    return ApiError(
+        f"job {job_id} has expired: its result is no longer kept",
+        code="job_expired",
+        http_status=410,
+        extra={"id": job_id},
+    )
 
 
 def submit_once(
@@ -39,12 +61,20 @@ def submit_once(
     image: bytes,
     top_k: int,
     settings: Settings,
-    before_enqueue: Callable[[Pipeline], None],
+    *,
+    owner: str | None,
+    params: Mapping[str, Any],
+    make_meta: Callable[[], dict[str, Any]],
+    before_enqueue: Callable[[], None],
 ) -> tuple[str, bool]:
-    """`(job_id, replayed)`. `before_enqueue` runs only when a new job is about to be made
-    (the queue-capacity check: a replay must succeed even when the queue is full)."""
-    key = claim_key(idempotency_key)
-    mark = fingerprint(image, top_k)
+    """`(job_id, replayed)`.
+
+    `params` are the request's other parameters (they must match on a replay); `make_meta` builds
+    the new job's meta (called only when a job is made: its deadline counts from then).
+    `before_enqueue` runs only when a new job is about to be made (the queue-capacity check: a
+    replay must succeed even when the queue is full)."""
+    key = claim_key(idempotency_key, owner)
+    mark = fingerprint(image, {"top_k": top_k, **params})
     with queue.connection.pipeline() as pipe:
         for _ in range(_MAX_ROUNDS):
             try:
@@ -54,18 +84,20 @@ def submit_once(
                     job_id, _, claimed_mark = claimed.decode().partition(" ")
                     if claimed_mark != mark:
                         raise ApiError(
-                            "this Idempotency-Key was already used for a different image or top_k",
+                            "this Idempotency-Key was already used for a different request (image, top_k, "
+                            "priority or deadline_ms); use a new key for a new request",
                             code="idempotency_key_reused",
-                            http_status=422,
+                            http_status=409,
                         )
                     if pipe.exists(Job.key_for(job_id)):
                         return job_id, True
-                    # The job expired before the claim: make a new one under the same key.
-                before_enqueue(pipe)
+                    if pipe.exists(known_key(job_id)):
+                        raise expired_job(job_id)
+                    # Both the job and its tombstone are gone (deleted by hand): a new job.
+                before_enqueue()
                 pipe.multi()
-                job = submit(queue, image, top_k, settings, pipeline=pipe)
-                # As long as the job itself can live: queued up to image_ttl, then kept result_ttl.
-                pipe.set(key, f"{job.id} {mark}", ex=settings.image_ttl + settings.result_ttl)
+                job = submit(queue, image, top_k, settings, make_meta(), pipeline=pipe)
+                pipe.set(key, f"{job.id} {mark}", ex=settings.known_job_ttl)
                 pipe.execute()
                 return job.id, False
             except WatchError:

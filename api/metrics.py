@@ -9,8 +9,9 @@ writes every sample to a per-process file and a scrape adds them all up. That va
 before prometheus_client is imported, which is why metric objects live in this module and are only
 created once `create_app` imports it.
 
-Queue state (depth, jobs in progress, workers) is global, not per process: it is read from Redis at
-scrape time by a custom collector, so every process reports the same truth.
+Queue state (depth, jobs in progress, workers per lane; the total backlog and the recent completion
+rate behind a 429's Retry-After) is global, not per process: it is read from Redis at scrape time by a
+custom collector, so every process reports the same truth.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from flask import Flask, Response, g, request
 from prometheus_client import (
@@ -36,6 +37,9 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
+
+from api.capacity import ended_recently
+from shared.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +81,24 @@ def install_request_metrics(app: Flask) -> None:
 
 
 class QueueCollector(Collector):
-    """Queue depth, jobs in progress and registered workers, read from Redis at scrape time."""
+    """Per lane: queue depth, jobs in progress, registered workers; plus the backlog of all lanes and
+    the recent completion rate (api.capacity), read from Redis at scrape time."""
 
-    def __init__(self, redis: Redis, queue: Queue) -> None:
+    def __init__(self, redis: Redis, queues: Sequence[Queue], settings: Settings) -> None:
         self.redis = redis
-        self.queue = queue
+        self.queues = list(queues)
+        self.settings = settings
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("inferq_redis_up", "1 if Redis answered this scrape, else 0.")
         try:
             with self.redis.pipeline(transaction=False) as pipe:
-                pipe.llen(self.queue.key)
-                pipe.zcard(self.queue.started_job_registry.key)
-                pipe.scard(WORKERS_BY_QUEUE_KEY % self.queue.name)
-                depth, started, workers = pipe.execute()
+                for queue in self.queues:
+                    pipe.llen(queue.key)
+                    pipe.zcard(queue.started_job_registry.key)
+                    pipe.scard(WORKERS_BY_QUEUE_KEY % queue.name)
+                values = pipe.execute()
+            ended = ended_recently(self.redis, self.queues, self.settings)
         except RedisError as exc:
             # A scrape must still succeed (it is how an outage is seen): report Redis down instead.
             log.warning("metrics: cannot read queue state from Redis: %s", exc)
@@ -99,18 +107,34 @@ class QueueCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
-        labels = ["queue"]
-        for name, doc, value in (
-            ("inferq_queue_depth", "Jobs waiting in the queue for a worker.", depth),
-            ("inferq_jobs_in_progress", "Jobs started by a worker and not yet ended.", started),
-            ("inferq_workers", "Workers registered on the queue.", workers),
-        ):
-            family = GaugeMetricFamily(name, doc, labels=labels)
-            family.add_metric([self.queue.name], int(value))
-            yield family
+        families = [
+            GaugeMetricFamily(
+                "inferq_queue_depth", "Jobs waiting in the queue for a worker.", labels=["queue"]
+            ),
+            GaugeMetricFamily(
+                "inferq_jobs_in_progress", "Jobs started by a worker and not yet ended.", labels=["queue"]
+            ),
+            GaugeMetricFamily("inferq_workers", "Workers registered on the queue.", labels=["queue"]),
+        ]
+        for i, queue in enumerate(self.queues):
+            for j, family in enumerate(families):
+                family.add_metric([queue.name], int(values[3 * i + j]))
+        yield from families
+        backlog = GaugeMetricFamily(
+            "inferq_backlog", "Jobs waiting in all priority lanes (compared with MAX_QUEUE_DEPTH)."
+        )
+        backlog.add_metric([], sum(int(values[3 * i]) for i in range(len(self.queues))))
+        yield backlog
+        rate = GaugeMetricFamily(
+            "inferq_completion_rate",
+            "Jobs per second that ended (finished or failed) over the last THROUGHPUT_WINDOW_SECONDS, "
+            "all lanes.",
+        )
+        rate.add_metric([], ended / self.settings.throughput_window_seconds)
+        yield rate
 
 
-def render(redis: Redis, queue: Queue) -> tuple[bytes, str]:
+def render(redis: Redis, queues: Sequence[Queue], settings: Settings) -> tuple[bytes, str]:
     if multiprocess_dir():
         process_registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(process_registry)
@@ -119,5 +143,5 @@ def render(redis: Redis, queue: Queue) -> tuple[bytes, str]:
     # A registry per scrape for the Redis-backed collector: apps (and tests) come and go, the
     # global registry would keep each one's collector forever.
     live_registry = CollectorRegistry()
-    live_registry.register(QueueCollector(redis, queue))
+    live_registry.register(QueueCollector(redis, queues, settings))
     return generate_latest(process_registry) + generate_latest(live_registry), CONTENT_TYPE_LATEST

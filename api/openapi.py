@@ -7,6 +7,7 @@ from typing import Any
 
 from api.validation import RAW_IMAGE_TYPES
 from shared.config import Settings
+from shared.jobs import DEFAULT_LANE, LANES
 
 _JSON = "application/json"
 
@@ -48,6 +49,10 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                             "type": "integer",
                             "description": "POST /v1/batches only: which `image` file (0-based) was refused.",
                         },
+                        "id": {
+                            "type": "string",
+                            "description": "410 `job_expired` only: the id of the expired job.",
+                        },
                     },
                 }
             },
@@ -84,7 +89,12 @@ def _schemas(settings: Settings) -> dict[str, Any]:
             ],
             "properties": {
                 "id": {"type": "string", "format": "uuid"},
-                "status": {"type": "string", "enum": ["queued", "started", "finished", "failed", "canceled"]},
+                "status": {
+                    "type": "string",
+                    "enum": ["queued", "started", "finished", "failed", "canceled", "expired"],
+                    "description": "`expired`: the job's `deadline_ms` passed before a worker could start "
+                    "it (error code `deadline_expired`).",
+                },
                 "result": {
                     "oneOf": [
                         {
@@ -156,12 +166,31 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "description": "The id returned at submission (a uuid4); any other value is 404.",
         "schema": {"type": "string", "format": "uuid"},
     }
+    priority = {
+        "name": "priority",
+        "in": "query",
+        "required": False,
+        "description": "The lane: `high` jobs go first, `low` ones still get a share of every batch "
+        "(422 `invalid_priority` for anything else).",
+        "schema": {"type": "string", "enum": list(LANES), "default": DEFAULT_LANE},
+    }
+    deadline = {
+        "name": "deadline_ms",
+        "in": "query",
+        "required": False,
+        "description": "Milliseconds from submission within which a worker must START the job; if it "
+        "cannot, the job ends with status `expired` (error `deadline_expired`) without running "
+        "(422 `invalid_deadline` outside the range).",
+        "schema": {"type": "integer", "minimum": 1, "maximum": settings.max_deadline_ms},
+    }
     idempotency_key = {
         "name": "Idempotency-Key",
         "in": "header",
         "required": False,
-        "description": "A retry with the same key (same image and top_k) returns the first request's job "
-        "instead of creating another.",
+        "description": "Scoped to the API key. A retry with the same key and the same request (image, "
+        "top_k, priority, deadline_ms) returns the first request's job, also after it ended, for as "
+        "long as it is kept (410 `job_expired` after that); a different request under the same key "
+        "is 409 `idempotency_key_reused`.",
         "schema": {"type": "string", "maxLength": 255},
     }
     location = {"Location": {"description": "/v1/jobs/<id>", "schema": {"type": "string"}}}
@@ -170,7 +199,17 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     }
     binary = {"type": "string", "format": "binary"}
     raw_bodies = {mime: {"schema": binary} for mime in sorted(RAW_IMAGE_TYPES)}
+    www_authenticate = {
+        "WWW-Authenticate": {"description": 'Bearer realm="inferq"', "schema": {"type": "string"}}
+    }
+    unauthorized = {
+        "401": {
+            **_error("`unauthorized`: API keys are configured and the request has no valid one."),
+            "headers": www_authenticate,
+        }
+    }
     common_errors = {
+        **unauthorized,
         "503": {**_error("Redis is unreachable (`redis_unavailable`)."), "headers": retry_after},
         "500": _error("Unexpected error (`internal_error`); details are only in the server log."),
     }
@@ -183,8 +222,18 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             f"`image_too_large` (over {settings.max_image_pixels} pixels)."
         ),
         "415": _error("`unsupported_media_type` (Content-Type) or `unsupported_image_format` (the bytes)."),
-        "422": _error("`invalid_top_k`, `idempotency_key_reused`."),
-        "429": {**_error("`queue_full`: the queue holds MAX_QUEUE_DEPTH jobs."), "headers": retry_after},
+        "409": _error(
+            "`idempotency_key_reused` (same Idempotency-Key, different request) or `idempotency_conflict`."
+        ),
+        "410": _error("`job_expired`: the Idempotency-Key's job has expired."),
+        "422": _error("`invalid_top_k`, `invalid_priority`, `invalid_deadline`."),
+        "429": {
+            **_error(
+                f"`queue_full`: over {settings.max_queue_depth} jobs wait in all lanes together. "
+                "`Retry-After` = backlog / recent completion rate, clamped to 1-60 s."
+            ),
+            "headers": retry_after,
+        },
     }
     return {
         "openapi": "3.1.0",
@@ -202,6 +251,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "nothing invalid is queued.",
                     "parameters": [
                         top_k,
+                        priority,
+                        deadline,
                         idempotency_key,
                     ],
                     "requestBody": {
@@ -229,7 +280,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "summary": f"Submit up to {settings.max_batch_submit} images at once (all or nothing)",
                     "description": "Every image is validated before any is queued; an error names the "
                     "failing file's `index`.",
-                    "parameters": [top_k],
+                    "parameters": [top_k, priority, deadline],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -260,7 +311,9 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         "413": _error(
                             f"`payload_too_large` (body over {settings.max_batch_upload_bytes} bytes)."
                         ),
-                        "422": _error("`invalid_top_k`, `too_many_images`."),
+                        "422": _error(
+                            "`invalid_top_k`, `invalid_priority`, `invalid_deadline`, `too_many_images`."
+                        ),
                         **common_errors,
                     },
                 }
@@ -281,7 +334,12 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     ],
                     "responses": {
                         "200": _json("The job.", _ref("Job")),
-                        "404": _error("`job_not_found`."),
+                        "404": _error("`job_not_found` (unknown id, or another API key's job)."),
+                        "410": _error(
+                            "`job_expired`: the job and its result are no longer kept "
+                            f"(answered for EXPIRED_GRACE_SECONDS = {settings.expired_grace_seconds} s "
+                            "after that, then 404)."
+                        ),
                         "422": _error("`invalid_wait`."),
                         **common_errors,
                     },
@@ -291,7 +349,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "parameters": [job_id],
                     "responses": {
                         "200": _json("Canceled; the job, with status `canceled`.", _ref("Job")),
-                        "404": _error("`job_not_found`."),
+                        "404": _error("`job_not_found` (unknown id, or another API key's job)."),
+                        "410": _error("`job_expired`."),
                         "409": _error("`job_not_cancelable`: already started or ended."),
                         **common_errors,
                     },
@@ -300,32 +359,48 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "/healthz": {
                 "get": {
                     "summary": "Liveness (the process answers; Redis is not checked)",
+                    "security": [],
                     "responses": {"200": _json("Alive.", _ref("Status"))},
                 }
             },
             "/readyz": {
                 "get": {
                     "summary": "Readiness: Redis answers and at least one worker (model loaded) listens",
+                    "security": [],
                     "responses": {
                         "200": _json("Ready.", _ref("Status")),
-                        "503": _json("Not ready; `reason` says why.", _ref("Status")),
+                        "503": _json("Not ready; `reason` says why (briefly).", _ref("Status")),
                     },
                 }
             },
             "/metrics": {
                 "get": {
-                    "summary": "Prometheus metrics",
+                    "summary": "Prometheus metrics (needs an API key when keys are configured)",
                     "responses": {
-                        "200": {"description": "Prometheus text format.", "content": {"text/plain": {}}}
+                        "200": {"description": "Prometheus text format.", "content": {"text/plain": {}}},
+                        **unauthorized,
                     },
                 }
             },
             "/openapi.json": {
                 "get": {
                     "summary": "This document",
+                    "security": [],
                     "responses": {"200": {"description": "OpenAPI 3.1.", "content": {_JSON: {}}}},
                 }
             },
         },
-        "components": {"schemas": _schemas(settings)},
+        # Applies to every operation that does not override it (the probes and this document do).
+        "security": [{"bearer": []}] if settings.auth_enabled else [],
+        "components": {
+            "schemas": _schemas(settings),
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key from API_KEYS / API_KEYS_FILE. Required on /v1 routes and "
+                    "/metrics when keys are configured.",
+                }
+            },
+        },
     }

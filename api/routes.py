@@ -1,18 +1,35 @@
-"""The v1 job routes (DESIGN 2): submit one image or a batch, read (long-poll) and cancel a job."""
+"""The v1 job routes (DESIGN 2): submit one image or a batch, read (long-poll) and cancel a job.
+
+Every route needs an API key when keys are configured (`api.auth`, a `before_request` of this
+blueprint: nothing of the request, not even its body, is read first), and a job is visible to the key
+that created it only: any other key gets the 404 of an unknown id.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
-from redis import Redis
 from rq.job import Job
 
+from api.auth import current_owner, enforce_api_key
+from api.capacity import check_capacity
 from api.errors import ApiError
-from api.idempotency import submit_once
+from api.idempotency import expired_job, submit_once
 from api.state import ApiState, current_state
-from api.validation import parse_idempotency_key, parse_top_k, parse_wait, read_batch_uploads, read_job_upload
+from api.validation import (
+    parse_deadline_ms,
+    parse_idempotency_key,
+    parse_priority,
+    parse_top_k,
+    parse_wait,
+    read_batch_uploads,
+    read_job_upload,
+)
 from shared.jobs import (
+    META_DEADLINE,
+    META_OWNER,
     TERMINAL_STATUSES,
     cancel,
     client_status,
@@ -22,9 +39,10 @@ from shared.jobs import (
     submit_many,
     wait_for_end,
 )
-from shared.keys import is_job_id
+from shared.keys import is_job_id, known_key
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
+bp.before_request(enforce_api_key)
 
 
 def job_url(job_id: str) -> str:
@@ -35,30 +53,58 @@ def _created(job_id: str, status: str = "queued") -> dict[str, str]:
     return {"id": job_id, "status": status, "url": job_url(job_id)}
 
 
-def _ensure_capacity(state: ApiState, conn: Redis, incoming: int) -> None:
-    """429 when the queue already holds MAX_QUEUE_DEPTH jobs: shed load at the door rather than
-    accept work that would expire (or time out its clients) before a worker reaches it.
-    A soft bound: concurrent submitters may overshoot it by a few jobs."""
-    limit = state.settings.max_queue_depth
-    if not limit:
+def _ensure_capacity(state: ApiState, incoming: int) -> None:
+    """429 when the lanes' backlog would exceed MAX_QUEUE_DEPTH: shed load at the door rather than
+    accept work that would expire (or time out its clients) before a worker reaches it. Only
+    submissions are refused: reads, long-polls and cancels keep working. `Retry-After` is computed
+    from the backlog and the measured completion rate (api.capacity)."""
+    full = check_capacity(state.redis, state.queue_list, state.settings, incoming)
+    if full is None:
         return
-    depth = int(conn.llen(state.queue.key))
-    if depth + incoming > limit:
-        retry_after = state.settings.queue_full_retry_after
-        raise ApiError(
-            f"the queue is full ({depth} jobs waiting, limit {limit}); retry in {retry_after} s",
-            code="queue_full",
-            http_status=429,
-            headers={"Retry-After": str(retry_after)},
-        )
+    pace = f"{full.rate:.2f} jobs/s" if full.rate > 0 else "no job ended recently"
+    raise ApiError(
+        f"the queue is full ({full.waiting} jobs waiting, limit {full.limit}; {pace}); "
+        f"retry in {full.retry_after} s",
+        code="queue_full",
+        http_status=429,
+        headers={"Retry-After": str(full.retry_after)},
+    )
+
+
+def _job_meta(deadline_ms: int | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    owner = current_owner()
+    if owner is not None:
+        meta[META_OWNER] = owner
+    if deadline_ms is not None:
+        # Counted from now (the enqueue), in epoch seconds: the worker compares it with its clock.
+        meta[META_DEADLINE] = time.time() + deadline_ms / 1000
+    return meta
+
+
+def _visible(recorded_owner: Any) -> bool:
+    owner = current_owner()
+    return owner is None or recorded_owner == owner
+
+
+def _not_found(job_id: str) -> ApiError:
+    return ApiError(f"no job with id {job_id[:64]!r}", code="job_not_found", http_status=404)
 
 
 def _load_job(state: ApiState, job_id: str) -> Job:
     # Only server-generated ids reach Redis: anything else cannot name a job, and client text
     # never becomes part of a key.
-    job = fetch(state.redis, job_id) if is_job_id(job_id) else None
+    if not is_job_id(job_id):
+        raise _not_found(job_id)
+    job = fetch(state.redis, job_id)
     if job is None:
-        raise ApiError(f"no job with id {job_id[:64]!r}", code="job_not_found", http_status=404)
+        # Expired (its tombstone outlives it by EXPIRED_GRACE_SECONDS): 410, to its owner only.
+        tombstone = state.redis.get(known_key(job_id))
+        if tombstone is not None and _visible(tombstone.decode()):
+            raise expired_job(job_id)
+        raise _not_found(job_id)
+    if not _visible(job.meta.get(META_OWNER)):
+        raise _not_found(job_id)
     return job
 
 
@@ -66,20 +112,26 @@ def _load_job(state: ApiState, job_id: str) -> Job:
 def create_job() -> tuple[Response, int, dict[str, str]]:
     state = current_state()
     top_k = parse_top_k(request, state.settings)
+    lane = parse_priority(request)
+    deadline_ms = parse_deadline_ms(request, state.settings)
     idempotency_key = parse_idempotency_key(request)
     upload = read_job_upload(request, state.settings)
+    queue = state.queues[lane]
     if idempotency_key is None:
-        _ensure_capacity(state, state.redis, 1)
-        job_id = submit(state.queue, upload.data, top_k, state.settings).id
+        _ensure_capacity(state, 1)
+        job_id = submit(queue, upload.data, top_k, state.settings, _job_meta(deadline_ms)).id
         body = _created(job_id)
     else:
         job_id, replayed = submit_once(
-            state.queue,
+            queue,
             idempotency_key,
             upload.data,
             top_k,
             state.settings,
-            before_enqueue=lambda pipe: _ensure_capacity(state, pipe, 1),
+            owner=current_owner(),
+            params={"priority": lane, "deadline_ms": deadline_ms},
+            make_meta=lambda: _job_meta(deadline_ms),
+            before_enqueue=lambda: _ensure_capacity(state, 1),
         )
         body = _created(job_id)
         if replayed:
@@ -92,9 +144,13 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
 def create_batch() -> tuple[Response, int]:
     state = current_state()
     top_k = parse_top_k(request, state.settings)
+    lane = parse_priority(request)
+    deadline_ms = parse_deadline_ms(request, state.settings)
     uploads = read_batch_uploads(request, state.settings)  # all validated: all-or-nothing
-    _ensure_capacity(state, state.redis, len(uploads))
-    jobs = submit_many(state.queue, [(u.data, top_k) for u in uploads], state.settings)
+    _ensure_capacity(state, len(uploads))
+    jobs = submit_many(
+        state.queues[lane], [(u.data, top_k) for u in uploads], state.settings, _job_meta(deadline_ms)
+    )
     return jsonify({"jobs": [_created(job.id) for job in jobs]}), 202
 
 

@@ -9,6 +9,7 @@ from flask import current_app
 from redis import Redis
 from rq import Queue
 
+from api.auth import KeyRing
 from shared.config import Settings
 
 EXTENSION_KEY = "inferq"
@@ -23,8 +24,20 @@ class ApiState:
     redis_blocking: Redis
     # Readiness and metrics scrapes: no retries, short timeouts (probers have deadlines).
     redis_probe: Redis
-    # One Queue per process: RQ caches the server version on it (else one INFO per enqueue).
-    queue: Queue
+    # One Queue per lane per process (RQ caches the server version on it, else one INFO per enqueue),
+    # by lane name, highest priority first.
+    queues: dict[str, Queue]
+    # The hashes of the API keys (empty: keys disabled).
+    keyring: KeyRing
+
+    @property
+    def queue(self) -> Queue:
+        """The highest-priority (default) lane's queue."""
+        return next(iter(self.queues.values()))
+
+    @property
+    def queue_list(self) -> list[Queue]:
+        return list(self.queues.values())
 
 
 def current_state() -> ApiState:

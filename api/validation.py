@@ -18,6 +18,7 @@ from werkzeug.wsgi import LimitedStream
 from api.errors import ApiError, payload_too_large
 from shared.config import Settings
 from shared.errors import ImageError
+from shared.jobs import DEFAULT_LANE, LANES
 from shared.preprocess import ImageInfo, inspect_image
 
 RAW_IMAGE_TYPES = frozenset(
@@ -41,6 +42,7 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 _EXTRA_FORM_PARTS = 16
 
 _INT_RE = re.compile(r"^\+?[0-9]{1,6}$")
+_DEADLINE_RE = re.compile(r"^\+?[0-9]{1,12}$")
 _IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
@@ -62,6 +64,36 @@ def parse_top_k(request: Request, settings: Settings) -> int:
             http_status=422,
         )
     return int(raw)
+
+
+def parse_priority(request: Request) -> str:
+    """The lane of `priority=high|low` (default high); anything else is 422 `invalid_priority`."""
+    raw = request.args.get("priority")
+    if raw is None:
+        return DEFAULT_LANE
+    if raw not in LANES:
+        raise ApiError(
+            f"priority must be one of {', '.join(LANES)}, got {raw[:40]!r}",
+            code="invalid_priority",
+            http_status=422,
+        )
+    return raw
+
+
+def parse_deadline_ms(request: Request, settings: Settings) -> int | None:
+    """`deadline_ms`: a whole number of milliseconds from 1 to MAX_DEADLINE_MS, or absent."""
+    raw = request.args.get("deadline_ms")
+    if raw is None:
+        return None
+    value = raw.strip()
+    if not _DEADLINE_RE.match(value) or not 1 <= int(value) <= settings.max_deadline_ms:
+        raise ApiError(
+            f"deadline_ms must be an integer number of milliseconds from 1 to {settings.max_deadline_ms}, "
+            f"got {raw[:40]!r}",
+            code="invalid_deadline",
+            http_status=422,
+        )
+    return int(value)
 
 
 def parse_wait(request: Request, settings: Settings) -> float:

@@ -5,18 +5,25 @@ This class is the one place settings are defined; the README's configuration tab
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
+import re
+import socket
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+    # Validation errors never echo the offending value: it may be an API key or a password.
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", hide_input_in_errors=True
+    )
 
     # --- Redis -------------------------------------------------------------------------------
     redis_url: str | None = Field(
@@ -126,15 +133,158 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(
         default=10_000,
         ge=0,
-        description="Jobs waiting in the queue above which submissions get 429 `queue_full`; 0 = unbounded.",
-    )
-    queue_full_retry_after: int = Field(
-        default=2, ge=1, description="`Retry-After` seconds sent with 429 `queue_full`."
+        description="Jobs waiting in all priority lanes together above which submissions get 429 "
+        "`queue_full` (with a `Retry-After` computed from the backlog and the measured completion rate); "
+        "0 = unbounded.",
     )
     prometheus_multiproc_dir: Path | None = Field(
         default=None,
         description="prometheus-client's multi-process directory (PROMETHEUS_MULTIPROC_DIR). Unset under "
         "gunicorn: the api creates a temporary one, so /metrics adds up all api processes.",
+    )
+
+    # --- Security, deadlines, result lifetime (api) -----------------------------------------------
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Comma-separated API keys (16-256 visible ASCII characters each, no commas). When "
+        "set (or API_KEYS_FILE), every /v1 route and /metrics need `Authorization: Bearer <key>`, each "
+        "job is visible to the key that created it only, and the api may bind a non-loopback HOST. "
+        "Keys are hashed (sha256) as the settings load: only the hashes are kept in memory (the "
+        "variable itself stays in the process environment: prefer API_KEYS_FILE).",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="A file of API keys, one per line (blank lines and `#` comments ignored), added to "
+        "API_KEYS. Read and hashed once at start; a missing or keyless file is a configuration error.",
+    )
+    expired_grace_seconds: int = Field(
+        default=24 * 3600,
+        ge=0,
+        description="After a job and its result have expired, GET answers 410 `job_expired` (instead of "
+        "404) for this many more seconds.",
+    )
+    max_deadline_ms: int = Field(
+        default=24 * 3600 * 1000,
+        ge=1,
+        description="Largest `deadline_ms` a submission may carry (422 `invalid_deadline` above).",
+    )
+    throughput_window_seconds: int = Field(
+        default=60,
+        ge=1,
+        description="The completion rate behind a 429's `Retry-After` (and the metric "
+        "`inferq_completion_rate`) counts the jobs that ended in this many past seconds.",
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _hash_api_keys(cls, value: Any) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            items = value.split(",")
+            if value.strip() and not any(item.strip() for item in items):
+                raise ValueError("API_KEYS holds no key (only commas)")
+        elif isinstance(value, list | tuple):
+            items = [str(item) for item in value]
+        else:
+            raise ValueError("API_KEYS must be a comma-separated string")
+        return tuple(hash_api_key(item.strip()) for item in items if item.strip())
+
+    @model_validator(mode="after")
+    def _read_api_keys_file(self) -> Settings:
+        if self.api_keys_file is None:
+            return self
+        try:
+            text = self.api_keys_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read API_KEYS_FILE {str(self.api_keys_file)!r}: {exc}") from None
+        hashes = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            # A `#` starts a comment at the start of a line or after whitespace (keys have neither).
+            key = _COMMENT_RE.split(line.strip(), 1)[0].strip()
+            if key and not key.startswith("#"):
+                try:
+                    hashes.append(hash_api_key(key))
+                except ValueError as exc:  # never echo the line: it may be a key
+                    raise ValueError(f"API_KEYS_FILE line {number}: {exc}") from None
+        if not hashes:
+            raise ValueError(f"API_KEYS_FILE {str(self.api_keys_file)!r} holds no key")
+        # Assigned, not validated again (the hashes must not be hashed twice).
+        self.api_keys = tuple(dict.fromkeys((*self.api_keys, *hashes)))
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    @property
+    def known_job_ttl(self) -> int:
+        """Seconds a job id is remembered (the 410 tombstone, idempotency claims): its longest life
+        (queued up to IMAGE_TTL, then kept RESULT_TTL or FAILURE_TTL) plus EXPIRED_GRACE_SECONDS."""
+        return self.image_ttl + max(self.result_ttl, self.failure_ttl) + self.expired_grace_seconds
+
+
+# --- API keys ---------------------------------------------------------------------------------------
+API_KEY_MIN_LENGTH = 16
+API_KEY_MAX_LENGTH = 256
+_API_KEY_RE = re.compile(r"^[\x21-\x7e]+$")
+_COMMENT_RE = re.compile(r"\s+#")
+
+
+def hash_api_key(key: str) -> str:
+    """The sha256 hex digest under which a key is kept (and a presented bearer token compared)."""
+    if not API_KEY_MIN_LENGTH <= len(key) <= API_KEY_MAX_LENGTH or not _API_KEY_RE.match(key) or "," in key:
+        # The message never contains the key.
+        raise ValueError(
+            f"an API key must be {API_KEY_MIN_LENGTH}-{API_KEY_MAX_LENGTH} visible ASCII characters without "
+            f"commas or spaces (e.g. `openssl rand -hex 32`); one is not ({len(key)} characters)"
+        )
+    return hashlib.sha256(key.encode("ascii")).hexdigest()
+
+
+# --- where the api may listen -------------------------------------------------------------------
+
+
+class BindNotAllowed(RuntimeError):
+    """The api was asked to listen on a non-loopback address without API keys."""
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when every address `host` stands for is a loopback address (names are resolved;
+    one that does not resolve, the wildcard `0.0.0.0` / `::` and the empty host are not loopback)."""
+    host = host.strip().strip("[]")
+    if not host:
+        return False
+    try:
+        addresses = [ipaddress.ip_address(host.split("%", 1)[0])]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            return False
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    return bool(addresses) and all(_loopback(address) for address in addresses)
+
+
+def _loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def check_bind_allowed(settings: Settings, host: str | None = None) -> None:
+    """The bind rule of the api: without API keys it only listens on loopback addresses.
+
+    `host` defaults to `settings.host` (pass the address gunicorn was really told to bind, which a
+    `--bind` may change). Raises `BindNotAllowed` with the reason and the fix; returns None when allowed.
+    Called by the launcher before it starts anything and by gunicorn's `on_starting` hook.
+    """
+    host = settings.host if host is None else host
+    if settings.auth_enabled or is_loopback_host(host):
+        return
+    raise BindNotAllowed(
+        f"refusing to serve the api on {host or '<all interfaces>'}: it is not a loopback address and no "
+        "API keys are configured, so anyone who can reach it could use it. Set API_KEYS (comma-separated) "
+        "or API_KEYS_FILE to require `Authorization: Bearer <key>`, or bind HOST=127.0.0.1 (the default)."
     )
 
 

@@ -6,7 +6,10 @@ so nothing the client sent is ever pickled or compressed into the job hash. The 
 - on success, the RQ result (`job.return_value()`): `{"predictions": [...], "model": {"name", "sha256"}}`;
 - in both cases, `job.meta["timings"]`: `{"queue_ms", "preprocess_ms", "inference_ms", "batch_size"}`;
 - on failure, `job.meta["error"]`: `{"code", "message"}` (a crash found by RQ's registry cleanup has
-  no such entry and is reported as `worker_crashed`).
+  no such entry and is reported as `worker_crashed`); a job whose `deadline_at` passed before it
+  started fails with code `deadline_expired`, which clients see as status `expired`.
+The api also sets `inferq:known:<id>` (`shared.keys.known_key`) in the enqueue transaction: a
+tombstone that outlives the job, so an expired job reads 410 rather than 404.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from shared.config import Settings
-from shared.keys import cancel_stream_key, image_key
+from shared.keys import cancel_stream_key, image_key, known_key
 
 JOB_FUNC = "worker.tasks.classify"
 SERIALIZER = JSONSerializer
@@ -42,7 +45,9 @@ _STATUS_FOR_CLIENT = {
     JobStatus.STOPPED: "failed",
     JobStatus.CANCELED: "canceled",
 }
-TERMINAL_STATUSES = frozenset({"finished", "failed", "canceled"})
+# A failed job whose error is this code never started: its deadline passed first (client status `expired`).
+DEADLINE_EXPIRED = "deadline_expired"
+TERMINAL_STATUSES = frozenset({"finished", "failed", "canceled", "expired"})
 
 
 # Priority lanes, highest first. Each lane is its own RQ queue: `high` is the base queue name (so RQ
@@ -118,6 +123,8 @@ def _queue_job(
     job_id = new_job_id()
     key = image_key(job_id)
     pipe.set(key, image, ex=settings.image_ttl)
+    # The tombstone (410 after the job expired), owned like the job (another key must get 404).
+    pipe.set(known_key(job_id), str((meta or {}).get(META_OWNER) or ""), ex=settings.known_job_ttl)
     return queue.enqueue_call(
         JOB_FUNC,
         args=(key, top_k),
@@ -147,7 +154,16 @@ def fetch(conn: Redis, job_id: str) -> Job | None:
 
 def client_status(job: Job) -> str:
     status = job.get_status(refresh=False)
-    return _STATUS_FOR_CLIENT.get(status, "queued") if status is not None else "queued"
+    if status is None:
+        return "queued"
+    if status == JobStatus.FAILED and _error_code(job) == DEADLINE_EXPIRED:
+        return "expired"
+    return _STATUS_FOR_CLIENT.get(status, "queued")
+
+
+def _error_code(job: Job) -> str | None:
+    error = job.meta.get("error")
+    return str(error["code"]) if isinstance(error, dict) and "code" in error else None
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -157,7 +173,7 @@ def _iso(value: datetime | None) -> str | None:
 def job_error(job: Job, status: str, result: Result | None) -> dict[str, str] | None:
     if status == "canceled":
         return {"code": "canceled", "message": "The job was canceled before it started."}
-    if status != "failed":
+    if status not in ("failed", "expired"):
         return None
     error = job.meta.get("error")
     if isinstance(error, dict) and "code" in error:
@@ -174,7 +190,7 @@ def job_error(job: Job, status: str, result: Result | None) -> dict[str, str] | 
 def job_view(job: Job, result: Result | None = None) -> dict[str, Any]:
     """The body of `GET /v1/jobs/<id>` (DESIGN 2)."""
     status = client_status(job)
-    if result is None and status in ("finished", "failed"):
+    if result is None and status in ("finished", "failed", "expired"):
         result = job.latest_result()
     payload = None
     if status == "finished" and result is not None and result.type == Result.Type.SUCCESSFUL:

@@ -334,7 +334,7 @@ def test_idempotency_key_returns_the_first_job(
     assert redis_conn.llen(QUEUE_KEY) == 1
 
     other_image = client.post("/v1/jobs", data=photo_bytes[JPEG], content_type="image/jpeg", headers=headers)
-    assert_error(other_image, 422, "idempotency_key_reused")
+    assert_error(other_image, 409, "idempotency_key_reused")
     bad_key = client.post(
         "/v1/jobs", data=photo_bytes[PNG], content_type="image/png", headers={"Idempotency-Key": "a b"}
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ import redis
 from rq import worker_registration
 from rq.executions import Execution
 from rq.job import Job, JobStatus
+from rq.logutils import setup_loghandlers
 from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
@@ -67,6 +69,18 @@ def load_handler(settings: Settings) -> ClassifyHandler:
     return ClassifyHandler(model, runner, settings.max_image_pixels)
 
 
+def _url_of(connection: redis.Redis) -> str:
+    """Rebuild a URL from a client RQ handed us (only used when REDIS_URL is unset)."""
+    kw = connection.connection_pool.connection_kwargs
+    scheme = "rediss" if kw.get("ssl") or "SSL" in type(connection.connection_pool).__name__ else "redis"
+    auth = ""
+    if kw.get("password"):
+        from urllib.parse import quote
+
+        auth = f"{quote(kw.get('username') or '')}:{quote(kw['password'])}@"
+    return f"{scheme}://{auth}{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
 class _Heartbeat(threading.Thread):
     def __init__(self, worker: BatchWorker, interval: float) -> None:
         super().__init__(name="inferq-heartbeat", daemon=True)
@@ -96,6 +110,11 @@ class BatchWorker(SimpleWorker):
         **kwargs: Any,
     ) -> None:
         self.settings = settings or get_settings()
+        # RQ's worker-pool forks workers from its supervisor, whose SIGTERM/SIGINT handlers they
+        # inherit; until `work()` installs ours (after the model loads) a stop must simply stop us.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         # Client data is never unpickled: JSON whatever the caller (e.g. `rq worker`) asked for.
         kwargs["serializer"] = JSONSerializer
         kwargs.setdefault("default_result_ttl", self.settings.result_ttl)
@@ -103,10 +122,12 @@ class BatchWorker(SimpleWorker):
             "maintenance_interval", max(1, math.ceil(self.settings.abandoned_after_seconds / 2))
         )
         kwargs.setdefault("worker_ttl", max(10, math.ceil(self.settings.abandoned_after_seconds * 2)))
-        if kwargs.get("connection") is None:
+        if kwargs.get("connection") is None or self.settings.redis_url:
+            # inferq's connection policy (RESP2 for RQ, timeouts, retries with backoff) even when
+            # RQ's CLI or worker-pool built a plain client from the same URL.
             from shared.redis_conn import redis_from_url
 
-            kwargs["connection"] = redis_from_url(self.settings.redis_url)
+            kwargs["connection"] = redis_from_url(self.settings.redis_url or _url_of(kwargs["connection"]))
         super().__init__(queues, *args, **kwargs)
         self.handler = handler
         self.execution_ttl = math.ceil(self.settings.abandoned_after_seconds)
@@ -130,6 +151,9 @@ class BatchWorker(SimpleWorker):
         max_jobs: int | None = None,
         **_: Any,
     ) -> bool:
+        level = logging_level or self.settings.log_level
+        for name in ("inferq", "worker"):
+            setup_loghandlers(level, date_format, log_format, name=name)
         if self.handler is None:
             started = time.perf_counter()
             self.handler = load_handler(self.settings)
@@ -139,7 +163,7 @@ class BatchWorker(SimpleWorker):
                 self.handler.model_info["sha256"][:12],
                 time.perf_counter() - started,
             )
-        self.bootstrap(logging_level or self.settings.log_level, date_format, log_format)
+        self.bootstrap(level, date_format, log_format)
         self._install_signal_handlers()
         # Queues in the order given are lanes, highest priority first (`python -m worker` passes
         # all of `shared.jobs.LANES`; `rq worker-pool` passes the names on its command line).
@@ -215,20 +239,39 @@ class BatchWorker(SimpleWorker):
                 jobs.update(more_jobs)
                 images.update(more_images)
                 grabbed += extra
+        # A job that was started before (its worker died with it) may be what kills workers. It
+        # runs alone, started only after the others are safely written, so if it kills this
+        # worker too, no neighbour loses an attempt; further suspects go back to their queue's
+        # head for the next batches.
+        suspects = [g for g in grabbed if self._attempts(jobs.get(g.job_id)) > 0]
+        fresh = [g for g in grabbed if g not in suspects]
+        if len(suspects) > 1:
+            self._return_to_queue(suspects[1:])
+        done = 0
         try:
-            started = self._start(grabbed, jobs)
-            # A job that was started before (its worker died with it) may be what kills workers:
-            # run each such suspect alone, after the others are safely written.
-            fresh = [(job, ex) for job, ex in started if job.meta.get("attempts", 1) <= 1]
-            groups = [fresh] + [[(job, ex)] for job, ex in started if job.meta.get("attempts", 1) > 1]
-            for group in groups:
-                if group:
-                    self._run_group(group, images)
+            for items in (fresh, suspects[:1]):
+                if items:
+                    group = self._start(items, jobs)
+                    if group:
+                        self._run_group(group, images)
+                    done += len(group)
         finally:
             with self._in_flight_lock:
                 self._in_flight = []
         self.batches_done += 1
-        return len(started)
+        return done
+
+    @staticmethod
+    def _attempts(job: Job | None) -> int:
+        return int(job.meta.get("attempts", 0)) if job is not None else 0
+
+    def _return_to_queue(self, items: Sequence[Grabbed]) -> None:
+        with self.connection.pipeline() as pipe:
+            for item in reversed(items):
+                queue = self.queues[item.lane]
+                pipe.lrem(queue.intermediate_queue_key, 1, item.job_id)
+                pipe.lpush(queue.key, item.job_id)
+            pipe.execute()
 
     def _run_group(self, group: list[tuple[Job, Execution]], images: dict[str, bytes | None]) -> None:
         outcomes, inference_ms = self.handler.handle(  # type: ignore[union-attr]

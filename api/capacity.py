@@ -1,0 +1,91 @@
+"""Backlog and throughput, read from Redis: the bounded queue's 429 and its computed `Retry-After`.
+
+Backlog = jobs waiting in every priority lane (`LLEN` of each lane's RQ queue; jobs a worker has
+taken are not waiting).
+
+Completion rate = jobs that ENDED (finished or failed, `deadline_expired` included: each takes one
+off the backlog) in the last THROUGHPUT_WINDOW_SECONDS, divided by that window, over all lanes.
+Nothing extra is written for it: RQ adds every ended job to its registry ZSETs with
+score = end time + TTL (`rq:finished:<queue>`: + RESULT_TTL; `rq:failed:<queue>`: + FAILURE_TTL,
+whole seconds), so the jobs that ended after `now - W` are those with a score above
+`now - W + TTL`: one ZCOUNT per registry. (This assumes the workers run with the api's RESULT_TTL and
+FAILURE_TTL, which they do: one set of settings. Entries leave a registry only once their score is
+past, long after the window.)
+
+    Retry-After = clamp(ceil(backlog / rate), 1, 60) seconds
+
+i.e. how long the workers, at their recent pace, take to drain what is waiting now. With no job
+ended in the window (rate 0: no live worker, or a stalled one) it is the maximum, 60.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from redis import Redis
+from rq import Queue
+
+from shared.config import Settings
+
+RETRY_AFTER_MIN_SECONDS = 1
+RETRY_AFTER_MAX_SECONDS = 60
+
+
+def backlog(conn: Redis, queues: Sequence[Queue]) -> int:
+    """Jobs waiting in all lanes (one round trip)."""
+    with conn.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            pipe.llen(queue.key)
+        return sum(int(n) for n in pipe.execute())
+
+
+def ended_recently(conn: Redis, queues: Sequence[Queue], settings: Settings, now: float | None = None) -> int:
+    """Jobs of all lanes that finished or failed in the last `settings.throughput_window_seconds`."""
+    now = time.time() if now is None else now
+    window = settings.throughput_window_seconds
+    with conn.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            # Exclusive lower bound: the scores are whole seconds (RQ's `current_timestamp()`).
+            pipe.zcount(queue.finished_job_registry.key, f"({now - window + settings.result_ttl}", "+inf")
+            pipe.zcount(queue.failed_job_registry.key, f"({now - window + settings.failure_ttl}", "+inf")
+        return sum(int(n) for n in pipe.execute())
+
+
+def completion_rate(
+    conn: Redis, queues: Sequence[Queue], settings: Settings, now: float | None = None
+) -> float:
+    """Jobs per second ended over the recent window."""
+    return ended_recently(conn, queues, settings, now) / settings.throughput_window_seconds
+
+
+def retry_after_seconds(waiting: int, rate: float) -> int:
+    if rate <= 0:
+        return RETRY_AFTER_MAX_SECONDS
+    return max(RETRY_AFTER_MIN_SECONDS, min(RETRY_AFTER_MAX_SECONDS, math.ceil(waiting / rate)))
+
+
+@dataclass(frozen=True)
+class QueueFull:
+    waiting: int
+    limit: int
+    rate: float
+    retry_after: int
+
+
+def check_capacity(
+    conn: Redis, queues: Sequence[Queue], settings: Settings, incoming: int
+) -> QueueFull | None:
+    """None when `incoming` more jobs fit under MAX_QUEUE_DEPTH, else what the 429 says.
+
+    A soft bound: concurrent submitters may overshoot it by a few jobs."""
+    limit = settings.max_queue_depth
+    if not limit:
+        return None
+    waiting = backlog(conn, queues)
+    if waiting + incoming <= limit:
+        return None
+    rate = completion_rate(conn, queues, settings)
+    return QueueFull(waiting=waiting, limit=limit, rate=rate, retry_after=retry_after_seconds(waiting, rate))

@@ -1,0 +1,287 @@
+"""`python -m shared.launcher` (what `make up` runs), end to end: embedded Redis, gunicorn and RQ's
+worker pool from the Procfile, a classification, a SIGKILLed worker respawned, and a SIGTERM that
+leaves no process and no server behind. Plus the cheap refusals and failure paths."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from shared.config import PROJECT_ROOT
+from shared.redis_conn import redis_from_url
+from tests.service import free_port, wait_until
+
+READY_TIMEOUT = 180.0
+STOP_TIMEOUT = 30.0
+
+
+# --- processes, from /proc ------------------------------------------------------------------------
+
+
+def _stat(pid: int) -> tuple[int, str, int] | None:
+    """(ppid, state, start time) of `pid`, or None if there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _all_pids() -> Iterator[int]:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            yield int(entry.name)
+
+
+def descendants(root: int) -> dict[int, int]:
+    """pid -> start time of every live process below `root`."""
+    parent: dict[int, tuple[int, int]] = {}
+    for pid in _all_pids():
+        stat = _stat(pid)
+        if stat is not None and stat[1] != "Z":
+            parent[pid] = (stat[0], stat[2])
+    found: dict[int, int] = {}
+    frontier = [root]
+    while frontier:
+        current = frontier.pop()
+        for pid, (ppid, start) in parent.items():
+            if ppid == current and pid not in found:
+                found[pid] = start
+                frontier.append(pid)
+    return found
+
+
+def alive(pid: int, start: int) -> bool:
+    """The very process (same start time) still runs; a zombie counts as gone."""
+    stat = _stat(pid)
+    return stat is not None and stat[2] == start and stat[1] != "Z"
+
+
+def pool_workers(root: int) -> tuple[int, list[int]]:
+    """The `rq worker-pool` supervisor below `root` and its worker processes."""
+    tree = descendants(root)
+    pools = [
+        pid
+        for pid in tree
+        if "worker-pool" in _cmdline(pid) and "worker-pool" not in _cmdline((_stat(pid) or (0,))[0])
+    ]
+    assert len(pools) == 1, f"expected one worker pool below {root}, found {pools}"
+    pool = pools[0]
+    return pool, [pid for pid in tree if (_stat(pid) or (0,))[0] == pool]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+def launcher_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    dropped = ("REDIS_URL", "PYTHONPATH", "API_KEYS", "API_KEYS_FILE")
+    env = {k: v for k, v in os.environ.items() if k.upper() not in dropped}
+    env.update(
+        {
+            "HOST": "127.0.0.1",
+            "DATA_DIR": str(tmp_path / "data"),
+            "WORKERS": "1",
+            "WEB_CONCURRENCY": "1",
+            "TORCH_THREADS": "1",
+            "LOG_LEVEL": "INFO",
+        }
+    )
+    env.update(overrides)
+    return env
+
+
+def run_launcher(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "shared.launcher", *args],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def classify(base: str, image: bytes) -> str:
+    response = requests.post(
+        f"{base}/v1/jobs", files={"image": ("coffee.png", image, "image/png")}, timeout=10
+    )
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    response = requests.get(f"{base}/v1/jobs/{job_id}", params={"wait": 20}, timeout=40)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "finished", body
+    return str(body["result"]["predictions"][0]["label"])
+
+
+def registered_worker_pids(redis_url: str, queue: str = "inferq") -> set[int]:
+    """pids of the workers registered on `queue` whose registration has not expired."""
+    conn = redis_from_url(redis_url)
+    try:
+        pids = set()
+        for key in conn.smembers(f"rq:workers:{queue}"):
+            pid = conn.hget(key, "pid")
+            if pid is not None and conn.exists(key):
+                pids.add(int(pid))
+        return pids
+    finally:
+        conn.close()
+
+
+# --- end to end -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_launcher_serves_respawns_a_killed_worker_and_stops_cleanly(
+    tmp_path: Path, photo_bytes: dict[str, bytes], artifact_dir: Path
+) -> None:
+    port, redis_port = free_port(), free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "launcher.log"
+    env = launcher_env(tmp_path, PORT=str(port), EMBEDDED_REDIS_PORT=str(redis_port))
+    started = time.monotonic()
+    launcher = run_launcher(env, log)
+    seen: dict[int, int] = {}  # every process of the launcher's tree, ever
+    try:
+
+        def ready() -> bool:
+            assert launcher.poll() is None, f"launcher exited with {launcher.returncode}:\n{log.read_text()}"
+            seen.update(descendants(launcher.pid))
+            return "inferq ready at" in log.read_text(errors="replace")
+
+        wait_until(ready, READY_TIMEOUT, interval=0.5, what="the launcher's ready line")
+        cold_start = re.search(r"cold start ([\d.]+) s", log.read_text())
+        print(
+            f"launcher ready in {time.monotonic() - started:.1f} s (it says {cold_start and cold_start[1]} s)"
+        )
+        assert requests.get(f"{base}/readyz", timeout=5).status_code == 200
+        assert f"curl -F image=@photo.jpg {base}/v1/jobs" in log.read_text()
+
+        assert classify(base, photo_bytes["coffee.png"]) == "espresso"
+
+        # SIGKILL the pool's worker: the pool forks a replacement, which loads the model and registers.
+        seen.update(descendants(launcher.pid))
+        _pool, workers = pool_workers(launcher.pid)
+        assert len(workers) == 1, workers
+        (victim,) = workers
+        assert victim in registered_worker_pids(redis_url)
+        os.kill(victim, signal.SIGKILL)
+
+        def replaced() -> bool:
+            seen.update(descendants(launcher.pid))
+            _, now = pool_workers(launcher.pid)
+            fresh = set(now) - {victim}
+            return bool(fresh & registered_worker_pids(redis_url))
+
+        wait_until(replaced, 120, interval=0.5, what="a replacement worker registered")
+        assert classify(base, photo_bytes["coffee.png"]) == "espresso"
+
+        # SIGTERM: everything stops, Redis last, exit 0.
+        seen.update(descendants(launcher.pid))
+        assert len(seen) >= 7, seen  # valkey, 2 honcho runners, gunicorn (+1), pool (+2 workers over time)
+        stop_at = time.monotonic()
+        launcher.send_signal(signal.SIGTERM)
+        code = launcher.wait(STOP_TIMEOUT)
+        print(f"launcher stopped in {time.monotonic() - stop_at:.1f} s")
+        assert code == 0, log.read_text()
+        wait_until(
+            lambda: not any(alive(pid, start) for pid, start in seen.items()), 5, what="no process left"
+        )
+        assert not port_open(redis_port), "the embedded Redis still listens"
+        assert not port_open(port), "the api still listens"
+        assert "stopped (SIGTERM)" in log.read_text()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        for pid, start in seen.items():
+            if alive(pid, start):
+                os.kill(pid, signal.SIGKILL)
+
+
+# --- refusals and failures (no model, a few seconds) -----------------------------------------------
+
+
+def test_launcher_refuses_a_public_host_before_starting_anything(tmp_path: Path) -> None:
+    env = launcher_env(tmp_path, HOST="0.0.0.0", PORT=str(free_port()))
+    out = subprocess.run(
+        [sys.executable, "-m", "shared.launcher"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "refusing to serve the api on 0.0.0.0" in out.stderr
+    assert "loopback" in out.stderr and "API_KEYS" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "data").exists(), "nothing may be started (not even Redis)"
+
+
+def test_a_process_that_exits_stops_everything_with_its_output(tmp_path: Path) -> None:
+    procfile = tmp_path / "Procfile"
+    procfile.write_text("web: echo boom-from-web; sleep 1; exit 3\nworker: exec sleep 300\n")
+    # REDIS_URL set: no embedded server; nothing connects to it.
+    env = launcher_env(tmp_path, PORT=str(free_port()), REDIS_URL="redis://127.0.0.1:9/0")
+    out = subprocess.run(
+        [sys.executable, "-m", "shared.launcher", "--procfile", str(procfile), "--ready-timeout", "60"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "process 'web' exited with code 3 before the service was ready" in out.stderr
+    assert "boom-from-web" in out.stderr.split("last", 1)[1]  # in the tail it shows
+    sleeper = re.search(r"worker started \(pid=(\d+)\)", out.stdout)
+    assert sleeper is not None, out.stdout
+    stat = _stat(int(sleeper[1]))
+    assert stat is None or stat[1] == "Z" or "sleep" not in _cmdline(int(sleeper[1]))
+
+
+def test_with_api_keys_a_public_host_is_allowed_and_readiness_times_out(tmp_path: Path) -> None:
+    procfile = tmp_path / "Procfile"
+    procfile.write_text("web: exec sleep 300\n")  # never answers
+    port = free_port()
+    env = launcher_env(
+        tmp_path, HOST="0.0.0.0", API_KEYS="k" * 32, PORT=str(port), REDIS_URL="redis://127.0.0.1:9/0"
+    )
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "shared.launcher", "--procfile", str(procfile), "--ready-timeout", "3"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"http://127.0.0.1:{port}/readyz did not answer 200 within 3 s" in out.stderr
+    assert time.monotonic() - started < 30
