@@ -13,7 +13,11 @@ IMAGES ?=
 
 .PHONY: venv artifact test lint up classify bench clean
 
+# `.venv` in the clone points at the cached environment; the editable install puts the `inferq`
+# CLI on it (the environment is shared by clones with the same pins: the last one installed wins).
 venv: $(VENV)/.complete
+	@ln -sfn $(VENV) .venv
+	@$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 
 # Marked complete only after the install succeeds, so an interrupted install is wiped and redone.
 # No file prerequisites: the pins' hash is in the path, and a fresh clone's mtimes mean nothing.

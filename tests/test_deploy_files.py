@@ -83,7 +83,8 @@ def test_worker_runs_rq_worker_pool_of_batch_workers(env: dict[str, str], worker
     command = rq_cli.get_command(None, "worker-pool")  # type: ignore[arg-type]
     params = command.make_context("worker-pool", argv[2:]).params
     assert params["num_workers"] == workers
-    assert params["queues"] == (queue,)
+    # Every priority lane, highest first (shared.jobs.LANES).
+    assert params["queues"] == (queue, f"{queue}-low")
     worker_class = import_attribute(params["worker_class"])
     assert isinstance(worker_class, type) and issubclass(worker_class, BaseWorker)
     assert worker_class.__name__ == "BatchWorker"

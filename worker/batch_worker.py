@@ -29,6 +29,7 @@ from rq import worker_registration
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.logutils import setup_loghandlers
+from rq.registry import clean_registries
 from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
@@ -205,6 +206,23 @@ class BatchWorker(SimpleWorker):
                 log.warning("could not deregister from Redis: %s", exc)
         log.info("worker %s stopped after %d jobs", self.name, done)
         return done > 0
+
+    def clean_registries(self) -> None:
+        """RQ's registry maintenance (abandoned jobs → requeue or fail, stale workers, stuck
+        intermediate ids), run every few seconds. Unlike RQ's, the per-queue lock lives only a few
+        intervals: a worker killed while holding it must not stop everyone's cleanup for RQ's 15
+        minutes. Logged at debug level, since it runs so often."""
+        lock_ttl = max(10, 3 * int(self.maintenance_interval))
+        for queue in self.queues:
+            if self.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=lock_ttl):
+                log.debug("cleaning registries of queue %s", queue.name)
+                try:
+                    clean_registries(queue, self._exc_handlers)
+                    worker_registration.clean_worker_registry(queue)
+                    queue.intermediate_queue.cleanup(self, queue)
+                finally:
+                    queue.release_maintenance_lock()
+        self.last_cleaned_at = now()
 
     def beat(self) -> None:
         """Prove liveness: the worker key and the started-registry entries of the jobs in flight."""

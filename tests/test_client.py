@@ -1,0 +1,304 @@
+"""The Python client and the `inferq` CLI: retry logic against a stub HTTP server (fast), then
+the real thing against a real stack (Valkey + gunicorn api + one batch worker)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from client import (
+    AuthenticationError,
+    Client,
+    Conflict,
+    InvalidInput,
+    JobFailed,
+    JobResult,
+    NotFound,
+    RateLimited,
+    Unavailable,
+)
+from client.retry import parse_retry_after
+from shared.config import PROJECT_ROOT
+from shared.redis_server import EmbeddedRedis
+from tests.conftest import PHOTO_LABELS
+from tests.service import free_port, http_ok, service_env, start_api, start_worker, stop, wait_until
+
+JOB_ID = "3f8e0a9c-1b2d-4e5f-8a7b-6c5d4e3f2a1b"
+TEXT_FILE = b"this is a text file, not an image\n"
+
+# --- a stub api: scripted replies, recorded requests ---------------------------------------------
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    at: float
+
+
+@dataclass
+class Stub:
+    """Replies with `script` in order (the last one repeats) and records every request."""
+
+    script: list[tuple[int, dict[str, str], dict[str, object]]]
+    seen: list[Seen] = field(default_factory=list)
+    url: str = ""
+
+
+@pytest.fixture
+def stub() -> Iterator[Stub]:
+    state = Stub(script=[])
+
+    class Handler(BaseHTTPRequestHandler):
+        def _reply(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            state.seen.append(Seen(self.command, self.path, dict(self.headers), time.monotonic()))
+            status, headers, body = state.script[min(len(state.seen), len(state.script)) - 1]
+            payload = json.dumps(body).encode()
+            self.send_response(status)
+            for name, value in {"Content-Type": "application/json", **headers}.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = do_DELETE = _reply  # http.server dispatches on do_<METHOD>
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def queue_full(retry_after: str) -> tuple[int, dict[str, str], dict[str, object]]:
+    return 429, {"Retry-After": retry_after}, {"error": {"code": "queue_full", "message": "full"}}
+
+
+CREATED = (202, {}, {"id": JOB_ID, "status": "queued", "url": f"/v1/jobs/{JOB_ID}"})
+REDIS_DOWN = (503, {"Retry-After": "0"}, {"error": {"code": "redis_unavailable", "message": "down"}})
+
+
+def test_a_429_is_retried_after_its_retry_after_with_the_same_idempotency_key(stub: Stub):
+    stub.script = [queue_full("1"), CREATED]
+    with Client(stub.url, api_key="s3cret") as client:
+        ref = client.submit(b"\x89PNG fake", top_k=3)
+    assert ref.id == JOB_ID and ref.url == f"{stub.url}/v1/jobs/{JOB_ID}"
+    first, second = stub.seen
+    assert second.at - first.at >= 1.0, "retried before the advertised Retry-After"
+    assert first.path == second.path == "/v1/jobs?top_k=3"
+    # The retry replays the same submission: the server can never queue it twice.
+    assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"]
+    assert first.headers["Authorization"] == "Bearer s3cret"
+
+
+def test_retries_are_bounded(stub: Stub):
+    stub.script = [REDIS_DOWN]
+    with Client(stub.url, max_retries=2) as client, pytest.raises(Unavailable) as caught:
+        client.get(JOB_ID)
+    assert len(stub.seen) == 3  # the request and two retries
+    assert (caught.value.status, caught.value.code) == (503, "redis_unavailable")
+
+
+def test_a_retry_after_beyond_the_limit_is_raised_not_slept(stub: Stub):
+    stub.script = [queue_full("120")]
+    with Client(stub.url, max_retry_wait=30) as client, pytest.raises(RateLimited) as caught:
+        client.submit(b"x")
+    assert len(stub.seen) == 1
+    assert caught.value.retry_after == 120
+
+
+def test_a_cancel_is_not_retried_after_a_503(stub: Stub):
+    # The reply was an error, but the cancel may have happened: a retry would report a 409.
+    stub.script = [REDIS_DOWN]
+    with Client(stub.url) as client, pytest.raises(Unavailable):
+        client.cancel(JOB_ID)
+    assert len(stub.seen) == 1
+
+
+def test_a_refused_api_key_is_an_authentication_error_and_not_retried(stub: Stub):
+    refused = {"error": {"code": "unauthorized", "message": "no"}}
+    stub.script = [(401, {"WWW-Authenticate": "Bearer"}, refused)]
+    with Client(stub.url, api_key="wrong") as client, pytest.raises(AuthenticationError) as caught:
+        client.get(JOB_ID)
+    assert (caught.value.status, caught.value.code) == (401, "unauthorized")
+    assert len(stub.seen) == 1
+
+
+def test_retry_after_parses_seconds_and_http_dates():
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("2", now) == 2
+    assert parse_retry_after(format_datetime(now + timedelta(seconds=5), usegmt=True), now) == 5
+    assert parse_retry_after(format_datetime(now - timedelta(seconds=5), usegmt=True), now) == 0
+    assert parse_retry_after("soon", now) is None
+    assert parse_retry_after("-1", now) is None
+    assert parse_retry_after(None, now) is None
+
+
+def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "client", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_cli_exits_2_when_the_service_is_unreachable(tmp_path: Path):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"\x89PNG")
+    dead = f"http://127.0.0.1:{free_port()}"
+    for args in (("classify", str(image)), ("status", JOB_ID)):
+        done = run_cli("--url", dead, *args, timeout=30)
+        assert done.returncode == 2, done
+        assert "cannot connect" in done.stderr
+    assert run_cli("--url", dead, "classify", str(tmp_path / "missing.png")).returncode == 2
+
+
+# --- against a real stack ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api_url(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One Valkey, one api (gunicorn), one batch worker, for the module."""
+    logs = tmp_path_factory.mktemp("client-stack")
+    with EmbeddedRedis(logs / "redis") as server:
+        env = service_env(server.url, TORCH_THREADS=1, WEB_CONCURRENCY=1)
+        port = free_port()
+        api = start_api(env, port, log=logs / "api.log")
+        worker = start_worker(env, log=logs / "worker.log")
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_until(lambda: http_ok(base + "/readyz"), 180, 0.5, "api ready with a worker")
+            yield base
+        finally:
+            stop(worker)
+            stop(api)
+
+
+@pytest.fixture(scope="module")
+def folders(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`good`: the five photos. `mixed`: the photos, a PNG cut short (its header passes the api's
+    check, its pixels fail in the worker) and a text file named like an image."""
+    root = tmp_path_factory.mktemp("client-images")
+    good, mixed = root / "good", root / "mixed"
+    for folder in (good, mixed):
+        folder.mkdir()
+        for name in PHOTO_LABELS:
+            shutil.copyfile(sample_dir / name, folder / name)
+    chelsea = (sample_dir / "chelsea.png").read_bytes()
+    (mixed / "broken.png").write_bytes(chelsea[: len(chelsea) // 3])
+    (mixed / "notes.jpg").write_bytes(TEXT_FILE)
+    return {"good": good, "mixed": mixed}
+
+
+@pytest.mark.slow
+def test_classify_get_and_cancel(api_url: str, sample_dir: Path):
+    with Client(api_url) as client:
+        assert client.health() == {"status": "ok"}
+        assert client.ready().ready
+        result = client.classify(sample_dir / "coffee.png", top_k=3)
+        assert result.ok and result.top1 is not None and result.top1.label == "espresso"
+        assert len(result.predictions) == 3
+        assert result.model is not None and result.model.name and len(result.model.sha256 or "") == 64
+        assert result.timings.batch_size and result.timings.inference_ms
+        assert result.created_at and result.ended_at and result.ended_at >= result.created_at
+
+        ref = client.submit((sample_dir / "rocket.jpg").read_bytes(), top_k=1)
+        waited = client.get(ref.id, wait=30)
+        assert waited.status == "finished", waited
+        assert waited.top1 is not None and waited.top1.label in PHOTO_LABELS["rocket.jpg"]
+        assert client.get(ref.id) == waited
+
+        with pytest.raises(Conflict) as conflict:
+            client.cancel(ref.id)
+        assert conflict.value.code == "job_not_cancelable"
+        with pytest.raises(NotFound) as missing:
+            client.get(JOB_ID)
+        assert (missing.value.status, missing.value.code) == (404, "job_not_found")
+
+
+@pytest.mark.slow
+def test_classify_many_reports_each_file_on_its_own(api_url: str, folders: dict[str, Path]):
+    mixed = folders["mixed"]
+    paths = sorted(mixed.iterdir())
+    with Client(api_url) as client:
+        outcomes = list(client.classify_many(paths, top_k=3, concurrency=4))
+    assert [path for path, _ in outcomes] == paths, "input order is kept"
+    by_name = {Path(path).name: outcome for path, outcome in outcomes}
+    for name, labels in PHOTO_LABELS.items():
+        outcome = by_name[name]
+        assert isinstance(outcome, JobResult) and outcome.top1 is not None, (name, outcome)
+        assert outcome.top1.label in labels, (name, outcome.predictions)
+    broken = by_name["broken.png"]
+    assert isinstance(broken, JobFailed), broken
+    assert broken.code == "corrupt_image" and broken.result.status == "failed"
+    notes = by_name["notes.jpg"]
+    assert isinstance(notes, InvalidInput), notes
+    assert (notes.status, notes.code) == (415, "unsupported_image_format")
+
+
+@pytest.mark.slow
+def test_cli_reports_a_mixed_folder_as_jsonl_and_csv(api_url: str, folders: dict[str, Path]):
+    mixed = folders["mixed"]
+    done = run_cli("classify", str(mixed), "--url", api_url, "--format", "jsonl", "--top-k", "2")
+    assert done.returncode == 1, done.stderr
+    records = {Path(r["file"]).name: r for r in map(json.loads, done.stdout.splitlines())}
+    assert set(records) == {*PHOTO_LABELS, "broken.png", "notes.jpg"}
+    for name, labels in PHOTO_LABELS.items():
+        assert records[name]["status"] == "finished"
+        assert len(records[name]["predictions"]) == 2
+        assert records[name]["predictions"][0]["label"] in labels
+    assert records["broken.png"]["status"] == "failed"
+    assert records["broken.png"]["error"]["code"] == "corrupt_image"
+    assert records["notes.jpg"]["status"] == "rejected"
+    assert records["notes.jpg"]["error"]["code"] == "unsupported_image_format"
+
+    done = run_cli("classify", str(mixed), "--url", api_url, "--format", "csv")
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "file,status,label,index,score,error_code"
+    rows = {Path(line.split(",")[0]).name: line.split(",") for line in lines[1:]}
+    assert rows["coffee.png"][1:3] == ["finished", "espresso"]
+    assert rows["broken.png"][1] == "failed" and rows["broken.png"][-1] == "corrupt_image"
+    assert rows["notes.jpg"][1] == "rejected" and rows["notes.jpg"][-1] == "unsupported_image_format"
+
+
+@pytest.mark.slow
+def test_cli_exits_0_for_good_photos_and_shows_a_job(
+    api_url: str, folders: dict[str, Path], sample_dir: Path
+):
+    done = run_cli("classify", str(folders["good"]), "--url", api_url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].split() == ["FILE", "STATUS", "LABEL", "SCORE", "ERROR"]
+    assert "espresso" in done.stdout
+
+    with Client(api_url) as client:
+        job_id = client.submit(sample_dir / "coffee.png").id
+    done = run_cli("status", job_id, "--wait", "30", "--url", api_url)
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)
+    assert job["id"] == job_id and job["status"] == "finished"
+    assert job["predictions"][0]["label"] == "espresso"
+    assert run_cli("status", JOB_ID, "--url", api_url).returncode == 1
