@@ -12,10 +12,13 @@ whole seconds), so the jobs that ended after `now - W` are those with a score ab
 FAILURE_TTL, which they do: one set of settings. Entries leave a registry only once their score is
 past, long after the window.)
 
-    Retry-After = clamp(ceil(backlog / rate), 1, 60) seconds
+    rate        = ended / (now - earliest end in the window)      (at least 1 s of span)
+    Retry-After = clamp(ceil((waiting + incoming - MAX_QUEUE_DEPTH) / rate), 1, 60) seconds
 
-i.e. how long the workers, at their recent pace, take to drain what is waiting now. With no job
-ended in the window (rate 0: no live worker, or a stalled one) it is the maximum, 60.
+i.e. how long the workers, at their recent pace, take to make room for this submission. The rate
+is taken over the span the window actually covers, so a service that started 5 s ago is not judged
+by 60 s of history it does not have. With no job ended in the window (no live worker, or a stalled
+one) it is the maximum, 60.
 """
 
 from __future__ import annotations
@@ -57,14 +60,36 @@ def ended_recently(conn: Redis, queues: Sequence[Queue], settings: Settings, now
 def completion_rate(
     conn: Redis, queues: Sequence[Queue], settings: Settings, now: float | None = None
 ) -> float:
-    """Jobs per second ended over the recent window."""
-    return ended_recently(conn, queues, settings, now) / settings.throughput_window_seconds
+    """Jobs per second ended over the part of the recent window that holds ended jobs."""
+    now = time.time() if now is None else now
+    window = settings.throughput_window_seconds
+    with conn.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            for key, ttl in (
+                (queue.finished_job_registry.key, settings.result_ttl),
+                (queue.failed_job_registry.key, settings.failure_ttl),
+            ):
+                low = f"({now - window + ttl}"
+                pipe.zcount(key, low, "+inf")
+                pipe.zrangebyscore(key, low, "+inf", start=0, num=1, withscores=True)
+                pipe.echo(str(ttl))
+        replies = pipe.execute()
+    ended = 0
+    earliest = now
+    for count, first, ttl in zip(replies[0::3], replies[1::3], replies[2::3], strict=True):
+        ended += int(count)
+        if first:
+            earliest = min(earliest, float(first[0][1]) - float(ttl))
+    if not ended:
+        return 0.0
+    return ended / max(1.0, now - earliest)
 
 
-def retry_after_seconds(waiting: int, rate: float) -> int:
+def retry_after_seconds(needed: int, rate: float) -> int:
+    """Seconds until `needed` more jobs have left the queue at `rate` jobs/s (clamped)."""
     if rate <= 0:
         return RETRY_AFTER_MAX_SECONDS
-    return max(RETRY_AFTER_MIN_SECONDS, min(RETRY_AFTER_MAX_SECONDS, math.ceil(waiting / rate)))
+    return max(RETRY_AFTER_MIN_SECONDS, min(RETRY_AFTER_MAX_SECONDS, math.ceil(needed / rate)))
 
 
 @dataclass(frozen=True)
@@ -88,4 +113,9 @@ def check_capacity(
     if waiting + incoming <= limit:
         return None
     rate = completion_rate(conn, queues, settings)
-    return QueueFull(waiting=waiting, limit=limit, rate=rate, retry_after=retry_after_seconds(waiting, rate))
+    return QueueFull(
+        waiting=waiting,
+        limit=limit,
+        rate=rate,
+        retry_after=retry_after_seconds(waiting + incoming - limit, rate),
+    )

@@ -230,7 +230,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "429": {
             **_error(
                 f"`queue_full`: over {settings.max_queue_depth} jobs wait in all lanes together. "
-                "`Retry-After` = backlog / recent completion rate, clamped to 1-60 s."
+                "`Retry-After` = time for the workers, at their recent pace, to make room, clamped to 1-60 s."
             ),
             "headers": retry_after,
         },
