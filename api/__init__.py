@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     """
     # Imported here, not at module top: prometheus_client reads PROMETHEUS_MULTIPROC_DIR when it is
     # first imported, and gunicorn_conf sets that variable before the app module is loaded.
-    from api import health, metrics, routes
+    from api import dashboard, health, metrics, routes
     from api.errors import register_error_handlers
     from api.validation import MULTIPART_OVERHEAD_BYTES
 
@@ -69,6 +69,8 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     metrics.install_request_metrics(app)
     app.register_blueprint(routes.bp)
     app.register_blueprint(health.bp)
+    # rq-dashboard at /rq, behind the same auth, read-only unless DASHBOARD_ADMIN (api.dashboard).
+    dashboard.install(app)
     log.info(
         "api ready: Redis %s, queues %s, API keys %s",
         redact_url(settings.redis_url) if settings.redis_url else "<given>",

@@ -12,7 +12,8 @@ Run: `gunicorn --config api/gunicorn_conf.py api.wsgi:app` from the project root
   Checked in `on_starting` against the addresses gunicorn will really bind (a `--bind` on the
   command line or in GUNICORN_CMD_ARGS overrides HOST:PORT), before any socket is opened.
 - Logs: gunicorn's error and access logs go through `api.log_redaction` (Authorization values and
-  Redis URL passwords are masked), re-installed whenever gunicorn rebuilds its handlers.
+  Redis URL passwords are masked), re-installed whenever gunicorn rebuilds its handlers; with
+  LOG_FORMAT=json (the default) they are JSON lines like the app's (`shared.logging_setup`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ class RedactingLogger(_GunicornLogger):
         from api.log_redaction import install_redaction
 
         install_redaction(self.error_log, self.access_log)
+        # LOG_FORMAT=json: gunicorn's own lines (errors, access log) are JSON lines too.
+        from shared.logging_setup import apply_to_handlers, set_log_context
+
+        set_log_context(service="api")
+        apply_to_handlers([*self.error_log.handlers, *self.access_log.handlers], _settings.log_format)
 
 
 logger_class = RedactingLogger

@@ -12,6 +12,14 @@ created once `create_app` imports it.
 Queue state (depth, jobs in progress, workers per lane; the total backlog and the recent completion
 rate behind a 429's Retry-After) is global, not per process: it is read from Redis at scrape time by a
 custom collector, so every process reports the same truth.
+
+Worker telemetry (queue wait, batch size, preprocess and inference histograms, jobs finished/failed by
+error code, the live workers and the model each serves) is recorded by the workers into the shared
+Redis (`shared.telemetry`, which says why) and read here at scrape time the same way: one scrape of
+any api process shows every worker, on every machine, and a worker restart loses nothing.
+
+Submissions (`inferq_jobs_submitted_total{lane}`, and the `job submitted` log line that starts a
+job's trail) are noted after the response of a successful submit, from what it returned.
 """
 
 from __future__ import annotations
@@ -31,15 +39,19 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
+from rq.job import Job
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from api.capacity import ended_recently
 from shared.config import Settings
+from shared.jobs import DEFAULT_LANE
+from shared.telemetry import HISTOGRAMS, read_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +68,15 @@ LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60),
 )
 
+SUBMITTED = Counter(
+    "inferq_jobs_submitted_total",
+    "Jobs enqueued by the api, by priority lane (idempotent replays not counted).",
+    ["lane"],
+)
+
 UNMATCHED_ROUTE = "<unmatched>"
+SUBMIT_ENDPOINTS = ("v1.create_job", "v1.create_batch")
+submissions_log = logging.getLogger("inferq.api")
 
 
 def multiprocess_dir() -> str | None:
@@ -67,6 +87,7 @@ def install_request_metrics(app: Flask) -> None:
     @app.before_request
     def _start_timer() -> None:
         g.inferq_started = time.perf_counter()
+        g.inferq_started_wall = time.time()
 
     @app.after_request
     def _observe(response: Response) -> Response:
@@ -77,7 +98,72 @@ def install_request_metrics(app: Flask) -> None:
             labels = (request.method, route, str(response.status_code))
             REQUESTS.labels(*labels).inc()
             LATENCY.labels(*labels).observe(time.perf_counter() - started)
+        if request.endpoint in SUBMIT_ENDPOINTS and response.status_code == 202:
+            try:
+                _note_submissions(response)
+            except Exception:  # bookkeeping must never fail a submit that succeeded
+                log.warning("could not note a submission", exc_info=True)
         return response
+
+
+def _note_submissions(response: Response) -> None:
+    """Count the jobs a 202 created and log `job submitted` for each (the start of its trail)."""
+    body = response.get_json(silent=True) or {}
+    ids = [body["id"]] if "id" in body else [job["id"] for job in body.get("jobs", [])]
+    if not ids:
+        return
+    if request.headers.get("Idempotency-Key") and _replayed(ids[0]):
+        return  # the job was created by an earlier request: nothing new was enqueued
+    from api.state import current_state
+
+    settings = current_state().settings
+    lane = request.args.get("priority") or DEFAULT_LANE
+    top_k = int(request.args.get("top_k") or settings.default_top_k)
+    sizes = _upload_sizes()
+    deadline = request.args.get("deadline_ms")
+    SUBMITTED.labels(lane).inc(len(ids))
+    for i, job_id in enumerate(ids):
+        fields = {
+            "job_id": job_id,
+            "lane": lane,
+            "bytes": sizes[i] if len(sizes) == len(ids) else None,
+            "top_k": top_k,
+        }
+        if deadline is not None:
+            fields["deadline_ms"] = int(deadline)
+        submissions_log.info("job submitted", extra=fields)
+
+
+def _replayed(job_id: str) -> bool:
+    """An idempotent submit answers 202 for a replay too: the job was new only if this request
+    enqueued it, i.e. RQ's `enqueued_at` is not older than the request. (A replay on one api server
+    of a job another one enqueued assumes their clocks agree to within the request's duration.)"""
+    from api.state import current_state
+
+    raw = current_state().redis.hget(Job.key_for(job_id), "enqueued_at")
+    if not raw:
+        return False
+    from rq.utils import str_to_date
+
+    enqueued = str_to_date(raw)
+    return enqueued is not None and enqueued.timestamp() < g.get("inferq_started_wall", 0.0) - 0.001
+
+
+def _upload_sizes() -> list[int | None]:
+    """Bytes of each uploaded image: the multipart `image` parts, or the raw body."""
+    files = request.files.getlist("image") if request.mimetype == "multipart/form-data" else []
+    if not files:
+        return [request.content_length]
+    sizes: list[int | None] = []
+    for part in files:
+        try:
+            position = part.stream.tell()
+            part.stream.seek(0, os.SEEK_END)
+            sizes.append(part.stream.tell())
+            part.stream.seek(position)
+        except (OSError, AttributeError, ValueError):
+            sizes.append(None)
+    return sizes
 
 
 class QueueCollector(Collector):
@@ -134,6 +220,61 @@ class QueueCollector(Collector):
         yield rate
 
 
+class WorkerTelemetryCollector(Collector):
+    """What the workers recorded in Redis (`shared.telemetry`), read at scrape time in two round trips:
+    the histograms and counters (one HGETALL each) with the live workers' names, then their hashes."""
+
+    def __init__(self, redis: Redis, queues: Sequence[Queue], settings: Settings) -> None:
+        self.redis = redis
+        self.queues = list(queues)
+        self.settings = settings
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            snapshot = read_snapshot(
+                self.redis, self.settings.queue_name, [WORKERS_BY_QUEUE_KEY % q.name for q in self.queues]
+            )
+        except RedisError as exc:  # QueueCollector reports inferq_redis_up 0
+            log.debug("metrics: cannot read worker telemetry from Redis: %s", exc)
+            return
+        for histogram in HISTOGRAMS:
+            data = snapshot.histograms[histogram.name]
+            family = HistogramMetricFamily(histogram.name, histogram.documentation)
+            family.add_metric(
+                [], [(floatToGoString(bound), count) for bound, count in data.buckets], sum_value=data.sum
+            )
+            yield family
+        finished = CounterMetricFamily(
+            "inferq_jobs_finished", "Jobs that ended with a result, all workers (recorded in Redis)."
+        )
+        finished.add_metric([], snapshot.finished)
+        yield finished
+        failed = CounterMetricFamily(
+            "inferq_jobs_failed",
+            "Jobs a worker ended with an error, by error code, all workers (recorded in Redis). Not counted: "
+            "jobs whose deadline passed before they started, and jobs failed by RQ after their worker died.",
+            labels=["code"],
+        )
+        for code, count in snapshot.failed_by_code.items():
+            failed.add_metric([code], count)
+        yield failed
+        live = GaugeMetricFamily(
+            "inferq_workers_live", "Live workers on any lane (each counted once; its RQ key still exists)."
+        )
+        live.add_metric([], len(snapshot.workers))
+        yield live
+        info = GaugeMetricFamily(
+            "inferq_worker_info",
+            "1 per live worker: its RQ name, host, queues and the model (name, sha256) it serves.",
+            labels=["worker", "hostname", "model", "model_sha256", "queues"],
+        )
+        for worker in snapshot.workers:
+            info.add_metric(
+                [worker.name, worker.hostname, worker.model, worker.model_sha256, worker.queues], 1
+            )
+        yield info
+
+
 def render(redis: Redis, queues: Sequence[Queue], settings: Settings) -> tuple[bytes, str]:
     if multiprocess_dir():
         process_registry = CollectorRegistry()
@@ -144,4 +285,5 @@ def render(redis: Redis, queues: Sequence[Queue], settings: Settings) -> tuple[b
     # global registry would keep each one's collector forever.
     live_registry = CollectorRegistry()
     live_registry.register(QueueCollector(redis, queues, settings))
+    live_registry.register(WorkerTelemetryCollector(redis, queues, settings))
     return generate_latest(process_registry) + generate_latest(live_registry), CONTENT_TYPE_LATEST

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
 from api import create_app
 from api.log_redaction import install_redaction
-from shared.config import get_settings
+from shared.logging_setup import configure_logging
 
-logging.basicConfig(
-    level=get_settings().log_level.upper(),
-    format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
-)
+# One handler on the root logger, in LOG_FORMAT (JSON lines by default; shared.logging_setup).
+configure_logging(service="api")
 # Authorization values and Redis URL passwords never reach the logs, whoever logs them.
 install_redaction()
 

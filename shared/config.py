@@ -175,6 +175,20 @@ class Settings(BaseSettings):
         "`inferq_completion_rate`) counts the jobs that ended in this many past seconds.",
     )
 
+    # --- Operating: logs and the dashboard ----------------------------------------------------------
+    log_format: Literal["json", "text"] = Field(
+        default="json",
+        description="Log lines of api and workers: `json` (one JSON object per line, with `job_id`, "
+        "`batch_id`, `worker`, `model_sha256` where they apply; for log shippers) or `text` (human-readable, "
+        "the same fields appended as `key=value`).",
+    )
+    dashboard_admin: bool = Field(
+        default=False,
+        description="Allow rq-dashboard's destructive actions at `/rq` (requeue, delete, empty, compact; "
+        "POST from the dashboard's own page only). Off: the dashboard is read-only and those routes answer "
+        "403 `dashboard_read_only`.",
+    )
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _hash_api_keys(cls, value: Any) -> tuple[str, ...]:

@@ -131,6 +131,8 @@ def child_env(settings: Settings, redis_url: str, base: dict[str, str] | None = 
             "LOG_LEVEL": settings.log_level,
         }
     )
+    # A person reads `make up`'s console: readable lines unless JSON was asked for explicitly.
+    env.setdefault("LOG_FORMAT", "text")
     return env
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from shared.config import get_settings
@@ -17,7 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # JSON lines by default (LOG_FORMAT), secrets redacted (shared.logging_setup); the model load is logged.
+    from shared.logging_setup import configure_logging
+
+    configure_logging(service="worker", log_format=settings.log_format, level=settings.log_level)
     from shared.jobs import LANES, lane_queue_name
     from worker.batch_worker import BatchWorker
 

@@ -16,11 +16,13 @@ seconds instead of every ten minutes) requeues the jobs while attempts are left.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +30,6 @@ import redis
 from rq import worker_registration
 from rq.executions import Execution
 from rq.job import Job, JobStatus
-from rq.logutils import setup_loghandlers
 from rq.registry import clean_registries
 from rq.serializers import JSONSerializer
 from rq.utils import now
@@ -38,6 +39,8 @@ from shared.config import Settings, get_settings
 from shared.errors import InferqError
 from shared.jobs import META_DEADLINE
 from shared.keys import image_key
+from shared.logging_setup import configure_logging_once, set_log_context
+from shared.telemetry import record_batch, worker_info_fields
 from worker.batching import BatchCollector, Grabbed, Lane
 
 if TYPE_CHECKING:
@@ -143,6 +146,12 @@ class BatchWorker(SimpleWorker):
         # BLMOVE and the jobs' start. Only set the flag: the loop checks it between batches.
         self._stop_requested = True
 
+    def serialize(self) -> dict:
+        """RQ's worker hash, plus the model this worker serves (`inferq_model`, `inferq_model_sha256`):
+        written with its birth (the model loads first) and any re-registration; read by /metrics."""
+        model_info = self.handler.model_info if self.handler is not None else None
+        return {**super().serialize(), **worker_info_fields(model_info)}
+
     def work(  # type: ignore[override]
         self,
         burst: bool = False,
@@ -153,8 +162,12 @@ class BatchWorker(SimpleWorker):
         **_: Any,
     ) -> bool:
         level = logging_level or self.settings.log_level
+        # LOG_FORMAT lines on the root logger (shared.logging_setup), each with this worker's name and,
+        # once loaded, its model's sha256; a process whose logging is set up already keeps its handlers.
+        configure_logging_once(service="worker", level=level)
         for name in ("inferq", "worker"):
-            setup_loghandlers(level, date_format, log_format, name=name)
+            logging.getLogger(name).setLevel(level.upper() if isinstance(level, str) else level)
+        set_log_context(worker=self.name)
         if self.handler is None:
             started = time.perf_counter()
             self.handler = load_handler(self.settings)
@@ -164,6 +177,7 @@ class BatchWorker(SimpleWorker):
                 self.handler.model_info["sha256"][:12],
                 time.perf_counter() - started,
             )
+        set_log_context(model_sha256=self.handler.model_info["sha256"])
         self.bootstrap(level, date_format, log_format)
         self._install_signal_handlers()
         # Queues in the order given are lanes, highest priority first (`python -m worker` passes
@@ -223,6 +237,13 @@ class BatchWorker(SimpleWorker):
                 finally:
                     queue.release_maintenance_lock()
         self.last_cleaned_at = now()
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's, but without a timeout the key lives `worker_ttl`, not RQ's `worker_ttl + 60` s: RQ's
+        suspension check (`is_suspended`, every idle poll) heartbeats that way, which kept a SIGKILLed
+        worker in dashboards, /readyz and /metrics for a minute more than `worker_ttl`
+        (2 x ABANDONED_AFTER_SECONDS, at least 10 s)."""
+        super().heartbeat(timeout or self.worker_ttl, pipeline)
 
     def beat(self) -> None:
         """Prove liveness: the worker key and the started-registry entries of the jobs in flight."""
@@ -389,6 +410,7 @@ class BatchWorker(SimpleWorker):
         started, outcomes = self._still_owned(started, outcomes)
         ended = now()
         result_ttl = self.settings.result_ttl
+        batch_id = uuid.uuid4().hex[:16]  # in the logs and job.meta: which jobs shared a forward pass
         with self.connection.pipeline() as pipe:
             for (job, execution), outcome in zip(started, outcomes, strict=True):
                 job.ended_at = ended
@@ -400,6 +422,7 @@ class BatchWorker(SimpleWorker):
                     "inference_ms": round(inference_ms, 3),
                     "batch_size": len(started),
                 }
+                job.meta["batch_id"] = batch_id
                 self.increment_total_working_time(ended - job.started_at, pipe)
                 if outcome.error is None:
                     self._write_success(job, execution, outcome.result, result_ttl, pipe)
@@ -410,7 +433,31 @@ class BatchWorker(SimpleWorker):
                 pipe.delete(image_key(job.id))
             self.set_current_job_id(None, pipeline=pipe)
             self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+            # Histograms and outcome counters for /metrics, in this same transaction (shared.telemetry).
+            record_batch(
+                pipe,
+                namespace=self.settings.queue_name,
+                queue_ms=[job.meta["timings"]["queue_ms"] for job, _ in started],
+                preprocess_ms=[o.preprocess_ms for o in outcomes],
+                inference_ms=inference_ms,
+                batch_size=len(started),
+                finished=sum(1 for o in outcomes if o.error is None),
+                failed_by_code=collections.Counter(o.error.code for o in outcomes if o.error is not None),
+            )
             pipe.execute()
+        for (job, _), outcome in zip(started, outcomes, strict=True):  # one line per job ended
+            log.info(
+                "job ended",
+                extra={
+                    "job_id": job.id,
+                    "batch_id": batch_id,
+                    "queue": job.origin,
+                    "status": "finished" if outcome.error is None else "failed",
+                    "code": outcome.error.code if outcome.error is not None else None,
+                    "attempt": job.meta.get("attempts"),
+                    **job.meta["timings"],
+                },
+            )
         failed = sum(1 for o in outcomes if o.error is not None)
         log.info(
             "batch of %d done: %d finished, %d failed, inference %.1f ms",
@@ -418,6 +465,7 @@ class BatchWorker(SimpleWorker):
             len(started) - failed,
             failed,
             inference_ms,
+            extra={"batch_id": batch_id, "batch_size": len(started), "inference_ms": round(inference_ms, 3)},
         )
 
     def _still_owned(

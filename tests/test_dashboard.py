@@ -1,0 +1,175 @@
+"""rq-dashboard mounted at /rq: the api's auth, JSON-serialized jobs everywhere, read-only by default."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+import redis
+from flask.testing import FlaskClient
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
+
+from api import create_app
+from shared.config import Settings
+from shared.jobs import make_queue, submit
+from tests.worker_stub import STUB_SHA256, png, stub_worker
+
+KEY = "dashboard-key-0123456789abcdef"
+OTHER_KEY = "another-key-0123456789abcdef"
+
+
+def basic(password: str, user: str = "ops") -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+AUTH = basic(KEY)
+XHR = {"X-Requested-With": "XMLHttpRequest"}
+
+
+@pytest.fixture
+def jobs(redis_url: str, redis_conn: redis.Redis) -> dict[str, Any]:
+    """Jobs on both lanes run by a (stub-model) batch worker: finished ones, and one failed per lane."""
+    settings = Settings(redis_url=redis_url, max_batch_size=4)
+    high, low = make_queue(redis_conn, settings, "high"), make_queue(redis_conn, settings, "low")
+    finished = [submit(high, png(40 * i), 3, settings).id for i in range(3)]
+    finished.append(submit(low, png(200), 3, settings).id)
+    failed = [submit(high, b"not an image", 3, settings).id, submit(low, b"junk junk", 3, settings).id]
+    stub_worker(settings).work(burst=True)
+    return {"settings": settings, "finished": finished, "failed": failed}
+
+
+def client_for(redis_url: str, **overrides: Any) -> FlaskClient:
+    return create_app(Settings(redis_url=redis_url, **overrides)).test_client()
+
+
+def test_auth_is_required_when_keys_are_configured(redis_url: str) -> None:
+    client = client_for(redis_url, api_keys=KEY)
+    for path in ("/rq/", "/rq/0/data/queues.json", "/rq/0/data/workers.json", "/rq/0/view/workers"):
+        response = client.get(path)
+        assert response.status_code == 401, path
+        assert response.get_json()["error"]["code"] == "unauthorized"
+        assert 'Basic realm="inferq"' in response.headers["WWW-Authenticate"]  # a browser can log in
+        assert client.get(path, headers=basic(OTHER_KEY)).status_code == 401
+        assert client.get(path, headers=AUTH).status_code == 200, path
+        assert client.get(path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_without_keys_it_is_open_like_the_loopback_only_api(redis_url: str) -> None:
+    assert client_for(redis_url).get("/rq/0/data/queues.json").status_code == 200
+
+
+def test_queues_workers_and_jobs_are_read_with_the_json_serializer(
+    redis_url: str, redis_conn: redis.Redis, jobs: dict[str, Any]
+) -> None:
+    settings = jobs["settings"]
+    # A live worker, busy on a queued job: the workers list reads its current job (JSON).
+    busy_on = submit(make_queue(redis_conn, settings), png(7), 2, settings).id
+    live = stub_worker(settings, name="dash-live-worker")
+    live.register_birth()
+    live.set_state(WorkerStatus.BUSY)
+    live.set_current_job_id(busy_on)
+    client = client_for(redis_url, api_keys=KEY)
+
+    queues = {q["name"]: q for q in client.get("/rq/0/data/queues.json", headers=AUTH).get_json()["queues"]}
+    assert set(queues) == {"inferq", "inferq-low"}
+    assert queues["inferq"]["finished_job_registry_count"] == 3
+    assert queues["inferq"]["failed_job_registry_count"] == 1
+    assert queues["inferq-low"]["finished_job_registry_count"] == 1
+    assert queues["inferq-low"]["failed_job_registry_count"] == 1
+    assert queues["inferq"]["count"] == 1
+
+    workers = client.get("/rq/0/data/workers.json", headers=AUTH).get_json()["workers"]
+    assert [w["name"] for w in workers] == ["dash-live-worker"]
+    assert workers[0]["state"] == "busy"
+    assert workers[0]["queues"] == ["inferq", "inferq-low"]
+    assert workers[0]["current_job"]["job_id"] == busy_on
+    assert "worker.tasks.classify" in workers[0]["current_job"]["call_string"]
+
+    listed = client.get("/rq/0/data/jobs/inferq/finished/8/asc/1.json", headers=AUTH).get_json()
+    assert {job["id"] for job in listed["jobs"]} == set(jobs["finished"][:3])
+    assert all(job["exc_info"] is None for job in listed["jobs"])
+    failed = client.get("/rq/0/data/jobs/inferq-low/failed/8/asc/1.json", headers=AUTH).get_json()
+    assert [job["id"] for job in failed["jobs"]] == [jobs["failed"][1]]
+    assert failed["jobs"][0]["exc_info"].startswith("unsupported_image_format")
+
+    done = client.get(f"/rq/0/data/job/{jobs['finished'][0]}.json", headers=AUTH).get_json()
+    assert done["status"] == "finished"
+    assert done["result"]["model"]["sha256"] == STUB_SHA256
+    assert done["result"]["predictions"][0]["label"] == "mean"
+    assert '"batch_id"' in done["metadata"] and '"timings"' in done["metadata"]
+    bad = client.get(f"/rq/0/data/job/{jobs['failed'][0]}.json", headers=AUTH).get_json()
+    assert bad["status"] == "failed" and bad["result"] is None
+    assert "unsupported_image_format" in bad["exc_info"]
+
+    for page in (
+        "/rq/",
+        "/rq/0/view/workers",
+        "/rq/0/view/jobs",
+        "/rq/0/view/jobs/inferq-low/failed/8/asc/1",
+        f"/rq/0/view/job/{jobs['finished'][0]}",
+        "/rq/static/js/jquery-3.5.1.min.js",
+    ):
+        assert client.get(page, headers=AUTH).status_code == 200, page
+    # One Redis instance: the dashboard never builds clients from URLs of its own.
+    assert client.get("/rq/1/data/queues.json", headers=AUTH).status_code == 404
+    live.register_death()
+
+
+def test_read_only_by_default(redis_url: str, redis_conn: redis.Redis, jobs: dict[str, Any]) -> None:
+    client = client_for(redis_url, api_keys=KEY)
+    failed_id, done_id = jobs["failed"][0], jobs["finished"][0]
+    attempts = [
+        ("post", f"/rq/job/{failed_id}/requeue"),
+        ("post", f"/rq/job/{done_id}/delete"),
+        ("get", "/rq/requeue/inferq"),  # upstream accepts GET here: a link could requeue everything
+        ("post", "/rq/requeue/inferq"),
+        ("post", "/rq/queue/inferq/failed/empty"),
+        ("post", "/rq/queue/inferq/queued/empty"),
+        ("post", "/rq/queue/inferq/compact"),
+    ]
+    for method, path in attempts:
+        response = getattr(client, method)(path, headers={**AUTH, **XHR})
+        assert response.status_code == 403, (method, path)
+        assert response.get_json()["error"]["code"] == "dashboard_read_only"
+        assert getattr(client, method)(path).status_code == 401  # auth comes first
+    assert Job.fetch(failed_id, connection=redis_conn, serializer=JSONSerializer).get_status() == "failed"
+    assert Job.fetch(done_id, connection=redis_conn, serializer=JSONSerializer).get_status() == "finished"
+    # The page hides the buttons it may not use.
+    page = client.get("/rq/0/view/jobs/inferq/failed/8/asc/1", headers=AUTH).get_data(as_text=True)
+    assert 'id="empty-btn"' not in page
+
+
+def test_admin_requeues_a_failed_job_by_post_from_the_page_only(
+    redis_url: str, redis_conn: redis.Redis, jobs: dict[str, Any]
+) -> None:
+    client = client_for(redis_url, api_keys=KEY, dashboard_admin=True)
+    failed_id = jobs["failed"][0]
+    path = f"/rq/job/{failed_id}/requeue"
+    # A cross-site form post carries the browser's Basic credentials but cannot add the header.
+    forged = client.post(path, headers=AUTH)
+    assert forged.status_code == 403 and forged.get_json()["error"]["code"] == "dashboard_csrf"
+    assert client.get("/rq/requeue/inferq", headers={**AUTH, **XHR}).status_code == 405
+
+    response = client.post(path, headers={**AUTH, **XHR})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.get_json() == {"status": "OK"}
+    job = Job.fetch(failed_id, connection=redis_conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.QUEUED
+    assert failed_id in make_queue(redis_conn, jobs["settings"]).get_job_ids()
+    assert failed_id not in FailedJobRegistry("inferq", connection=redis_conn).get_job_ids()
+    # Still a JSON job: unpatched, requeue_job re-saves the job with pickle (its meta, read as
+    # `{"unserialized": ...}`, is written back pickled), and the api and workers lose its meta.
+    meta = json.loads(redis_conn.hget(job.key, "meta"))
+    assert meta["attempts"] == 1 and meta["error"]["code"] == "unsupported_image_format"
+
+    # A script with a Bearer token (never sent by a browser on its own) needs no page header.
+    other = jobs["failed"][1]
+    bearer = {"Authorization": f"Bearer {KEY}"}
+    assert client.post(f"/rq/job/{other}/requeue", headers=bearer).status_code == 200
+    assert Job.fetch(other, connection=redis_conn, serializer=JSONSerializer).get_status() == JobStatus.QUEUED
