@@ -46,7 +46,18 @@ class Settings(BaseSettings):
         description="Folder holding `manifest.json` and the model file it names.",
     )
     device: Literal["cpu", "cuda"] = Field(default="cpu", description="Where the forward pass runs.")
-    torch_threads: int = Field(default=0, ge=0, description="Intra-op threads of torch; 0 = torch's default.")
+    torch_threads: int = Field(
+        default=1,
+        ge=0,
+        description="Intra-op threads of torch per worker; 0 = torch's default (one per core). 1 measured "
+        "best here: with 2 threads on 2 shared cores OpenMP's spinning made forward passes up to 10x "
+        "slower (BENCHMARKS.md), and the worker's decode thread needs the other core.",
+    )
+    preload_tcmalloc: bool = Field(
+        default=True,
+        description="`make up` preloads tcmalloc (Debian's libtcmalloc-minimal4) when it is installed: "
+        "measured up to 1.8x the model's throughput and flat worker memory versus glibc's allocator.",
+    )
 
     # --- Batching ----------------------------------------------------------------------------
     max_batch_size: int = Field(default=16, ge=1, le=256, description="Most jobs in one forward pass.")

@@ -56,6 +56,8 @@ from shared.config import PROJECT_ROOT, BindNotAllowed, Settings, check_bind_all
 from shared.redis_conn import redact_url
 
 READY_TIMEOUT_SECONDS = 180.0
+# Debian's libtcmalloc-minimal4 (`apt-get install libtcmalloc-minimal4`): see PRELOAD_TCMALLOC.
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 PROGRESS_EVERY_SECONDS = 10.0
 TAIL_LINES = 40
 # Extra seconds honcho waits, after gunicorn's own graceful timeout, before it SIGKILLs what is
@@ -133,6 +135,8 @@ def child_env(settings: Settings, redis_url: str, base: dict[str, str] | None = 
     )
     # A person reads `make up`'s console: readable lines unless JSON was asked for explicitly.
     env.setdefault("LOG_FORMAT", "text")
+    if settings.preload_tcmalloc and TCMALLOC.exists() and "LD_PRELOAD" not in env:
+        env["LD_PRELOAD"] = str(TCMALLOC)
     return env
 
 
