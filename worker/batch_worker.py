@@ -24,10 +24,13 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from queue import Queue
 from typing import TYPE_CHECKING, Any
 
 import redis
 from rq import worker_registration
+from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import clean_registries
@@ -85,6 +88,16 @@ def _url_of(connection: redis.Redis) -> str:
     return f"{scheme}://{auth}{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
 
+@dataclass
+class _Group:
+    """Jobs started together, prepared by the feeder, waiting for (or in) their forward pass."""
+
+    jobs: list[tuple[Job, Execution]]
+    prepared: Any  # the handler's `prepare()` output, or the raw images
+    top_ks: list[int]
+    written: threading.Event = field(default_factory=threading.Event)
+
+
 class _Heartbeat(threading.Thread):
     def __init__(self, worker: BatchWorker, interval: float) -> None:
         super().__init__(name="inferq-heartbeat", daemon=True)
@@ -137,6 +150,7 @@ class BatchWorker(SimpleWorker):
         self.execution_ttl = math.ceil(self.settings.abandoned_after_seconds)
         self._in_flight: list[tuple[Job, Execution]] = []
         self._in_flight_lock = threading.Lock()
+        self._last_group: _Group | None = None  # the feeder's latest hand-over
         self.batches_done = 0
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -191,28 +205,23 @@ class BatchWorker(SimpleWorker):
         )
         heartbeat = _Heartbeat(self, self.settings.heartbeat_seconds)
         heartbeat.start()
+        # Two stages overlap (DESIGN 7): a feeder thread grabs, starts and preprocesses the next
+        # batch (PIL/numpy, which release the GIL) while this thread, the only one that runs torch
+        # ops, runs the forward pass of the current one. One batch waits at most.
+        handoff: Queue[_Group | None] = Queue(maxsize=1)
+        feeder = threading.Thread(
+            target=self._feed, args=(collector, handoff, burst), name="inferq-feeder", daemon=True
+        )
+        feeder.start()
         done = 0
-        backoff = 0.5
         try:
-            while not self._stop_requested:
-                try:
-                    self.check_for_suspension(burst)
-                    if self.should_run_maintenance_tasks:
-                        self.run_maintenance_tasks()
-                    first = collector.take_first(_IDLE_BLOCK_SECONDS)
-                    if first is None:
-                        if burst:
-                            break
-                        continue
-                    done += self.run_batch(collector, first)
-                    backoff = 0.5
-                    if max_jobs is not None and done >= max_jobs:
-                        break
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                    log.error("Redis unreachable (%s); retrying in %.1f s", exc, backoff)
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 10.0)
+            while (group := handoff.get()) is not None:
+                done += self._run_group(group)
+                if max_jobs is not None and done >= max_jobs:
+                    self._stop_requested = True
         finally:
+            self._stop_requested = True
+            feeder.join(timeout=_IDLE_BLOCK_SECONDS * 4 + 10)
             heartbeat.stop()
             try:
                 self.teardown()
@@ -266,7 +275,40 @@ class BatchWorker(SimpleWorker):
 
     # --- one batch -------------------------------------------------------------------------------
 
-    def run_batch(self, collector: BatchCollector, first: Grabbed) -> int:
+    def _feed(self, collector: BatchCollector, handoff: Queue[_Group | None], burst: bool) -> None:
+        """The feeder stage: until a stop is requested (or, in burst mode, the queues are empty),
+        grab batches and hand them over prepared. Always ends by handing over None."""
+        backoff = 0.5
+        try:
+            while not self._stop_requested:
+                try:
+                    self.check_for_suspension(burst)
+                    if self.should_run_maintenance_tasks:
+                        self.run_maintenance_tasks()
+                    first = collector.take_first(_IDLE_BLOCK_SECONDS)
+                    if first is None:
+                        if burst:
+                            break
+                        continue
+                    self._prepare_batch(collector, first, handoff)
+                    backoff = 0.5
+                except StopRequested:
+                    break
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                    log.error("Redis unreachable (%s); retrying in %.1f s", exc, backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                except Exception:
+                    # Never let the feeder die silently: the jobs it had started are requeued by
+                    # RQ's cleanup once their heartbeat stops; keep serving the others.
+                    log.exception("unexpected error while preparing a batch")
+                    time.sleep(1.0)
+        finally:
+            handoff.put(None)
+
+    def _prepare_batch(
+        self, collector: BatchCollector, first: Grabbed, handoff: Queue[_Group | None]
+    ) -> None:
         grabbed = [first, *collector.take_available(collector.max_size - 1)]
         jobs, images = self._fetch([g.job_id for g in grabbed])
         arrivals = [job.enqueued_at.timestamp() for job in jobs.values() if job and job.enqueued_at]
@@ -286,19 +328,37 @@ class BatchWorker(SimpleWorker):
         fresh = [g for g in grabbed if g not in suspects]
         if len(suspects) > 1:
             self._return_to_queue(suspects[1:])
-        done = 0
-        try:
-            for items in (fresh, suspects[:1]):
-                if items:
-                    group = self._start(items, jobs)
-                    if group:
-                        self._run_group(group, images)
-                    done += len(group)
-        finally:
-            with self._in_flight_lock:
-                self._in_flight = []
-        self.batches_done += 1
-        return done
+        if fresh:
+            self._hand_over(fresh, jobs, images, handoff)
+        if suspects:
+            # Alone: nothing of this worker in flight when it starts, nothing started until it is
+            # written (groups are written in hand-over order, so the last one written is enough).
+            if self._last_group is not None:
+                self._last_group.written.wait()
+            group = self._hand_over(suspects[:1], jobs, images, handoff)
+            if group is not None:
+                group.written.wait()
+
+    def _hand_over(
+        self,
+        items: Sequence[Grabbed],
+        jobs: dict[str, Job | None],
+        images: dict[str, bytes | None],
+        handoff: Queue[_Group | None],
+    ) -> _Group | None:
+        started = self._start(items, jobs)
+        if not started:
+            return None
+        images_of = [images.get(job.id) for job, _ in started]
+        prepare = getattr(self.handler, "prepare", None)
+        group = _Group(
+            jobs=started,
+            prepared=prepare(images_of) if prepare is not None else images_of,
+            top_ks=[self._top_k(job) for job, _ in started],
+        )
+        self._last_group = group
+        handoff.put(group)
+        return group
 
     @staticmethod
     def _attempts(job: Job | None) -> int:
@@ -312,23 +372,37 @@ class BatchWorker(SimpleWorker):
                 pipe.lpush(queue.key, item.job_id)
             pipe.execute()
 
-    def _run_group(self, group: list[tuple[Job, Execution]], images: dict[str, bytes | None]) -> None:
-        outcomes, inference_ms = self.handler.handle(  # type: ignore[union-attr]
-            [images.get(job.id) for job, _ in group], [self._top_k(job) for job, _ in group]
-        )
+    def _run_group(self, group: _Group) -> int:
+        """The model stage: one forward pass, then every job's outcome written through RQ."""
+        infer = getattr(self.handler, "infer", None)
+        if infer is not None:
+            outcomes, inference_ms = infer(group.prepared, group.top_ks)
+        else:  # a handler with only `handle(images, top_ks)` (e.g. the benchmark's no-op model)
+            outcomes, inference_ms = self.handler.handle(group.prepared, group.top_ks)  # type: ignore[union-attr]
         deadline = time.monotonic() + _FINISH_RETRY_SECONDS
-        while True:
-            try:
-                self._finish(group, outcomes, inference_ms)
-                break
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("could not write results (%s); retrying while Redis comes back", exc)
-                time.sleep(1.0)
-        done = {job.id for job, _ in group}
-        with self._in_flight_lock:
-            self._in_flight = [(job, ex) for job, ex in self._in_flight if job.id not in done]
+        try:
+            while True:
+                try:
+                    self._finish(group.jobs, outcomes, inference_ms)
+                    break
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                    if time.monotonic() > deadline:
+                        # Given up: once their heartbeat stops, RQ's cleanup requeues these jobs.
+                        log.error(
+                            "results of %d job(s) not written (%s); they will be requeued",
+                            len(group.jobs),
+                            exc,
+                        )
+                        return 0
+                    log.warning("could not write results (%s); retrying while Redis comes back", exc)
+                    time.sleep(1.0)
+        finally:
+            done = {job.id for job, _ in group.jobs}
+            with self._in_flight_lock:
+                self._in_flight = [(job, ex) for job, ex in self._in_flight if job.id not in done]
+            group.written.set()
+        self.batches_done += 1
+        return len(group.jobs)
 
     def _fetch(self, ids: Sequence[str]) -> tuple[dict[str, Job | None], dict[str, bytes | None]]:
         """Job hashes and image bytes of `ids` in one round trip."""
@@ -385,7 +459,7 @@ class BatchWorker(SimpleWorker):
                 self.set_state(WorkerStatus.BUSY, pipeline=pipe)
                 self.set_current_job_id(started[0][0].id, pipeline=pipe)
             with self._in_flight_lock:
-                self._in_flight = list(started)
+                self._in_flight += started
             pipe.execute()
         return started
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,16 @@ class ItemOutcome:
     result: dict[str, Any] | None = None
     error: InferqError | None = None
     preprocess_ms: float = 0.0
+
+
+@dataclass
+class PreparedBatch:
+    """A batch after preprocessing: per-item outcomes (errors filled in), and the model inputs of
+    the items that are ready, with their positions."""
+
+    outcomes: list[ItemOutcome]
+    ready: list[int] = field(default_factory=list)
+    arrays: list[np.ndarray] = field(default_factory=list)
 
 
 class ClassifyHandler:
@@ -61,28 +71,34 @@ class ClassifyHandler:
     def postprocess(self, predictions: list[dict[str, Any]]) -> dict[str, Any]:
         return {"predictions": predictions, "model": dict(self.model_info)}
 
+    def prepare(self, images: Sequence[bytes | None]) -> PreparedBatch:
+        """Decode and preprocess every item (numpy/PIL only, no torch: safe off the model's thread)."""
+        prepared = PreparedBatch(outcomes=[ItemOutcome() for _ in images])
+        for i, data in enumerate(images):
+            array, error, elapsed = self.preprocess_one(data)
+            prepared.outcomes[i].preprocess_ms = elapsed
+            if error is not None:
+                prepared.outcomes[i].error = error
+            else:
+                assert array is not None
+                prepared.ready.append(i)
+                prepared.arrays.append(array)
+        return prepared
+
+    def infer(self, prepared: PreparedBatch, top_ks: Sequence[int]) -> tuple[list[ItemOutcome], float]:
+        """One forward pass over the prepared items (on the model's thread); returns one outcome per
+        item and the forward pass time in ms."""
+        if not prepared.arrays:
+            return prepared.outcomes, 0.0
+        started = time.perf_counter()
+        self._infer_isolating_failures(prepared.ready, prepared.arrays, top_ks, prepared.outcomes)
+        return prepared.outcomes, (time.perf_counter() - started) * 1000
+
     def handle(
         self, images: Sequence[bytes | None], top_ks: Sequence[int]
     ) -> tuple[list[ItemOutcome], float]:
-        """Run a whole batch; returns one outcome per item and the forward pass time in ms."""
-        outcomes = [ItemOutcome() for _ in images]
-        ready: list[int] = []
-        arrays: list[np.ndarray] = []
-        for i, data in enumerate(images):
-            array, error, elapsed = self.preprocess_one(data)
-            outcomes[i].preprocess_ms = elapsed
-            if error is not None:
-                outcomes[i].error = error
-            else:
-                assert array is not None
-                ready.append(i)
-                arrays.append(array)
-        if not arrays:
-            return outcomes, 0.0
-        started = time.perf_counter()
-        self._infer_isolating_failures(ready, arrays, top_ks, outcomes)
-        inference_ms = (time.perf_counter() - started) * 1000
-        return outcomes, inference_ms
+        """Run a whole batch: `prepare` then `infer`."""
+        return self.infer(self.prepare(images), top_ks)
 
     def _infer_isolating_failures(
         self,
