@@ -103,9 +103,11 @@ class Settings(BaseSettings):
         description="How often a worker proves it is alive, also while a batch runs.",
     )
     abandoned_after_seconds: float = Field(
-        default=8.0,
+        default=6.0,
         gt=0,
-        description="A started job whose worker has not heartbeaten for this long is requeued.",
+        description="A started job whose worker has not heartbeaten for this long is requeued; the "
+        "workers' registry cleanup runs every half of it, so a dead worker's jobs are back in the "
+        "queue within 1.5x this (9 s by default) while another worker lives.",
     )
     max_attempts: int = Field(default=3, ge=1, description="Workers a job may be started on before it fails.")
 

@@ -3,6 +3,7 @@ under load, deadlines. Nothing accepted may be lost, stuck, duplicated or mixed 
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
@@ -148,8 +149,9 @@ def test_many_workers_some_dying_lose_nothing_and_mix_nothing(
     artifact_dir: Path,
     tmp_path: Path,
 ) -> None:
-    """3 workers, one SIGKILLed every few seconds (and replaced), jobs submitted over HTTP."""
-    jobs_total = 300
+    """3 workers, one SIGKILLed every few seconds (and replaced), jobs submitted over HTTP.
+    300 jobs in `make test`; `INFERQ_CHAOS_JOBS=2000` for the full-size run."""
+    jobs_total = int(os.environ.get("INFERQ_CHAOS_JOBS", "300"))
     server = fresh_redis_server()
     env = service_env(server.url, MAX_BATCH_SIZE=8)
     port = free_port()
