@@ -1,0 +1,191 @@
+"""A `BatchWorker` process for the bench: the real model or a no-op one, optionally a fixed-delay batcher.
+
+`python -m bench.probe_worker --handler noop|real [--fixed-delay] [--stats-out F] [--rss-every N]`
+
+* `--handler real` loads the model exactly as `python -m worker` does (`load_handler`); `noop`
+  answers every image with a fixed top-5 without decoding it, so only the queue layer (Redis +
+  RQ bookkeeping + the batch worker's loop) is measured. torch is never imported then.
+* Both are wrapped in `CountingHandler`, which counts jobs and samples this process's RSS every
+  `--rss-every` jobs (written to `--stats-out` as JSON when the worker stops).
+* `--fixed-delay` swaps the adaptive batch-close rule for the textbook one (TorchServe's
+  `max_batch_delay`): after the first job, always wait until MAX_BATCH_DELAY_MS has passed since
+  the grab or the batch is full. inferq's settings cannot express that rule (its collector only
+  waits while the observed arrival rate predicts a companion), so it exists only in the bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.batching import BatchCollector
+
+_FAKE_TOP5 = [{"label": f"class {i}", "index": i, "score": 0.2} for i in range(5)]
+
+
+@dataclass
+class NoopOutcome:
+    """Duck-types `worker.handler.ItemOutcome` (importing it would import torch)."""
+
+    result: dict[str, Any] | None = None
+    error: Any = None
+    preprocess_ms: float = 0.0
+
+
+class NoopHandler:
+    """Same interface as `ClassifyHandler` (`handle(images, top_ks)`, `model_info`); no model at all."""
+
+    def __init__(self) -> None:
+        self.model_info = {"name": "noop", "sha256": "0" * 64}
+
+    def handle(self, images: list[bytes | None], top_ks: list[int]) -> tuple[list[NoopOutcome], float]:
+        return [
+            NoopOutcome(result={"predictions": _FAKE_TOP5[:k], "model": dict(self.model_info)})
+            for _, k in zip(images, top_ks, strict=True)
+        ], 0.0
+
+
+def rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class CountingHandler:
+    def __init__(self, inner: Any, rss_every: int) -> None:
+        self.inner = inner
+        self.model_info = inner.model_info
+        self.rss_every = rss_every
+        self.jobs = 0
+        self.batches = 0
+        self.samples: list[tuple[int, float]] = [(0, rss_mb())]
+        self._next = rss_every
+        if hasattr(inner, "infer"):
+            # A worker that prepares (decodes) the next batch while the model runs calls
+            # prepare() then infer(); count there. `prepare` itself passes through __getattr__.
+            self.infer = self._counting_infer
+
+    def _count(self, n: int) -> None:
+        self.jobs += n
+        self.batches += 1
+        if self.rss_every and self.jobs >= self._next:
+            self.samples.append((self.jobs, rss_mb()))
+            self._next += self.rss_every
+
+    def _counting_infer(self, prepared: Any, top_ks: list[int]) -> tuple[list[Any], float]:
+        out = self.inner.infer(prepared, top_ks)
+        self._count(len(top_ks))
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything else the worker asks of its handler is the real handler's.
+        return getattr(self.inner, name)
+
+    def handle(self, images: list[bytes | None], top_ks: list[int]) -> tuple[list[Any], float]:
+        out = self.inner.handle(images, top_ks)
+        self._count(len(images))
+        return out
+
+
+class FixedDelayCollector(BatchCollector):
+    """Always waits the full MAX_BATCH_DELAY_MS after the grab (unless the batch fills first).
+
+    The grab is the worker's own `take_first` call (whatever loop or thread makes it); the ones this
+    class makes while waiting do not move it."""
+
+    _grabbed_at = 0.0
+    _waiting = False
+
+    def take_first(self, block_seconds: float) -> Any:
+        got = super().take_first(block_seconds)
+        if got is not None and not self._waiting:
+            self._grabbed_at = self.clock()
+        return got
+
+    def wait_for_more(self, have: int, oldest_arrival: float) -> list[Any]:
+        extra: list[Any] = []
+        deadline = self._grabbed_at + self.max_delay
+        self._waiting = True
+        try:
+            while have + len(extra) < self.max_size:
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    break
+                # take_first: whatever is queued now, else block (≥ 1 ms, Redis's floor) for the next.
+                nxt = self.take_first(max(remaining, 0.001))
+                if nxt is None:
+                    break
+                extra.append(nxt)
+                extra += self.take_available(self.max_size - have - len(extra))
+        finally:
+            self._waiting = False
+        return extra
+
+
+def _install_fixed_delay() -> None:
+    import worker.batch_worker as batch_worker
+
+    batch_worker.BatchCollector = FixedDelayCollector  # type: ignore[misc]
+
+
+def worker_queues(settings: Any) -> list[str]:
+    """The queues `python -m worker` listens on (its priority lanes, if this version has them)."""
+    try:
+        from shared.jobs import LANES, lane_queue_name
+    except ImportError:
+        return [settings.queue_name]
+    return [lane_queue_name(settings, lane) for lane in LANES]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.probe_worker", description=__doc__)
+    parser.add_argument("--handler", choices=["noop", "real"], default="noop")
+    parser.add_argument("--fixed-delay", action="store_true")
+    parser.add_argument("--stats-out", type=Path)
+    parser.add_argument("--rss-every", type=int, default=0)
+    parser.add_argument("--max-jobs", type=int)
+    parser.add_argument("--burst", action="store_true")
+    args = parser.parse_args(argv)
+
+    from shared.config import get_settings
+
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.fixed_delay:
+        _install_fixed_delay()
+    from worker.batch_worker import BatchWorker, load_handler
+
+    started = time.perf_counter()
+    inner: Any = NoopHandler() if args.handler == "noop" else load_handler(settings)
+    load_s = time.perf_counter() - started
+    handler = CountingHandler(inner, args.rss_every)
+    worker = BatchWorker(worker_queues(settings), settings=settings, handler=handler)
+    try:
+        worker.work(burst=args.burst, max_jobs=args.max_jobs)
+    finally:
+        handler.samples.append((handler.jobs, rss_mb()))
+        if args.stats_out:
+            args.stats_out.write_text(
+                json.dumps(
+                    {
+                        "jobs": handler.jobs,
+                        "batches": handler.batches,
+                        "load_s": load_s,
+                        "rss_samples": handler.samples,
+                    }
+                )
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""The benchmark suite's pure parts, fast: load-generator schedule and statistics on fake targets,
+the analysis helpers and the report writer. The full `python -m bench --quick` smoke run starts
+real processes for a few minutes: it is marked slow and only runs with INFERQ_BENCH_SMOKE=1."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.common import percentile, span_rate, summarize
+from bench.loadgen import latency_summary, poisson_schedule, run_closed_loop, run_open_loop
+from bench.report import evaluate, knee, render, rss_growth, write_outputs
+from shared.config import PROJECT_ROOT
+
+# --- schedule and statistics ------------------------------------------------------------------------
+
+
+def test_poisson_schedule_has_the_rate_and_stays_in_bounds():
+    times = poisson_schedule(200, 50, seed=1)
+    assert abs(len(times) / 50 - 200) < 200 * 0.03
+    assert times == sorted(times) and times[0] > 0 and times[-1] < 50
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    # Exponential gaps: the standard deviation equals the mean.
+    mean = sum(gaps) / len(gaps)
+    sd = math.sqrt(sum((g - mean) ** 2 for g in gaps) / len(gaps))
+    assert abs(sd / mean - 1) < 0.05
+    assert poisson_schedule(200, 50, seed=1) == times  # seeded: the same schedule every run
+    assert len(poisson_schedule(1000, 10, seed=2, max_count=25)) == 25
+    assert poisson_schedule(0, 10) == [] and poisson_schedule(10, 0) == []
+
+
+def test_percentile_interpolates_like_numpy():
+    values = list(range(1, 101))
+    assert percentile(values, 50) == 50.5
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile([7], 99) == 7
+    assert math.isnan(percentile([], 50))
+
+
+def test_lost_requests_count_as_infinite_latency():
+    summary = latency_summary([10.0] * 98, lost=2)
+    assert summary["p50"] == 10.0
+    assert summary["p99"] == math.inf  # 2 % lost: the p99 cannot be a finite number
+    assert summary["mean"] == 10.0  # the mean is over the requests that ended
+    assert latency_summary([10.0] * 200, lost=1)["p99"] == 10.0
+
+
+def test_summarize_and_span_rate():
+    s = summarize([3.0, 1.0, 2.0, float("nan")])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
+    # 101 completions 10 ms apart: 100/s whatever is trimmed.
+    assert span_rate([i * 0.01 for i in range(101)]) == pytest.approx(100.0)
+    assert math.isnan(span_rate([1.0]))
+
+
+# --- the load generators on fake targets ---------------------------------------------------------------
+
+
+def _single_server(service_s: float):
+    """A fake server that handles one request at a time, `service_s` each (an M/D/1 queue)."""
+    lock = threading.Lock()
+
+    def target(i: int) -> dict:
+        with lock:
+            time.sleep(service_s)
+        return {"ok": True, "batch_size": 1}
+
+    return target
+
+
+def test_open_loop_latency_counts_from_the_scheduled_time():
+    # 100 req/s offered to a server that does 50/s: the backlog grows for the whole second, so the
+    # last requests wait ~0.5 s although each is served in 20 ms. A client that measured from its
+    # own (delayed) send time would report ~20 ms: coordinated omission.
+    result = run_open_loop(_single_server(0.02), rate=100, duration=1.0, seed=3, threads=64, drain_timeout=10)
+    assert result.lost == 0 and result.errors == 0 and result.ok == result.sent
+    summary = result.summary()
+    assert summary["latency_ms"]["p99"] > 250
+    assert summary["latency_ms"]["p50"] > 60
+    assert result.achieved_rate < 80
+
+
+def test_open_loop_under_light_load_is_the_service_time():
+    result = run_open_loop(_single_server(0.005), rate=40, duration=1.0, seed=4, threads=16, drain_timeout=5)
+    summary = result.summary()
+    assert result.ok == result.sent > 20
+    assert 4 <= summary["latency_ms"]["p50"] < 50
+    assert summary["batch_size_mean"] == 1
+
+
+def test_open_loop_is_bounded_and_reports_what_never_ended():
+    def stuck(i: int) -> dict:
+        time.sleep(3)
+        return {"ok": True}
+
+    started = time.monotonic()
+    result = run_open_loop(stuck, rate=50, duration=0.2, seed=5, threads=8, drain_timeout=0.3)
+    assert time.monotonic() - started < 1.5
+    assert result.sent > 0 and result.lost == result.sent and result.ok == 0
+    assert result.summary()["latency_ms"]["p99"] == math.inf
+
+
+def test_open_loop_counts_errors_and_exceptions():
+    def flaky(i: int) -> dict:
+        if i % 2:
+            raise ConnectionError("refused")
+        return {"ok": False, "error": "POST 503"}
+
+    result = run_open_loop(flaky, rate=100, duration=0.2, seed=6, threads=4, drain_timeout=2)
+    assert result.ok == 0 and result.errors == result.sent
+    assert any("refused" in e for e in result.error_samples)
+
+
+def test_closed_loop_rate_is_clients_over_service_time():
+    def target(i: int) -> dict:
+        time.sleep(0.01)
+        return {"ok": True, "batch_size": 4}
+
+    result = run_closed_loop(target, clients=4, duration=1.0, warmup=0.2)
+    # 4 clients × 100/s at most; thread scheduling on a loaded machine only slows it down.
+    assert 120 < result.achieved_rate <= 410
+    assert result.summary()["batch_size_mean"] == 4
+
+
+# --- analysis and report ---------------------------------------------------------------------------------
+
+
+def test_rss_growth_compares_windows_after_the_warm_up():
+    # Start 100 (model loaded); +1 MiB per 1,000 jobs from 110 MiB at 1,000 jobs.
+    samples = [[0, 100.0]] + [[j, 109.0 + j / 1000] for j in range(1000, 10001, 1000)]
+    g = rss_growth(samples)
+    assert g["rss_start_mb"] == 100.0 and g["rss_end_mb"] == 119.0
+    assert g["rss_warm_mb"] == pytest.approx(111.0)  # mean of the samples at 1k–3k jobs (10–35 %)
+    assert g["rss_late_mb"] == pytest.approx(118.0)  # mean of 8k–10k jobs (last 25 %)
+    assert g["growth_after_warm_mb"] == pytest.approx(7.0)
+    assert g["slope_mb_per_10k_jobs"] == pytest.approx(10.0, rel=0.01)
+    # A flat but noisy series has no growth.
+    noisy = [[0, 50.0]] + [[j, 60.0 + (1 if (j // 1000) % 2 else -1)] for j in range(1000, 20001, 1000)]
+    assert abs(rss_growth(noisy)["growth_after_warm_mb"]) < 1.0
+
+
+def _rate_row(rate: float, p99: float, achieved: float, fraction: float, lost: int = 0) -> dict:
+    lat = {"p50": p99 / 3, "p95": p99 / 2, "p99": p99, "max": p99, "mean": p99 / 3}
+    return {
+        "offered_rate": rate,
+        "runs": 3,
+        "seconds": 8,
+        "sent": 100,
+        "achieved_rate": summarize([achieved]),
+        "pooled_latency_ms": lat,
+        "p50_ms": summarize([lat["p50"]]),
+        "p95_ms": summarize([lat["p95"]]),
+        "p99_ms": summarize([p99, p99 * 1.1]),
+        "batch_size_mean": 2.5,
+        "batch_size_p50": 2,
+        "batch_size_max": 8,
+        "lost": lost,
+        "errors": 0,
+        "fraction_of_saturation": fraction,
+    }
+
+
+def fake_results() -> dict:
+    s = summarize
+    sizes = {
+        str(b): {"images_per_s": s([40.0 + b, 41.0 + b]), "batch_ms_p50": s([b * 20.0])} for b in (1, 4, 16)
+    }
+    for v in sizes.values():
+        v.update(batch_ms_p95=s([1.0]), preprocess_ms_per_image=s([5.0]), forward_ms_per_batch=s([10.0]))
+    return {
+        "quick": False,
+        "meta": {"date": "today", "cpu": "fake", "cores": 2, "versions": {"torch": "x"}, "settings": {}},
+        "plan": {"runs": 3, "rss_noop_jobs": 20000, "rss_real_jobs": 1000},
+        "phases": {"limit": {"seconds": 10.0}},
+        "errors": {"memory": "RuntimeError: boom\ntraceback"},
+        "limit": {
+            "glibc": {
+                "sizes": sizes,
+                "best_size": 16,
+                "best": sizes["16"]["images_per_s"],
+                "torch_threads": 2,
+                "decoders": {"pil_ms": 5.0, "simplejpeg_ms": 4.0, "simplejpeg_max_abs_diff": 0.0},
+            }
+        },
+        "baselines": {
+            "forking": {
+                "worker_class": "rq.worker.Worker",
+                "jobs_per_run": 5,
+                "skipped_per_run": 0,
+                "images_per_s": s([0.3]),
+                "job_ms_p50": s([3000.0]),
+                "finished": 15,
+                "jobs": 15,
+            },
+            "preloaded": {
+                "worker_class": "rq.worker.SimpleWorker",
+                "jobs_per_run": 60,
+                "skipped_per_run": 10,
+                "images_per_s": s([30.0]),
+                "job_ms_p50": s([30.0]),
+                "finished": 180,
+                "jobs": 180,
+            },
+        },
+        "service": {
+            "layouts": {
+                "deployed": {
+                    "label": "as deployed: 1 worker(s) × TORCH_THREADS=1, glibc",
+                    "allocator": "glibc",
+                },
+                "2w×1t glibc": {"label": "2 worker(s) × TORCH_THREADS=1, glibc", "allocator": "glibc"},
+            },
+            "saturation": {
+                "2w×1t glibc": {
+                    "clients": 32,
+                    "images_per_s": s([60.0]),
+                    "batch_size_mean": s([4.0]),
+                    "latency_p50_ms": s([300.0]),
+                    "latency_p99_ms": s([500.0]),
+                    "errors": 0,
+                },
+                "deployed": {
+                    "clients": 32,
+                    "images_per_s": s([50.0, 52.0, 48.0]),
+                    "batch_size_mean": s([12.0]),
+                    "latency_p50_ms": s([600.0]),
+                    "latency_p99_ms": s([900.0]),
+                    "errors": 0,
+                },
+            },
+            "rates": {
+                "deployed": [
+                    _rate_row(10, 30, 10, 0.2),
+                    _rate_row(25, 40, 25, 0.5),
+                    _rate_row(40, 400, 40, 0.8),
+                    _rate_row(100, math.inf, 50, 2.0, lost=3),
+                ],
+                "2w×1t glibc": [_rate_row(30, 45, 30, 0.5), _rate_row(48, 140, 48, 0.8)],
+            },
+            "knee": 40,
+        },
+        "queue": {
+            "enqueue": [{"producers": 1, "jobs_per_s": s([2000.0])}],
+            "drain": [{"workers": 1, "jobs_per_s": s([1200.0])}, {"workers": 2, "jobs_per_s": s([900.0])}],
+            "sustained": {
+                "producers": 2,
+                "workers": 1,
+                "jobs_per_s": s([900.0]),
+                "enqueue_jobs_per_s": s([1500.0]),
+            },
+        },
+        "api": {
+            "clients": 16,
+            "body_kib_mean": 65,
+            "submits_per_s": s([1200.0]),
+            "latency_p50_ms": s([10.0]),
+            "latency_p99_ms": s([40.0]),
+            "errors": 0,
+        },
+        "cold_start": {"api_and_worker_s": s([6.0]), "worker_only_s": s([4.0])},
+        "batching": {
+            "variants": [
+                {
+                    "variant": "adaptive",
+                    "key": "adaptive",
+                    "low_load": _rate_row(10, 30, 10, 0.2),
+                    "saturation": {
+                        "images_per_s": s([50.0]),
+                        "batch_size_mean": s([12.0]),
+                        "latency_p99_ms": s([1.0]),
+                    },
+                }
+            ]
+        },
+    }
+
+
+def test_targets_are_judged_on_the_medians():
+    rows = {r["target"]: r for r in evaluate(fake_results())}
+    limit_row = rows["saturation / limit (best in-process, same allocator)"]
+    assert limit_row["value"] == pytest.approx(50 / 56.5)
+    assert limit_row["pass"] is False  # 0.885 < 0.90
+    assert rows["saturation / naive forking RQ"]["pass"] is True
+    assert rows["saturation / preloaded SimpleWorker b1"]["pass"] is True  # 50 / 30 = 1.67
+    assert rows["p99 at 50 % of saturation"]["pass"] is True  # 40 ms
+    assert rows["p99 at 80 % of saturation"]["pass"] is False  # 400 ms
+    assert rows["API accepted submits/s (no worker)"]["pass"] is True
+    assert rows["cold start → first prediction"]["pass"] is False
+    memory = [r for r in rows.values() if r["target"].startswith("RSS")]
+    assert memory and all(r["pass"] is None for r in memory)  # the phase failed: not measured
+    other = {r["target"]: r for r in evaluate(fake_results(), "2w×1t glibc")}
+    assert other["saturation / limit (best in-process, same allocator)"]["pass"] is True  # 60 / 56.5
+    assert other["p99 at 50 % of saturation"]["pass"] is True and other["p99 at 80 % of saturation"]["pass"]
+
+
+def test_knee_is_the_highest_rate_kept_up_with():
+    rates = fake_results()["service"]["rates"]["deployed"]
+    assert knee(rates) == 40
+    assert knee([_rate_row(10, 2000, 10, 0.2)]) is None
+
+
+def test_report_renders_every_section(tmp_path: Path):
+    out = tmp_path / "BENCH.md"
+    write_outputs(fake_results(), out, tmp_path / "BENCH.png")
+    text = out.read_text()
+    for heading in (
+        "## Targets",
+        "## 1. Limit",
+        "## 2. Naive baselines",
+        "### (b) Open loop",
+        "## 3c. Queue layer",
+        "## Batching rule",
+        "## Decoders",
+        "## Phases that failed",
+    ):
+        assert heading in text
+    assert "**FAIL**" in text and "**pass**" in text and "not measured" in text
+    assert "∞" in text  # the overloaded rate's p99
+    if (tmp_path / "BENCH.png").exists():
+        assert (tmp_path / "BENCH.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "![throughput and latency](BENCH.png)" in text
+    else:
+        assert "matplotlib is not installed" in text
+
+
+def test_render_survives_an_empty_run():
+    text = render({"errors": {}})
+    assert text.startswith("# inferq benchmarks")
+
+
+# --- the whole suite, tiny counts (minutes, real processes) -------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("INFERQ_BENCH_SMOKE") != "1", reason="set INFERQ_BENCH_SMOKE=1 to run")
+def test_quick_bench_runs_end_to_end(tmp_path: Path):
+    out = tmp_path / "BENCHMARKS.md"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--workdir", str(tmp_path / "work")],
+        cwd=PROJECT_ROOT,
+        timeout=900,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert "## Targets" in text and "Phases that failed" not in text
