@@ -345,7 +345,11 @@ class Bench:
     def _all_rates(self, stack: Any, sat: dict[str, Any]) -> list[dict[str, Any]]:
         p = self.plan
         s = sat["images_per_s"]["median"]
-        rates = sorted({*p.rates, *(round(f * s, 1) for f in p.rate_fractions)})
+        fixed = sorted(set(p.rates))
+        # A fraction of saturation within 3 % of a fixed rate is that fixed rate (no run twice).
+        extra = [round(f * s, 1) for f in p.rate_fractions]
+        extra = [r for r in extra if all(abs(r - x) > 0.03 * x for x in fixed)]
+        rates = sorted({*fixed, *extra})
         out = []
         for i, rate in enumerate(rates):
             overloaded = rate > 1.1 * s
@@ -576,6 +580,12 @@ class Bench:
         self.results["meta"]["duration_s"] = round(time.time() - started, 1)
         self.results["meta"]["commit_end"] = git("rev-parse", "--short", "HEAD")
         self.results["meta"]["changed_end"] = git("status", "--porcelain", "--untracked-files=no")
+        self.results["meta"]["code_changed_during_run"] = code_changed(
+            self.results["meta"]["commit"],
+            self.results["meta"]["commit_end"],
+            self.results["meta"]["changed_start"],
+            self.results["meta"]["changed_end"],
+        )
         self.results["meta"]["loadavg_end"] = loadavg()
         return self.results
 
@@ -638,6 +648,18 @@ def git(*args: str) -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "?"
+
+
+# Files whose change does not change what the bench measures.
+_NOT_UNDER_TEST = ("bench/", "tests/", "BENCHMARKS", "README", "DESIGN", ".ci/", "requirements-dev.txt")
+
+
+def code_changed(start: str, end: str, status_start: str, status_end: str) -> list[str]:
+    """Tracked files outside the bench/tests/docs that changed between the run's start and end
+    (new commits, or uncommitted edits that appeared or disappeared)."""
+    files = set(git("diff", "--name-only", start, end).split()) if start != end else set()
+    files |= {line[3:] for line in set(status_start.splitlines()) ^ set(status_end.splitlines())}
+    return sorted(f for f in files if f and not f.startswith(_NOT_UNDER_TEST))
 
 
 def environment_info(bench: Bench) -> dict[str, Any]:

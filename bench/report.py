@@ -69,11 +69,14 @@ def ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
 
 
-def rate_at(rates: list[dict[str, Any]], fraction: float) -> dict[str, Any] | None:
+def rate_at(rates: list[dict[str, Any]], fraction: float, tolerance: float = 0.03) -> dict[str, Any] | None:
+    """The open-loop run whose offered rate was closest to `fraction` × saturation (within tolerance)."""
+    best, gap = None, tolerance
     for r in rates:
-        if abs(r.get("fraction_of_saturation", math.nan) - fraction) < 0.01 or r.get("fraction") == fraction:
-            return r
-    return None
+        f = r.get("fraction_of_saturation", r.get("fraction", math.nan))
+        if abs(f - fraction) <= gap:
+            best, gap = r, abs(f - fraction)
+    return best
 
 
 def layouts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -309,12 +312,20 @@ def render(results: dict[str, Any], plot_name: str | None = None) -> str:
 
 
 def _drift(meta: dict[str, Any]) -> str:
-    """A warning when tracked files changed while the bench ran (others work in the same tree)."""
-    end = meta.get("commit_end")
-    if not end or (end == meta.get("commit") and meta.get("changed_end") == meta.get("changed_start")):
+    """A warning when code under test changed while the bench ran (others work in the same tree)."""
+    changed = meta.get("code_changed_during_run")
+    if changed is None:
         return ""
+    if not changed:
+        end = meta.get("commit_end")
+        moved = (
+            f" (HEAD moved to `{end}`: benchmark/docs files only)"
+            if end and end != meta.get("commit")
+            else ""
+        )
+        return moved
     return (
-        f" — **the tree changed during the run** (HEAD `{meta.get('commit')}` → `{end}`): phases may have "
+        f" — **code under test changed during the run** ({', '.join(changed[:8])}): phases may have "
         "measured different code"
     )
 
@@ -493,9 +504,9 @@ def _service_section(results: dict[str, Any], plot_name: str | None) -> list[str
     lines = [
         "## 3. inferq end to end over HTTP",
         "",
-        "gunicorn api (2 processes × 32 threads) + `python -m worker` batch worker(s): as deployed (1 "
-        "worker, torch threads = cores), the same with tcmalloc preloaded, and 2 workers with "
-        "TORCH_THREADS=1. A request = `POST /v1/jobs` (raw body) + `GET /v1/jobs/<id>?wait=30` long-polls "
+        "gunicorn api (2 processes × 32 threads) + `python -m worker` batch worker process(es), in the "
+        "layouts named in each row (the allocator applies to api and workers, as `make up` does). "
+        "A request = `POST /v1/jobs` (raw body) + `GET /v1/jobs/<id>?wait=30` long-polls "
         "until the job ends; one keep-alive `http.client` connection per client thread, the client on "
         "the same 2 cores.",
         "",
