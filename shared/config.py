@@ -60,7 +60,14 @@ class Settings(BaseSettings):
     )
 
     # --- Batching ----------------------------------------------------------------------------
-    max_batch_size: int = Field(default=16, ge=1, le=256, description="Most jobs in one forward pass.")
+    max_batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Most jobs in one forward pass. 8: on this project's 2-core CPU a single-threaded "
+        "worker's throughput peaks at batch 4-8 and falls beyond 16 (BENCHMARKS.md), and a smaller cap "
+        "halves the worst wait behind a full batch.",
+    )
     max_batch_delay_ms: float = Field(
         default=10.0,
         ge=0,
