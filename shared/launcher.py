@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import ctypes
 import datetime
 import http.client
 import json
@@ -54,6 +53,7 @@ from pydantic import ValidationError
 
 from shared.config import PROJECT_ROOT, BindNotAllowed, Settings, check_bind_allowed, get_settings
 from shared.redis_conn import redact_url
+from shared.redis_server import load_prctl
 
 READY_TIMEOUT_SECONDS = 180.0
 # Debian's libtcmalloc-minimal4 (`apt-get install libtcmalloc-minimal4`): see PRELOAD_TCMALLOC.
@@ -143,16 +143,7 @@ def child_env(settings: Settings, redis_url: str, base: dict[str, str] | None = 
 # --- honcho, adapted ----------------------------------------------------------------------------
 
 
-def _load_prctl() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_prctl = _load_prctl()
+_prctl = load_prctl()
 
 
 def _die_with_parent(sig: int, parent_pid: int) -> None:

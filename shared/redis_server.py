@@ -90,7 +90,8 @@ def valkey_binary() -> Path:
     return path
 
 
-def _load_prctl() -> Callable[..., int] | None:
+def load_prctl() -> Callable[..., int] | None:
+    """libc's prctl(2), or None off Linux (shared with the launcher's own children)."""
     # Resolved once in the parent: the child between fork and exec must not dlopen anything.
     if not sys.platform.startswith("linux"):
         return None
@@ -100,7 +101,7 @@ def _load_prctl() -> Callable[..., int] | None:
         return None
 
 
-_prctl = _load_prctl()
+_prctl = load_prctl()
 
 
 def _die_with_parent(parent_pid: int) -> None:
