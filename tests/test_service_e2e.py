@@ -31,10 +31,6 @@ def truncated(data: bytes) -> bytes:
     return data[: len(data) // 3]
 
 
-def worker_pids_ready(conn: redis.Redis, count: int) -> bool:
-    return Worker.count(connection=conn, queue=make_queue(conn, Settings())) >= count
-
-
 @pytest.fixture(scope="module")
 def stack(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     """One Valkey, one api (gunicorn), one batch worker, for the module."""

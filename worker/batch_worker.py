@@ -40,7 +40,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from shared.config import Settings, get_settings
 from shared.errors import InferqError
-from shared.jobs import META_DEADLINE
+from shared.jobs import DEADLINE_EXPIRED, META_DEADLINE
 from shared.keys import image_key
 from shared.logging_setup import configure_logging_once, set_log_context
 from shared.telemetry import record_batch, worker_info_fields
@@ -151,7 +151,6 @@ class BatchWorker(SimpleWorker):
         self._in_flight: list[tuple[Job, Execution]] = []
         self._in_flight_lock = threading.Lock()
         self._last_group: _Group | None = None  # the feeder's latest hand-over
-        self.batches_done = 0
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -401,7 +400,6 @@ class BatchWorker(SimpleWorker):
             with self._in_flight_lock:
                 self._in_flight = [(job, ex) for job, ex in self._in_flight if job.id not in done]
             group.written.set()
-        self.batches_done += 1
         return len(group.jobs)
 
     def _fetch(self, ids: Sequence[str]) -> tuple[dict[str, Job | None], dict[str, bytes | None]]:
@@ -467,13 +465,10 @@ class BatchWorker(SimpleWorker):
         late_ms = (wall - float(job.meta[META_DEADLINE])) * 1000
         error = InferqError(
             f"The job's deadline passed {late_ms:.0f} ms before a worker could start it.",
-            code="deadline_expired",
+            code=DEADLINE_EXPIRED,
         )
         job.ended_at = now()
-        job._status = JobStatus.FAILED
-        job.meta["error"] = error.to_dict()
-        job.set_status(JobStatus.FAILED, pipeline=pipe)
-        job._handle_failure(f"{error.code}: {error.message}", pipe, worker_name=self.name)
+        self._write_failure(job, None, error, pipe)
         pipe.hset(job.key, "meta", self.serializer.dumps(job.meta))
         pipe.delete(image_key(job.id))
 
@@ -578,16 +573,19 @@ class BatchWorker(SimpleWorker):
         )
         job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
 
-    def _write_failure(self, job: Job, execution: Execution, error: InferqError, pipe: Any) -> None:
+    def _write_failure(self, job: Job, execution: Execution | None, error: InferqError, pipe: Any) -> None:
+        """The job ends failed with `error` (its code in `job.meta["error"]`); `execution` is None for
+        a job that never started (expired), which this worker's failure counter does not count."""
         job._status = JobStatus.FAILED
         job.meta["error"] = error.to_dict()
         job.set_status(JobStatus.FAILED, pipeline=pipe)
-        self.increment_failed_job_count(pipe)
+        if execution is not None:
+            self.increment_failed_job_count(pipe)
         job._handle_failure(
             f"{error.code}: {error.message}",
             pipe,
             worker_name=self.name,
-            execution_id=execution.id,
-            execution_started_at=execution.created_at,
+            execution_id=execution.id if execution else None,
+            execution_started_at=execution.created_at if execution else None,
             execution_ended_at=job.ended_at,
         )
