@@ -61,13 +61,21 @@ class Settings(BaseSettings):
 
     # --- Batching ----------------------------------------------------------------------------
     max_batch_size: int = Field(
-        default=8,
+        default=16,
         ge=1,
         le=256,
-        description="Most jobs in one forward pass. 8: on this project's 2-core CPU a single-threaded "
-        "worker's throughput peaks at batch 4-8 and falls beyond 16 (BENCHMARKS.md), and a smaller cap "
-        "halves the worst wait behind a full batch.",
+        description="Most jobs in one forward pass. With AUTO_BATCH_CAP the worker caps its batches "
+        "lower, where its measured throughput stops rising.",
     )
+
+    auto_batch_cap: bool = Field(
+        default=True,
+        description="At warm-up, time the forward pass at batch sizes up to MAX_BATCH_SIZE and cap "
+        "batches at the smallest size within 5 % of the best images/s: a larger batch that is not "
+        "faster per image only makes its jobs wait (on this project's 2-core CPU, one thread: 2-3; on "
+        "a GPU the curve keeps rising and the cap is MAX_BATCH_SIZE). false: always MAX_BATCH_SIZE.",
+    )
+
     max_batch_delay_ms: float = Field(
         default=10.0,
         ge=0,

@@ -1,10 +1,14 @@
 """`BatchWorker`: an RQ worker that runs its jobs in micro-batches, in its own process.
 
 It is RQ's `SimpleWorker` (no fork: the model stays loaded, and a CUDA context is never inherited
-across a fork) with the dequeue/execute loop replaced (DESIGN 5):
-grab up to N ids reliably (`worker.batching`) → fetch jobs and images in one round trip → start
-every job in one pipeline (RQ `Execution`, started registry, job status) → preprocess each, one
-forward pass → finish every job through RQ in one pipeline (results, registries, counters).
+across a fork) with the dequeue/execute loop replaced (DESIGN 5) by three stages on three threads:
+- the feeder grabs ids reliably (`worker.batching`), fetches jobs and images in one round trip,
+  starts them in one pipeline (RQ `Execution`, started registry, job status) and preprocesses each
+  (PIL/numpy release the GIL), parking it in `worker.pipeline.ReadyItems`;
+- the model thread (the only one that runs torch ops: a second thread would start a second OpenMP
+  pool, DESIGN 7) takes everything ready, up to the batch cap, as one batch: one forward pass;
+- the writer finishes every job of a batch through RQ in one pipeline (results, registries,
+  counters) while the next forward pass runs.
 Every job stays an ordinary RQ job: `Job.fetch(id).return_value()`, the registries, rq-dashboard
 and the worker's counters all see what RQ's own workers would write.
 
@@ -20,11 +24,12 @@ import collections
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from queue import Queue
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +50,7 @@ from shared.keys import image_key
 from shared.logging_setup import configure_logging_once, set_log_context
 from shared.telemetry import record_batch, worker_info_fields
 from worker.batching import BatchCollector, Grabbed, Lane
+from worker.pipeline import ReadyItems
 
 if TYPE_CHECKING:
     # torch is imported only by the process that runs the model: RQ's worker-pool imports this
@@ -59,21 +65,35 @@ _IDLE_BLOCK_SECONDS = 0.5
 # How long a batch's results are retried against an unreachable Redis before they are given up
 # (the jobs' registry entries then expire and RQ requeues them).
 _FINISH_RETRY_SECONDS = 60.0
+# CPython's GIL switch interval for the worker process (see `work`).
+_GIL_SWITCH_SECONDS = 0.0005
 
 
 def load_handler(settings: Settings) -> ClassifyHandler:
-    """Load and verify the artifact, warm it up: done once per worker process, before registering."""
+    """Load and verify the artifact, warm it up and choose its batch cap: done once per worker
+    process, before registering."""
     from worker.handler import ClassifyHandler
     from worker.model import load_artifact
-    from worker.runner import InferenceRunner
+    from worker.runner import InferenceRunner, calibration_sizes, choose_batch_cap, default_warm_up_sizes
 
     model = load_artifact(settings.artifact_dir, device=settings.device)
     runner = InferenceRunner(model, threads=settings.torch_threads)
-    sizes = sorted(
-        {1, *(2**i for i in range(1, 10) if 2**i < settings.max_batch_size), settings.max_batch_size}
+    auto = settings.auto_batch_cap and settings.max_batch_size > 1
+    sizes = (
+        calibration_sizes(settings.max_batch_size) if auto else default_warm_up_sizes(settings.max_batch_size)
     )
     runner.warm_up(sizes)
-    return ClassifyHandler(model, runner, settings.max_image_pixels)
+    batch_cap = settings.max_batch_size
+    if auto:
+        curve = runner.calibrate(sizes)
+        batch_cap = choose_batch_cap(curve)
+        log.info(
+            "batch cap %d of at most %d (forward ms per image: %s)",
+            batch_cap,
+            settings.max_batch_size,
+            ", ".join(f"b{size}={ms:.1f}" for size, ms in curve.items()),
+        )
+    return ClassifyHandler(model, runner, settings.max_image_pixels, batch_cap=batch_cap)
 
 
 def _url_of(connection: redis.Redis) -> str:
@@ -89,13 +109,16 @@ def _url_of(connection: redis.Redis) -> str:
 
 
 @dataclass
-class _Group:
-    """Jobs started together, prepared by the feeder, waiting for (or in) their forward pass."""
+class _Item:
+    """One started job on its way through the stages."""
 
-    jobs: list[tuple[Job, Execution]]
-    prepared: Any  # the handler's `prepare()` output, or the raw images
-    top_ks: list[int]
-    written: threading.Event = field(default_factory=threading.Event)
+    job: Job
+    execution: Execution
+    top_k: int
+    data: bytes | None  # the image bytes, for a handler without `preprocess_one`
+    array: Any = None  # the model input, once preprocessed
+    error: InferqError | None = None  # why it has no model input
+    preprocess_ms: float = 0.0
 
 
 class _Heartbeat(threading.Thread):
@@ -148,9 +171,8 @@ class BatchWorker(SimpleWorker):
         super().__init__(queues, *args, **kwargs)
         self.handler = handler
         self.execution_ttl = math.ceil(self.settings.abandoned_after_seconds)
-        self._in_flight: list[tuple[Job, Execution]] = []
-        self._in_flight_lock = threading.Lock()
-        self._last_group: _Group | None = None  # the feeder's latest hand-over
+        self._in_flight: list[tuple[Job, Execution]] = []  # started, not yet written
+        self._in_flight_changed = threading.Condition()
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -160,10 +182,14 @@ class BatchWorker(SimpleWorker):
         self._stop_requested = True
 
     def serialize(self) -> dict:
-        """RQ's worker hash, plus the model this worker serves (`inferq_model`, `inferq_model_sha256`):
+        """RQ's worker hash, plus the model this worker serves (`inferq_model`, `inferq_model_sha256`)
+        and its batch cap (`inferq_batch_cap`):
         written with its birth (the model loads first) and any re-registration; read by /metrics."""
         model_info = self.handler.model_info if self.handler is not None else None
-        return {**super().serialize(), **worker_info_fields(model_info)}
+        fields = {**super().serialize(), **worker_info_fields(model_info)}
+        if getattr(self.handler, "batch_cap", None):
+            fields["inferq_batch_cap"] = str(self.handler.batch_cap)  # type: ignore[union-attr]
+        return fields
 
     def work(  # type: ignore[override]
         self,
@@ -193,34 +219,50 @@ class BatchWorker(SimpleWorker):
         set_log_context(model_sha256=self.handler.model_info["sha256"])
         self.bootstrap(level, date_format, log_format)
         self._install_signal_handlers()
+        # Three busy threads share the GIL here; at CPython's default 5 ms switch interval the model
+        # thread, back from a forward pass (which runs without the GIL), waited up to 5 ms per
+        # hand-over behind the writer's and feeder's Python code: p99 at 66 req/s fell from 285 to
+        # 149 ms with 0.5 ms (BENCHMARKS.md). Process-wide, like the worker process itself.
+        sys.setswitchinterval(_GIL_SWITCH_SECONDS)
+        batch_cap = min(
+            getattr(self.handler, "batch_cap", None) or self.settings.max_batch_size,
+            self.settings.max_batch_size,
+        )
         # Queues in the order given are lanes, highest priority first (`python -m worker` passes
         # all of `shared.jobs.LANES`; `rq worker-pool` passes the names on its command line).
         collector = BatchCollector(
             self.connection,
             [Lane(q.key, q.intermediate_queue_key) for q in self.queues],
-            max_size=self.settings.max_batch_size,
+            max_size=batch_cap,
             max_delay=self.settings.max_batch_delay_ms / 1000,
             low_share=self.settings.low_lane_share,
         )
         heartbeat = _Heartbeat(self, self.settings.heartbeat_seconds)
         heartbeat.start()
-        # Two stages overlap (DESIGN 7): a feeder thread grabs, starts and preprocesses the next
-        # batch (PIL/numpy, which release the GIL) while this thread, the only one that runs torch
-        # ops, runs the forward pass of the current one. One batch waits at most.
-        handoff: Queue[_Group | None] = Queue(maxsize=1)
+        # One batch ready while one is computed: the feeder starts no more jobs than that.
+        ready: ReadyItems[_Item] = ReadyItems(batch_cap)
+        finished: Queue[tuple[list[_Item], list[ItemOutcome], float] | None] = Queue(maxsize=2)
         feeder = threading.Thread(
-            target=self._feed, args=(collector, handoff, burst), name="inferq-feeder", daemon=True
+            target=self._feed, args=(collector, ready, burst), name="inferq-feeder", daemon=True
         )
+        writer = threading.Thread(target=self._write, args=(finished,), name="inferq-writer", daemon=True)
         feeder.start()
+        writer.start()
         done = 0
         try:
-            while (group := handoff.get()) is not None:
-                done += self._run_group(group)
+            while items := ready.take(batch_cap):
+                try:
+                    finished.put((items, *self._infer(items)))
+                finally:
+                    ready.release()
+                done += len(items)
                 if max_jobs is not None and done >= max_jobs:
                     self._stop_requested = True
         finally:
             self._stop_requested = True
             feeder.join(timeout=_IDLE_BLOCK_SECONDS * 4 + 10)
+            finished.put(None)
+            writer.join(timeout=_FINISH_RETRY_SECONDS + 10)
             heartbeat.stop()
             try:
                 self.teardown()
@@ -255,7 +297,7 @@ class BatchWorker(SimpleWorker):
 
     def beat(self) -> None:
         """Prove liveness: the worker key and the started-registry entries of the jobs in flight."""
-        with self._in_flight_lock:
+        with self._in_flight_changed:
             in_flight = list(self._in_flight)
         with self.connection.pipeline() as pipe:
             self.heartbeat(self.worker_ttl, pipeline=pipe)
@@ -274,9 +316,9 @@ class BatchWorker(SimpleWorker):
 
     # --- one batch -------------------------------------------------------------------------------
 
-    def _feed(self, collector: BatchCollector, handoff: Queue[_Group | None], burst: bool) -> None:
+    def _feed(self, collector: BatchCollector, ready: ReadyItems[_Item], burst: bool) -> None:
         """The feeder stage: until a stop is requested (or, in burst mode, the queues are empty),
-        grab batches and hand them over prepared. Always ends by handing over None."""
+        grab jobs as there is room for them, start and prepare them. Always ends by closing `ready`."""
         backoff = 0.5
         try:
             while not self._stop_requested:
@@ -284,12 +326,15 @@ class BatchWorker(SimpleWorker):
                     self.check_for_suspension(burst)
                     if self.should_run_maintenance_tasks:
                         self.run_maintenance_tasks()
+                    room = ready.room(_IDLE_BLOCK_SECONDS)
+                    if room == 0:
+                        continue
                     first = collector.take_first(_IDLE_BLOCK_SECONDS)
                     if first is None:
                         if burst:
                             break
                         continue
-                    self._prepare_batch(collector, first, handoff)
+                    self._prepare(collector, first, room, ready)
                     backoff = 0.5
                 except StopRequested:
                     break
@@ -300,64 +345,64 @@ class BatchWorker(SimpleWorker):
                 except Exception:
                     # Never let the feeder die silently: the jobs it had started are requeued by
                     # RQ's cleanup once their heartbeat stops; keep serving the others.
-                    log.exception("unexpected error while preparing a batch")
+                    log.exception("unexpected error while preparing jobs")
                     time.sleep(1.0)
         finally:
-            handoff.put(None)
+            ready.close()
 
-    def _prepare_batch(
-        self, collector: BatchCollector, first: Grabbed, handoff: Queue[_Group | None]
+    def _prepare(
+        self, collector: BatchCollector, first: Grabbed, room: int, ready: ReadyItems[_Item]
     ) -> None:
-        grabbed = [first, *collector.take_available(collector.max_size - 1)]
+        grabbed = [first, *collector.take_available(room - 1)]
         jobs, images = self._fetch([g.job_id for g in grabbed])
         arrivals = [job.enqueued_at.timestamp() for job in jobs.values() if job and job.enqueued_at]
         collector.arrivals.observe(arrivals)
-        if len(grabbed) < collector.max_size and arrivals:
-            extra = collector.wait_for_more(len(grabbed), min(arrivals))
+        # Waiting for companions pays only when the model would otherwise start at once: while it
+        # is busy, later arrivals join these jobs in the next batch anyway.
+        if len(grabbed) < room and arrivals and ready.idle():
+            extra = collector.wait_for_more(collector.max_size - room + len(grabbed), min(arrivals))
             if extra:
                 more_jobs, more_images = self._fetch([g.job_id for g in extra])
                 jobs.update(more_jobs)
                 images.update(more_images)
                 grabbed += extra
         # A job that was started before (its worker died with it) may be what kills workers. It
-        # runs alone, started only after the others are safely written, so if it kills this
-        # worker too, no neighbour loses an attempt; further suspects go back to their queue's
-        # head for the next batches.
+        # runs alone, started only when nothing else of this worker is in flight and with nothing
+        # started after it until it is written, so if it kills this worker too, no neighbour loses
+        # an attempt; further suspects go back to their queue's head for the next batches.
         suspects = [g for g in grabbed if self._attempts(jobs.get(g.job_id)) > 0]
         fresh = [g for g in grabbed if g not in suspects]
         if len(suspects) > 1:
             self._return_to_queue(suspects[1:])
-        if fresh:
-            self._hand_over(fresh, jobs, images, handoff)
+        self._start_and_prepare(fresh, jobs, images, ready)
         if suspects:
-            # Alone: nothing of this worker in flight when it starts, nothing started until it is
-            # written (groups are written in hand-over order, so the last one written is enough).
-            if self._last_group is not None:
-                self._last_group.written.wait()
-            group = self._hand_over(suspects[:1], jobs, images, handoff)
-            if group is not None:
-                group.written.wait()
+            self._wait_until_nothing_in_flight()
+            if self._start_and_prepare(suspects[:1], jobs, images, ready):
+                self._wait_until_nothing_in_flight()
 
-    def _hand_over(
+    def _start_and_prepare(
         self,
         items: Sequence[Grabbed],
         jobs: dict[str, Job | None],
         images: dict[str, bytes | None],
-        handoff: Queue[_Group | None],
-    ) -> _Group | None:
+        ready: ReadyItems[_Item],
+    ) -> int:
+        """Start `items` and hand each to the model thread as soon as it is preprocessed."""
+        if not items:
+            return 0
         started = self._start(items, jobs)
-        if not started:
-            return None
-        images_of = [images.get(job.id) for job, _ in started]
-        prepare = getattr(self.handler, "prepare", None)
-        group = _Group(
-            jobs=started,
-            prepared=prepare(images_of) if prepare is not None else images_of,
-            top_ks=[self._top_k(job) for job, _ in started],
-        )
-        self._last_group = group
-        handoff.put(group)
-        return group
+        preprocess_one = getattr(self.handler, "preprocess_one", None)
+        for job, execution in started:
+            item = _Item(job, execution, self._top_k(job), images.get(job.id))
+            if preprocess_one is not None:
+                item.array, item.error, item.preprocess_ms = preprocess_one(item.data)
+                item.data = None
+            ready.put(item)
+        return len(started)
+
+    def _wait_until_nothing_in_flight(self) -> None:
+        with self._in_flight_changed:
+            self._in_flight_changed.wait_for(lambda: not self._in_flight)
 
     @staticmethod
     def _attempts(job: Job | None) -> int:
@@ -371,36 +416,51 @@ class BatchWorker(SimpleWorker):
                 pipe.lpush(queue.key, item.job_id)
             pipe.execute()
 
-    def _run_group(self, group: _Group) -> int:
-        """The model stage: one forward pass, then every job's outcome written through RQ."""
+    def _infer(self, items: list[_Item]) -> tuple[list[ItemOutcome], float]:
+        """The model stage: one forward pass over the items that have a model input."""
+        top_ks = [item.top_k for item in items]
         infer = getattr(self.handler, "infer", None)
-        if infer is not None:
-            outcomes, inference_ms = infer(group.prepared, group.top_ks)
-        else:  # a handler with only `handle(images, top_ks)` (e.g. the benchmark's no-op model)
-            outcomes, inference_ms = self.handler.handle(group.prepared, group.top_ks)  # type: ignore[union-attr]
-        deadline = time.monotonic() + _FINISH_RETRY_SECONDS
-        try:
-            while True:
-                try:
-                    self._finish(group.jobs, outcomes, inference_ms)
-                    break
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                    if time.monotonic() > deadline:
-                        # Given up: once their heartbeat stops, RQ's cleanup requeues these jobs.
-                        log.error(
-                            "results of %d job(s) not written (%s); they will be requeued",
-                            len(group.jobs),
-                            exc,
-                        )
-                        return 0
-                    log.warning("could not write results (%s); retrying while Redis comes back", exc)
-                    time.sleep(1.0)
-        finally:
-            done = {job.id for job, _ in group.jobs}
-            with self._in_flight_lock:
-                self._in_flight = [(job, ex) for job, ex in self._in_flight if job.id not in done]
-            group.written.set()
-        return len(group.jobs)
+        if infer is None:  # a handler with only `handle(images, top_ks)` (e.g. the benchmark's no-op model)
+            return self.handler.handle([item.data for item in items], top_ks)  # type: ignore[union-attr]
+        from worker.handler import ItemOutcome, PreparedBatch
+
+        prepared = PreparedBatch(outcomes=[])
+        for i, item in enumerate(items):
+            prepared.outcomes.append(ItemOutcome(error=item.error, preprocess_ms=item.preprocess_ms))
+            if item.error is None:
+                prepared.ready.append(i)
+                prepared.arrays.append(item.array)
+        return infer(prepared, top_ks)
+
+    def _write(self, finished: Queue[tuple[list[_Item], list[ItemOutcome], float] | None]) -> None:
+        """The writer stage: each batch's outcomes through RQ, in order, retried while Redis is away."""
+        while (batch := finished.get()) is not None:
+            items, outcomes, inference_ms = batch
+            started = [(item.job, item.execution) for item in items]
+            deadline = time.monotonic() + _FINISH_RETRY_SECONDS
+            try:
+                while True:
+                    try:
+                        self._finish(started, outcomes, inference_ms)
+                        break
+                    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                        if time.monotonic() > deadline:
+                            # Given up: once their heartbeat stops, RQ's cleanup requeues these jobs.
+                            log.error(
+                                "results of %d job(s) not written (%s); they will be requeued",
+                                len(items),
+                                exc,
+                            )
+                            break
+                        log.warning("could not write results (%s); retrying while Redis comes back", exc)
+                        time.sleep(1.0)
+            except Exception:
+                log.exception("could not write the results of %d job(s); they will be requeued", len(items))
+            finally:
+                done = {item.job.id for item in items}
+                with self._in_flight_changed:
+                    self._in_flight = [(job, ex) for job, ex in self._in_flight if job.id not in done]
+                    self._in_flight_changed.notify_all()
 
     def _fetch(self, ids: Sequence[str]) -> tuple[dict[str, Job | None], dict[str, bytes | None]]:
         """Job hashes and image bytes of `ids` in one round trip."""
@@ -456,7 +516,7 @@ class BatchWorker(SimpleWorker):
             if started:
                 self.set_state(WorkerStatus.BUSY, pipeline=pipe)
                 self.set_current_job_id(started[0][0].id, pipeline=pipe)
-            with self._in_flight_lock:
+            with self._in_flight_changed:
                 self._in_flight += started
             pipe.execute()
         return started

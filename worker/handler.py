@@ -39,8 +39,12 @@ class PreparedBatch:
 
 
 class ClassifyHandler:
-    def __init__(self, model: LoadedModel, runner: InferenceRunner, max_pixels: int) -> None:
+    def __init__(
+        self, model: LoadedModel, runner: InferenceRunner, max_pixels: int, batch_cap: int | None = None
+    ) -> None:
         self.model = model
+        # Most items per forward pass (chosen from the warm-up curve by `load_handler`); None: no cap.
+        self.batch_cap = batch_cap
         self.runner = runner
         self.max_pixels = max_pixels
         self.model_info = {"name": model.manifest.name, "sha256": model.sha256}

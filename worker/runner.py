@@ -8,6 +8,7 @@ through JSON into RQ results.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +19,25 @@ import torch
 from worker.model import LoadedModel
 
 log = logging.getLogger(__name__)
+
+
+def calibration_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """1, 2, 3, 4, 6, 8, 12, 16, ...: powers of two and the midpoints between them, up to the max."""
+    sizes = {max_batch_size}
+    size = 1
+    while size < max_batch_size:
+        sizes.update(s for s in (size, size + size // 2) if s < max_batch_size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+def choose_batch_cap(ms_per_image: dict[int, float], tolerance: float = 0.05) -> int:
+    """The smallest batch size whose images/s is within `tolerance` of the best measured: beyond
+    it a bigger batch only makes its first jobs wait longer for the same throughput."""
+    if not ms_per_image:
+        raise ValueError("no timings")
+    best = min(ms_per_image.values())
+    return min(size for size, ms in ms_per_image.items() if ms <= best * (1 + tolerance))
 
 
 def default_warm_up_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -69,6 +89,23 @@ class InferenceRunner:
                 timings[size] = (time.perf_counter() - started) * 1000
         log.info("warm-up done: %s", ", ".join(f"b{s}={ms:.0f}ms" for s, ms in timings.items()))
         return timings
+
+    def calibrate(self, batch_sizes: Sequence[int], images_per_size: int = 12) -> dict[int, float]:
+        """Forward-pass time per image at each (warmed-up) batch size: the median of repeated calls
+        (at least 2, about `images_per_size` images each), in ms."""
+        curve: dict[int, float] = {}
+        for size in batch_sizes:
+            batch = torch.zeros((size, *self.input_shape), dtype=torch.float32, device=self.device)
+            times = []
+            for _ in range(max(2, -(-images_per_size // size))):
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    self.model.module(batch)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                times.append((time.perf_counter() - started) * 1000 / size)
+            curve[size] = statistics.median(times)
+        return curve
 
     def _batch(self, inputs: Sequence[np.ndarray]) -> torch.Tensor:
         for i, array in enumerate(inputs):
