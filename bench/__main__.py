@@ -145,8 +145,8 @@ class Bench:
     # --- 1. limit --------------------------------------------------------------------------------------
 
     def limit(self) -> dict[str, Any]:
-        """Per configuration: one process with torch's default threads (as deployed), and two processes
-        with TORCH_THREADS=1 side by side (their images/s added up), for each allocator."""
+        """Per allocator: one process with torch's default threads (one per core), one process with
+        TORCH_THREADS=1 (as deployed), and two such processes side by side (their images/s added up)."""
         import concurrent.futures
 
         p = self.plan
@@ -163,11 +163,13 @@ class Bench:
             str(p.limit_seconds),
         ]
         for allocator in self.allocators:
-            for procs in (1, 2):
-                name = allocator if procs == 1 else f"{allocator} 2×1t"
+            # (processes, TORCH_THREADS): 0 = torch's default, one thread per core.
+            for procs, threads in ((1, 0), (1, 1), (2, 1)):
+                name = {(1, 0): allocator, (1, 1): f"{allocator} 1t", (2, 1): f"{allocator} 2×1t"}[
+                    (procs, threads)
+                ]
                 env = base_env(None, allocator, LOG_LEVEL="WARNING")
-                # Explicit: 0 = torch's default (one thread per core) for one process, 1 for two.
-                env["TORCH_THREADS"] = "1" if procs == 2 else "0"
+                env["TORCH_THREADS"] = str(threads)
                 extra = ["--decoders"] if name == "glibc" else []
                 with concurrent.futures.ThreadPoolExecutor(procs) as pool:
                     futures = [
@@ -184,6 +186,7 @@ class Bench:
                 out[name] = _combine_limit(datas, p.limit_sizes)
                 out[name]["allocator"] = allocator
                 out[name]["processes"] = procs
+                out[name]["torch_threads"] = threads
         return out
 
     # --- 2. baselines ----------------------------------------------------------------------------------
@@ -335,6 +338,7 @@ class Bench:
                 Log.say(f"service: saturation ({spec['label']})")
                 sat = self._saturation(stack, p.sat_seconds, p.runs, p.sat_clients)
                 out["saturation"][key] = sat
+                out["layouts"][key]["batch_caps"] = stack.batch_caps()
                 if key == "deployed":
                     out["rates"][key] = self._all_rates(stack, sat)
                     out["knee"] = knee(out["rates"][key])
@@ -518,10 +522,10 @@ class Bench:
         probe = [PY, "-m", "bench.probe_worker", "--handler", "real"]
         alloc, _, threads = deployed()
         variants: list[tuple[str, str, dict[str, Any], bool]] = [
-            ("adaptive (default: MAX_BATCH_SIZE=16, MAX_BATCH_DELAY_MS=10)", "adaptive", {}, True),
-            ("fixed delay: always wait 10 ms (bench-only collector)", "fixed", {}, True),
+            ("adaptive, cap from the warm-up curve (defaults)", "adaptive", {}, True),
+            ("fixed delay: always wait 10 ms, same cap (bench-only collector)", "fixed", {}, True),
             ("MAX_BATCH_SIZE=1", "b1", {"MAX_BATCH_SIZE": 1}, False),
-            ("MAX_BATCH_SIZE=32", "b32", {"MAX_BATCH_SIZE": 32}, False),
+            ("fixed cap 16 (AUTO_BATCH_CAP=false)", "b16", {"AUTO_BATCH_CAP": "false"}, True),
         ]
         if self.quick:
             variants = [v for v in variants if v[1] in ("adaptive", "fixed")]
@@ -541,7 +545,13 @@ class Bench:
                 TORCH_THREADS=threads,
                 **env,
             ) as st:
-                row: dict[str, Any] = {"variant": label, "key": key, "allocator": alloc, "threads": threads}
+                row: dict[str, Any] = {
+                    "variant": label,
+                    "key": key,
+                    "allocator": alloc,
+                    "threads": threads,
+                    "batch_caps": st.batch_caps(),
+                }
                 if low:
                     row["low_load"] = self._rate(
                         st, p.variant_low_rate, p.variant_runs, p.variant_low_seconds, seed=90

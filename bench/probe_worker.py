@@ -111,6 +111,9 @@ class FixedDelayCollector(BatchCollector):
             self._grabbed_at = self.clock()
         return got
 
+    def waits_for_companions(self, model_idle: bool) -> bool:
+        return True  # the textbook rule waits whether or not the model is busy
+
     def wait_for_more(self, have: int, oldest_arrival: float) -> list[Any]:
         extra: list[Any] = []
         deadline = self._grabbed_at + self.max_delay

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -101,6 +102,20 @@ class Stack:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def batch_caps(self) -> list[int]:
+        """The batch cap each worker chose at warm-up (from its `batch cap N of at most M` log line)."""
+        caps = []
+        for i in range(len(self.worker_procs)):
+            log = self.logs / f"{self.name}-worker{i}.log"
+            found = (
+                re.findall(r"batch cap (\d+) of at most", log.read_text(errors="replace"))
+                if log.exists()
+                else []
+            )
+            if found:
+                caps.append(int(found[-1]))
+        return caps
 
     def check_alive(self) -> None:
         for proc in [self.api_proc, *self.worker_procs]:

@@ -357,9 +357,7 @@ class BatchWorker(SimpleWorker):
         jobs, images = self._fetch([g.job_id for g in grabbed])
         arrivals = [job.enqueued_at.timestamp() for job in jobs.values() if job and job.enqueued_at]
         collector.arrivals.observe(arrivals)
-        # Waiting for companions pays only when the model would otherwise start at once: while it
-        # is busy, later arrivals join these jobs in the next batch anyway.
-        if len(grabbed) < room and arrivals and ready.idle():
+        if len(grabbed) < room and arrivals and collector.waits_for_companions(ready.idle()):
             extra = collector.wait_for_more(collector.max_size - room + len(grabbed), min(arrivals))
             if extra:
                 more_jobs, more_images = self._fetch([g.job_id for g in extra])

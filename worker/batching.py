@@ -139,6 +139,11 @@ class BatchCollector:
             self._owed[lane] = 0.0 if took < owed_now else max(0.0, self._owed[lane] - took)
         return grabbed
 
+    def waits_for_companions(self, model_idle: bool) -> bool:
+        """Whether `wait_for_more` is worth calling: only when the model would otherwise start at
+        once; while it is busy, later arrivals join the waiting jobs in the next batch anyway."""
+        return model_idle
+
     def wait_for_more(self, have: int, oldest_arrival: float) -> list[Grabbed]:
         """Ids to add to a batch of `have` that the queues could not fill: waits only while it pays."""
         extra: list[Grabbed] = []
