@@ -18,6 +18,7 @@ Run: `gunicorn --config api/gunicorn_conf.py api.wsgi:app` from the project root
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import sys
@@ -110,6 +111,13 @@ def on_starting(server: Any) -> None:
     for entry in Path(_metrics_dir).glob("*.db"):
         entry.unlink(missing_ok=True)
     server.log.info("prometheus multiprocess dir: %s", _metrics_dir)
+
+
+def post_worker_init(worker: Any) -> None:
+    """The app is loaded: freeze what exists (~70,000 objects, ~26 ms per full collection with the GIL
+    held) out of the garbage collector's reach, so a collection no longer stalls every request thread."""
+    gc.collect()
+    gc.freeze()
 
 
 def child_exit(server: Any, worker: Any) -> None:

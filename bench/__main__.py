@@ -655,7 +655,7 @@ def git(*args: str) -> str:
     try:
         return subprocess.run(
             ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
+        ).stdout.rstrip()  # not strip(): porcelain status lines start with a space
     except (OSError, subprocess.SubprocessError):
         return "?"
 

@@ -86,7 +86,8 @@ class Settings(BaseSettings):
         default=0.25,
         ge=0,
         le=1,
-        description="Share of each batch owed to the low-priority lane while it has jobs waiting.",
+        description="Share of the jobs each worker grabs that is owed to the low-priority lane while it "
+        "has jobs waiting.",
     )
 
     # --- Input ----------------------------------------------------------------------------------

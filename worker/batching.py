@@ -1,21 +1,21 @@
-"""Grabbing a micro-batch off inferq's RQ queues (one per priority lane), reliably and without
-needless waiting.
+"""Grabbing jobs off inferq's RQ queues (one per priority lane) for a batch worker's feeder,
+reliably and without needless waiting.
 
 Reliability: every id moves atomically from its queue list into that queue's RQ intermediate list
 (`BLMOVE`/`LMOVE`, RQ's own reliable-dequeue primitive), so a worker that dies between the pop and
 the job's start leaves the id where RQ's maintenance finds it, never nowhere.
 
-When a batch closes (Triton's dynamic-batcher knobs: max batch size, max queue delay):
-1. it holds `max_size` ids; or
-2. the queues are empty and the arrival rate seen so far does not predict another job before the
-   oldest job's deadline (`enqueued_at + max_delay`): a lone job under light load starts at once; or
-3. that deadline has passed.
-So the delay is only spent when companions are actually expected, and it is counted from the
-oldest job's arrival, not from the grab.
+A grab takes what is queued, up to the room the worker has (the batch itself is formed later, by the
+model thread, from everything ready: `worker.pipeline`). When the model is idle and the queues hold
+fewer jobs than that room, the grab waits for companions (Triton's max queue delay) only while the
+arrival rate seen so far predicts another job before the oldest job's deadline
+(`enqueued_at + max_delay`): a lone job under light load starts at once, the delay is spent only
+when companions are actually expected, and it is counted from the oldest job's arrival, not from
+the grab.
 
-Lanes: higher lanes go first, but each lower lane is owed `low_share` of every batch's slots while
-it has jobs waiting (a deficit counter carries fractions across batches, so even batches of one
-give the low lane its share): under saturation the low lane gets at least that fraction of the
+Lanes: higher lanes go first, but each lower lane is owed `low_share` of every grab's slots while
+it has jobs waiting (a deficit counter carries fractions across grabs, so even grabs of one give
+the low lane its share): under saturation the low lane gets at least that fraction of the
 throughput and is never starved; when the high lane is idle the low lane gets everything.
 An idle worker blocks on the highest lane only (BLMOVE takes one source), so a job arriving on a
 lower lane of an idle worker waits at most one idle poll (`idle_block` seconds).

@@ -21,8 +21,8 @@ class ReadyItems(Generic[T]):
     """Prepared items waiting for a forward pass, at most `capacity` of them.
 
     The feeder waits for room before it grabs more jobs, so a worker never holds more started jobs
-    than one batch being computed plus one batch ready (the rest stay queued in Redis, where other
-    workers can take them)."""
+    than the batch being computed plus `capacity` ready ones (the rest stay queued in Redis, where
+    other workers can take them)."""
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
