@@ -61,19 +61,20 @@ class Settings(BaseSettings):
 
     # --- Batching ----------------------------------------------------------------------------
     max_batch_size: int = Field(
-        default=16,
+        default=8,
         ge=1,
         le=256,
-        description="Most jobs in one forward pass. With AUTO_BATCH_CAP the worker caps its batches "
-        "lower, where its measured throughput stops rising.",
+        description="Most jobs in one forward pass, and the largest size AUTO_BATCH_CAP measures at "
+        "warm-up (each size measured costs start-up time). Raise it on a GPU.",
     )
 
     auto_batch_cap: bool = Field(
         default=True,
         description="At warm-up, time the forward pass at batch sizes up to MAX_BATCH_SIZE and cap "
-        "batches at the smallest size within 5 % of the best images/s: a larger batch that is not "
-        "faster per image only makes its jobs wait (on this project's 2-core CPU, one thread: 2-3; on "
-        "a GPU the curve keeps rising and the cap is MAX_BATCH_SIZE). false: always MAX_BATCH_SIZE.",
+        "batches at the smallest size within 10 % of the best images/s: a larger batch that is not "
+        "clearly faster per image only makes its jobs wait (on this project's 2-core CPU, one thread: "
+        "2-4; on a GPU the curve keeps rising and the cap is MAX_BATCH_SIZE). false: always "
+        "MAX_BATCH_SIZE.",
     )
 
     max_batch_delay_ms: float = Field(
