@@ -50,8 +50,8 @@ class Settings(BaseSettings):
         default=1,
         ge=0,
         description="Intra-op threads of torch per worker; 0 = torch's default (one per core). 1 measured "
-        "best here: with 2 threads on 2 shared cores OpenMP's spinning made forward passes up to 10x "
-        "slower (BENCHMARKS.md), and the worker's decode thread needs the other core.",
+        "best here: with 2 threads on 2 shared cores a worker served 20-30 % fewer images/s with a higher "
+        "p99 (OpenMP's spinning threads lose whenever the api or the decoder needs a core; BENCHMARKS.md).",
     )
     preload_tcmalloc: bool = Field(
         default=True,
