@@ -71,10 +71,10 @@ class Settings(BaseSettings):
     auto_batch_cap: bool = Field(
         default=True,
         description="At warm-up, time the forward pass at batch sizes up to MAX_BATCH_SIZE and cap "
-        "batches at the smallest size within 10 % of the best images/s: a larger batch that is not "
-        "clearly faster per image only makes its jobs wait (on this project's 2-core CPU, one thread: "
-        "2-4; on a GPU the curve keeps rising and the cap is MAX_BATCH_SIZE). false: always "
-        "MAX_BATCH_SIZE.",
+        "batches where images/s stops rising (the best size; a smaller one within 2 % of it wins): a "
+        "larger batch that is not faster per image only makes its jobs wait (on this project's 2-core "
+        "CPU, one thread: 2-4; on a GPU the curve keeps rising and the cap is MAX_BATCH_SIZE). false: "
+        "always MAX_BATCH_SIZE.",
     )
 
     max_batch_delay_ms: float = Field(

@@ -31,11 +31,11 @@ def calibration_sizes(max_batch_size: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def choose_batch_cap(ms_per_image: dict[int, float], tolerance: float = 0.10) -> int:
-    """The smallest batch size whose images/s is within `tolerance` of the best measured: beyond
-    it a bigger batch only makes its first jobs wait longer for the same throughput. 10 %: on a
-    shared CPU sizes 2-4 measured within ±5 % of each other from one start to the next, and under
-    load (the other core decoding and serving HTTP) the per-image time was flat from 1 to 8."""
+def choose_batch_cap(ms_per_image: dict[int, float], tolerance: float = 0.02) -> int:
+    """Where throughput stops rising: the size with the best images/s, or a smaller one within
+    `tolerance` of it (a bigger batch that is not faster per image only makes its first jobs wait).
+    Not a wider tolerance: on a shared CPU batch 1 measured within 10 % of batch 2 at some starts,
+    and a worker capped at 1 served 70 img/s at saturation where cap 2 served 82 (BENCHMARKS.md)."""
     if not ms_per_image:
         raise ValueError("no timings")
     best = min(ms_per_image.values())
