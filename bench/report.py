@@ -309,6 +309,7 @@ def render(results: dict[str, Any], plot_name: str | None = None) -> str:
     lines += _batching_section(results)
     lines += _decoder_section(results)
     lines += _method_section(plan)
+    lines += _not_measured_section()
     errors = results.get("errors") or {}
     if errors:
         lines += ["## Phases that failed", ""]
@@ -759,6 +760,22 @@ def _cold_api_section(results: dict[str, Any]) -> list[str]:
             "",
         ]
     return lines
+
+
+def _not_measured_section() -> list[str]:
+    return [
+        "## Not measurable on this machine",
+        "",
+        "- **GPU** (there is none): `DEVICE=cuda` moves the forward pass to the GPU; the batch is built in "
+        "pinned host memory and copied with `non_blocking=True` on the worker's one stream, decoding and "
+        "preprocessing stay on the CPU (one feeder thread per worker), and the warm-up curve is expected to "
+        "keep falling so that the batch cap becomes `MAX_BATCH_SIZE`. None of that is measured here; "
+        "preprocessing on the device (decode with nvJPEG, resize on the GPU) is not built.",
+        "- **Other hosts' load**: the 2 vCPUs are shared with other tenants of the host, which the guest "
+        "cannot see (no steal time is reported): full runs of the same code differed by up to ±20 % in "
+        "absolute figures; compare ratios inside one run.",
+        "",
+    ]
 
 
 def _batching_section(results: dict[str, Any]) -> list[str]:
