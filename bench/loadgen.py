@@ -100,6 +100,18 @@ class RunResult:
         window = self.elapsed or self.duration
         return self.ok / window if window > 0 else math.nan
 
+    def record(self, ok: bool, out: dict[str, Any], error: str | None, latency_ms: float, end: float) -> None:
+        """One finished request (caller holds the run's lock)."""
+        if ok:
+            self.ok += 1
+            self.latencies_ms.append(latency_ms)
+            self.ends.append(end)
+            self.extras.append(out)
+        else:
+            self.errors += 1
+            if error:
+                self.error_samples.append(error)
+
     def summary(self) -> dict[str, Any]:
         lat = latency_summary(self.latencies_ms, self.lost + self.errors)
         sizes = [e["batch_size"] for e in self.extras if e.get("batch_size")]
@@ -164,15 +176,7 @@ def run_open_loop(
             with lock:
                 if not stopping.is_set():
                     result.send_lag_ms.append((sent_at - scheduled) * 1000)
-                    if ok:
-                        result.ok += 1
-                        result.latencies_ms.append((ended - scheduled) * 1000)
-                        result.ends.append(ended - start)
-                        result.extras.append(out)
-                    else:
-                        result.errors += 1
-                        if error:
-                            result.error_samples.append(error)
+                    result.record(ok, out, error, (ended - scheduled) * 1000, ended - start)
                 done_count[0] += 1
                 if done_count[0] == len(schedule):
                     all_done.set()
@@ -225,16 +229,8 @@ def run_closed_loop(
                 result.sent += 1
                 if ended > stop_at:
                     continue  # ended after the window: neither counted nor lost
-                if ok:
-                    if ended - start >= warmup:
-                        result.ok += 1
-                        result.latencies_ms.append((ended - t0) * 1000)
-                        result.ends.append(ended - start)
-                        result.extras.append(out)
-                else:
-                    result.errors += 1
-                    if error:
-                        result.error_samples.append(error)
+                if not ok or ended - start >= warmup:  # successes in the warm-up are not counted
+                    result.record(ok, out, error, (ended - t0) * 1000, ended - start)
 
     pool = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for thread in pool:
