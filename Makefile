@@ -44,7 +44,7 @@ classify: venv artifact
 	$(PY) -m worker.classify --artifact $(ARTIFACT_DIR) $(IMAGES)
 
 up: venv artifact
-	$(PY) -m shared.launcher
+	$(PY) -m launch.launcher
 
 bench: venv artifact
 	$(PY) -m bench

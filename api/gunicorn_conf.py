@@ -11,7 +11,7 @@ Run: `gunicorn --config api/gunicorn_conf.py api.wsgi:app` from the project root
 - The bind rule (`shared.config.check_bind_allowed`): without API keys, only loopback addresses.
   Checked in `on_starting` against the addresses gunicorn will really bind (a `--bind` on the
   command line or in GUNICORN_CMD_ARGS overrides HOST:PORT), before any socket is opened.
-- Logs: gunicorn's error and access logs go through `api.log_redaction` (Authorization values and
+- Logs: gunicorn's error and access logs go through `shared.log_redaction` (Authorization values and
   Redis URL passwords are masked), re-installed whenever gunicorn rebuilds its handlers; with
   LOG_FORMAT=json (the default) they are JSON lines like the app's (`shared.logging_setup`).
 """
@@ -82,7 +82,7 @@ class RedactingLogger(_GunicornLogger):
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
         # Imported here: `api` must not be imported before PROMETHEUS_MULTIPROC_DIR is set (above).
-        from api.log_redaction import install_redaction
+        from shared.log_redaction import install_redaction
 
         install_redaction(self.error_log, self.access_log)
         # LOG_FORMAT=json: gunicorn's own lines (errors, access log) are JSON lines too.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from api import create_app
-from api.log_redaction import install_redaction
+from shared.log_redaction import install_redaction
 from shared.logging_setup import configure_logging
 
 # One handler on the root logger, in LOG_FORMAT (JSON lines by default; shared.logging_setup).

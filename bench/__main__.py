@@ -563,7 +563,7 @@ class Bench:
     # --- everything ------------------------------------------------------------------------------------
 
     def run(self, only: set[str] | None) -> dict[str, Any]:
-        from shared.redis_server import EmbeddedRedis
+        from launch.redis_server import EmbeddedRedis
 
         self.results["meta"] = environment_info(self)
         self.results["plan"] = asdict(self.plan)

@@ -58,6 +58,11 @@ DEFAULT_LANE = "high"
 # Keys of `job.meta` the api sets and the worker reads.
 META_DEADLINE = "deadline_at"  # epoch seconds after which a job that has not started ends `expired`
 META_OWNER = "owner"  # id of the API key that created the job (its hash), when keys are enabled
+# Keys of `job.meta` the worker writes and the api reads.
+META_ATTEMPTS = "attempts"  # how many times a worker started the job (crash accounting)
+META_TIMINGS = "timings"  # {"queue_ms", "preprocess_ms", "inference_ms", "batch_size"}
+META_BATCH_ID = "batch_id"  # the batch the job ran in (also in the worker's log lines)
+META_ERROR = "error"  # {"code", "message"} of a failed job
 
 
 def lane_queue_name(settings: Settings, lane: str) -> str:
@@ -162,7 +167,7 @@ def client_status(job: Job) -> str:
 
 
 def _error_code(job: Job) -> str | None:
-    error = job.meta.get("error")
+    error = job.meta.get(META_ERROR)
     return str(error["code"]) if isinstance(error, dict) and "code" in error else None
 
 
@@ -175,7 +180,7 @@ def job_error(job: Job, status: str, result: Result | None) -> dict[str, str] | 
         return {"code": "canceled", "message": "The job was canceled before it started."}
     if status not in ("failed", "expired"):
         return None
-    error = job.meta.get("error")
+    error = job.meta.get(META_ERROR)
     if isinstance(error, dict) and "code" in error:
         return {"code": str(error["code"]), "message": str(error.get("message", ""))}
     exc = (result.exc_string if result is not None else None) or job.exc_info or ""
@@ -195,7 +200,7 @@ def job_view(job: Job, result: Result | None = None) -> dict[str, Any]:
     payload = None
     if status == "finished" and result is not None and result.type == Result.Type.SUCCESSFUL:
         payload = result.return_value
-    timings = job.meta.get("timings") or {}
+    timings = job.meta.get(META_TIMINGS) or {}
     return {
         "id": job.id,
         "status": status,

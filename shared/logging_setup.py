@@ -10,7 +10,7 @@ Following one job: the api logs `job submitted` (job_id, lane, bytes, top_k), th
 logs `job ended` (job_id, batch_id, worker, model_sha256, status, code, attempt, timings) and
 `batch done` (batch_id); `grep <job id>` over both, or filter on `job_id` in a log store.
 
-Secrets: `api.log_redaction`'s filter sits on every handler installed here (the message, its
+Secrets: `shared.log_redaction`'s filter sits on every handler installed here (the message, its
 arguments and tracebacks are redacted before any formatter runs), and the JSON formatter also
 redacts every string field it adds (a secret cannot ride in through `extra=` either).
 
@@ -51,7 +51,7 @@ def _redactor() -> Callable[[str], str]:
     global _redact
     if _redact is None:
         # Imported late: gunicorn_conf must set PROMETHEUS_MULTIPROC_DIR before `api` is imported.
-        from api.log_redaction import redact
+        from shared.log_redaction import redact
 
         _redact = redact
     return _redact
@@ -151,7 +151,7 @@ def make_formatter(log_format: str) -> logging.Formatter:
 
 
 def _install_filters(handler: logging.Handler) -> None:
-    from api.log_redaction import install_redaction
+    from shared.log_redaction import install_redaction
 
     install_redaction(handler)
     if not any(isinstance(f, ContextFilter) for f in handler.filters):

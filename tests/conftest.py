@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import redis
 
+from launch.redis_server import AppendFsync, EmbeddedRedis
 from shared.config import PROJECT_ROOT
 from shared.manifest import MANIFEST_FILE
 from shared.redis_conn import redis_from_url
-from shared.redis_server import AppendFsync, EmbeddedRedis
 
 # Freely licensed photos that scikit-image ships inside its wheel (see skimage/data/README.txt),
 # with the ImageNet labels an honest top-1 may take for each.

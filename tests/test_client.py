@@ -30,8 +30,8 @@ from client import (
     Unavailable,
 )
 from client.retry import parse_retry_after
+from launch.redis_server import EmbeddedRedis
 from shared.config import PROJECT_ROOT
-from shared.redis_server import EmbeddedRedis
 from tests.conftest import PHOTO_LABELS
 from tests.service import free_port, http_ok, service_env, start_api, start_worker, stop, wait_until
 

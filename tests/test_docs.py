@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from launch.settings_doc import render
 from shared.config import PROJECT_ROOT, Settings
-from shared.settings_doc import render
 
 
 def readme() -> str:
@@ -12,7 +12,7 @@ def readme() -> str:
 
 def test_the_configuration_table_matches_the_settings() -> None:
     text = readme()
-    assert render(text) == text, "run `python -m shared.settings_doc --write`"
+    assert render(text) == text, "run `python -m launch.settings_doc --write`"
     for name in Settings.model_fields:
         assert f"`{name.upper()}`" in text
 

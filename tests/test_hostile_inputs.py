@@ -26,7 +26,7 @@ from PIL import Image
 from rq import Worker
 from rq.serializers import JSONSerializer
 
-from shared.redis_server import EmbeddedRedis
+from launch.redis_server import EmbeddedRedis
 from tests.conftest import PHOTO_LABELS
 from tests.service import free_port, http_ok, service_env, start_api, start_worker, stop, wait_until
 

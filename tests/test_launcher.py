@@ -1,4 +1,4 @@
-"""`python -m shared.launcher` (what `make up` runs), end to end: embedded Redis, gunicorn and RQ's
+"""`python -m launch.launcher` (what `make up` runs), end to end: embedded Redis, gunicorn and RQ's
 worker pool from the Procfile, a classification, a SIGKILLed worker respawned, and a SIGTERM that
 leaves no process and no server behind. Plus the cheap refusals and failure paths."""
 
@@ -117,7 +117,7 @@ def launcher_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
 def run_launcher(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "shared.launcher", *args],
+            [sys.executable, "-m", "launch.launcher", *args],
             env=env,
             cwd=PROJECT_ROOT,
             stdout=out,
@@ -230,7 +230,7 @@ def test_launcher_serves_respawns_a_killed_worker_and_stops_cleanly(
 def test_launcher_refuses_a_public_host_before_starting_anything(tmp_path: Path) -> None:
     env = launcher_env(tmp_path, HOST="0.0.0.0", PORT=str(free_port()))
     out = subprocess.run(
-        [sys.executable, "-m", "shared.launcher"],
+        [sys.executable, "-m", "launch.launcher"],
         env=env,
         cwd=PROJECT_ROOT,
         capture_output=True,
@@ -250,7 +250,7 @@ def test_a_process_that_exits_stops_everything_with_its_output(tmp_path: Path) -
     # REDIS_URL set: no embedded server; nothing connects to it.
     env = launcher_env(tmp_path, PORT=str(free_port()), REDIS_URL="redis://127.0.0.1:9/0")
     out = subprocess.run(
-        [sys.executable, "-m", "shared.launcher", "--procfile", str(procfile), "--ready-timeout", "60"],
+        [sys.executable, "-m", "launch.launcher", "--procfile", str(procfile), "--ready-timeout", "60"],
         env=env,
         cwd=PROJECT_ROOT,
         capture_output=True,
@@ -275,7 +275,7 @@ def test_with_api_keys_a_public_host_is_allowed_and_readiness_times_out(tmp_path
     )
     started = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-m", "shared.launcher", "--procfile", str(procfile), "--ready-timeout", "3"],
+        [sys.executable, "-m", "launch.launcher", "--procfile", str(procfile), "--ready-timeout", "3"],
         env=env,
         cwd=PROJECT_ROOT,
         capture_output=True,

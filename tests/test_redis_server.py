@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from launch.redis_server import EmbeddedRedis, EmbeddedRedisError
 from shared.config import PROJECT_ROOT
 from shared.redis_conn import (
     MIN_REDIS_VERSION,
@@ -24,7 +25,6 @@ from shared.redis_conn import (
     redis_from_url,
     redis_version,
 )
-from shared.redis_server import EmbeddedRedis, EmbeddedRedisError
 
 FreshServer = Callable[..., EmbeddedRedis]
 
@@ -181,7 +181,7 @@ def test_version_check_accepts_newer_servers() -> None:
 
 _CHILD = """
 import sys, time
-from shared.redis_server import EmbeddedRedis
+from launch.redis_server import EmbeddedRedis
 server = EmbeddedRedis(sys.argv[1]).start()
 print(server.pid, server.port, flush=True)
 time.sleep(600)
@@ -307,7 +307,7 @@ def test_busy_port_and_busy_data_dir_are_refused(fresh_redis_server: FreshServer
 
 def test_cli_prints_url_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.redis_server", "--data-dir", str(tmp_path / "r"), "--port", "0"],
+        [sys.executable, "-m", "launch.redis_server", "--data-dir", str(tmp_path / "r"), "--port", "0"],
         cwd=PROJECT_ROOT,
         stdout=subprocess.PIPE,
         text=True,

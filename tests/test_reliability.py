@@ -19,9 +19,9 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.results import Result
 
+from launch.redis_server import EmbeddedRedis
 from shared.config import Settings
 from shared.jobs import META_DEADLINE, SERIALIZER, job_view, make_queue, submit
-from shared.redis_server import EmbeddedRedis
 from tests.conftest import PHOTO_LABELS
 from tests.service import free_port, http_ok, service_env, start_api, start_worker, stop, wait_until
 

@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
+from launch.redis_server import EmbeddedRedis
 from shared.manifest import Manifest
-from shared.redis_server import EmbeddedRedis
 from tests.service import free_port, http_ok, service_env, start_api, stop, wait_until
 
 pytestmark = pytest.mark.slow

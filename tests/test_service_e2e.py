@@ -15,10 +15,10 @@ from rq import Worker
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
+from launch.redis_server import EmbeddedRedis
 from shared.config import Settings
 from shared.jobs import SERIALIZER, make_queue, submit
 from shared.manifest import Manifest
-from shared.redis_server import EmbeddedRedis
 from tests.conftest import PHOTO_LABELS
 from tests.service import free_port, http_ok, service_env, start_api, start_worker, stop, wait_until
 

@@ -46,7 +46,14 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from shared.config import Settings, get_settings
 from shared.errors import InferqError
-from shared.jobs import DEADLINE_EXPIRED, META_DEADLINE
+from shared.jobs import (
+    DEADLINE_EXPIRED,
+    META_ATTEMPTS,
+    META_BATCH_ID,
+    META_DEADLINE,
+    META_ERROR,
+    META_TIMINGS,
+)
 from shared.keys import image_key
 from shared.logging_setup import configure_logging_once, set_log_context
 from shared.telemetry import record_batch, worker_info_fields
@@ -413,7 +420,7 @@ class BatchWorker(SimpleWorker):
 
     @staticmethod
     def _attempts(job: Job | None) -> int:
-        return int(job.meta.get("attempts", 0)) if job is not None else 0
+        return int(job.meta.get(META_ATTEMPTS, 0)) if job is not None else 0
 
     def _return_to_queue(self, items: Sequence[Grabbed]) -> None:
         with self.connection.pipeline() as pipe:
@@ -513,7 +520,7 @@ class BatchWorker(SimpleWorker):
                 if isinstance(deadline, int | float) and wall > deadline:
                     expired.append(job)
                     continue
-                job.meta["attempts"] = int(job.meta.get("attempts", 0)) + 1
+                job.meta[META_ATTEMPTS] = int(job.meta.get(META_ATTEMPTS, 0)) + 1
                 pipe.hset(job.key, "meta", self.serializer.dumps(job.meta))
                 execution = Execution.create(job, self.execution_ttl, pipeline=pipe, worker_name=self.name)
                 job.prepare_for_execution(self.name, pipeline=pipe)
@@ -552,13 +559,13 @@ class BatchWorker(SimpleWorker):
                 job.ended_at = ended
                 assert job.started_at is not None
                 queued_at = job.enqueued_at or job.created_at
-                job.meta["timings"] = {
+                job.meta[META_TIMINGS] = {
                     "queue_ms": round((job.started_at - queued_at).total_seconds() * 1000, 3),
                     "preprocess_ms": round(outcome.preprocess_ms, 3),
                     "inference_ms": round(inference_ms, 3),
                     "batch_size": len(started),
                 }
-                job.meta["batch_id"] = batch_id
+                job.meta[META_BATCH_ID] = batch_id
                 self.increment_total_working_time(ended - job.started_at, pipe)
                 if outcome.error is None:
                     self._write_success(job, execution, outcome.result, result_ttl, pipe)
@@ -573,7 +580,7 @@ class BatchWorker(SimpleWorker):
             record_batch(
                 pipe,
                 namespace=self.settings.queue_name,
-                queue_ms=[job.meta["timings"]["queue_ms"] for job, _ in started],
+                queue_ms=[job.meta[META_TIMINGS]["queue_ms"] for job, _ in started],
                 preprocess_ms=[o.preprocess_ms for o in outcomes],
                 inference_ms=inference_ms,
                 batch_size=len(started),
@@ -590,8 +597,8 @@ class BatchWorker(SimpleWorker):
                     "queue": job.origin,
                     "status": "finished" if outcome.error is None else "failed",
                     "code": outcome.error.code if outcome.error is not None else None,
-                    "attempt": job.meta.get("attempts"),
-                    **job.meta["timings"],
+                    "attempt": job.meta.get(META_ATTEMPTS),
+                    **job.meta[META_TIMINGS],
                 },
             )
         failed = sum(1 for o in outcomes if o.error is not None)
@@ -641,10 +648,10 @@ class BatchWorker(SimpleWorker):
         job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
 
     def _write_failure(self, job: Job, execution: Execution | None, error: InferqError, pipe: Any) -> None:
-        """The job ends failed with `error` (its code in `job.meta["error"]`); `execution` is None for
+        """The job ends failed with `error` (its code in `job.meta[META_ERROR]`); `execution` is None for
         a job that never started (expired), which this worker's failure counter does not count."""
         job._status = JobStatus.FAILED
-        job.meta["error"] = error.to_dict()
+        job.meta[META_ERROR] = error.to_dict()
         job.set_status(JobStatus.FAILED, pipeline=pipe)
         if execution is not None:
             self.increment_failed_job_count(pipe)

@@ -14,6 +14,7 @@ from rq import get_current_job
 
 from shared.config import get_settings
 from shared.errors import CorruptImage, InferqError
+from shared.jobs import META_ERROR
 from shared.keys import image_key
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def classify(key: str, top_k: int) -> dict[str, Any]:
         model = _model()
         predictions = classify_reference(data, model, top_k=min(max(int(top_k), 1), settings.max_top_k))
     except InferqError as exc:
-        job.meta["error"] = exc.to_dict()
+        job.meta[META_ERROR] = exc.to_dict()
         job.save_meta()
         raise
     finally:

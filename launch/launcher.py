@@ -1,4 +1,4 @@
-"""`python -m shared.launcher`: what `make up` runs: the whole service on this machine (DESIGN 3).
+"""`python -m launch.launcher`: what `make up` runs: the whole service on this machine (DESIGN 3).
 
 1. Applies the api's bind rule (`shared.config.check_bind_allowed`) before starting anything:
    without API keys it refuses a non-loopback `HOST`.
@@ -51,9 +51,9 @@ from honcho.printer import Message, Printer
 from honcho.process import Popen, Process
 from pydantic import ValidationError
 
+from launch.redis_server import load_prctl
 from shared.config import PROJECT_ROOT, BindNotAllowed, Settings, check_bind_allowed, get_settings
 from shared.redis_conn import redact_url
-from shared.redis_server import load_prctl
 
 READY_TIMEOUT_SECONDS = 180.0
 # Debian's libtcmalloc-minimal4 (`apt-get install libtcmalloc-minimal4`): see PRELOAD_TCMALLOC.
@@ -365,7 +365,7 @@ def _redis(settings: Settings, printer: _TailPrinter) -> Iterator[str]:
         printer.say(f"using Redis at {redact_url(settings.redis_url)} (REDIS_URL)")
         yield settings.redis_url
         return
-    from shared.redis_server import EmbeddedRedis
+    from launch.redis_server import EmbeddedRedis
 
     server = EmbeddedRedis.from_settings(settings)  # from the main thread: PDEATHSIG is per thread
     with server:
@@ -378,7 +378,7 @@ def _redis(settings: Settings, printer: _TailPrinter) -> Iterator[str]:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
-    parser = argparse.ArgumentParser(prog="python -m shared.launcher", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m launch.launcher", description=__doc__.splitlines()[0])
     parser.add_argument("--procfile", type=Path, default=PROJECT_ROOT / "Procfile")
     parser.add_argument(
         "--ready-timeout",

@@ -17,7 +17,7 @@ Lifecycle guarantees:
 - One server per data dir: an exclusive flock on `<data_dir>/embedded-redis.lock`, shared with
   the server process itself, so two servers never append to the same AOF.
 
-`python -m shared.redis_server` runs one in the foreground, prints its URL and stops it on
+`python -m launch.redis_server` runs one in the foreground, prints its URL and stops it on
 SIGINT/SIGTERM.
 """
 
@@ -368,7 +368,7 @@ class EmbeddedRedis:
         return options
 
     def _write_config(self, port: int) -> None:
-        text = "# written by shared/redis_server.py on every start; edits are overwritten\n"
+        text = "# written by launch/redis_server.py on every start; edits are overwritten\n"
         text += "".join(f"{key} {_conf_value(value)}\n" for key, value in self._config_lines(port))
         # 0600: the file may hold requirepass.
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -480,7 +480,7 @@ class EmbeddedRedis:
 def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     parser = argparse.ArgumentParser(
-        prog="python -m shared.redis_server",
+        prog="python -m launch.redis_server",
         description="Run the embedded Valkey server in the foreground; print its URL; stop on SIGINT/TERM.",
     )
     parser.add_argument("--port", type=int, default=settings.embedded_redis_port, help="0 = a free port")
