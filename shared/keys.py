@@ -30,3 +30,10 @@ def known_key(job_id: str) -> str:
     (`Settings.known_job_ttl`), so a job whose result expired reads 410 `job_expired`, not 404.
     Its value is the owner id of the API key that created the job ("" when keys are disabled)."""
     return f"{PREFIX}known:{job_id}"
+
+
+def ended_channel() -> str:
+    """The pub/sub channel on which workers publish the id of every job they end (finished, failed,
+    expired, timed out), in the same transaction as the end itself: each api process holds one
+    subscription to it and wakes its own long-polls, so waiters cost no Redis connection each."""
+    return f"{PREFIX}ended"
