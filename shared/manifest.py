@@ -33,6 +33,12 @@ class InputSpec(BaseModel):
     alpha: Literal["composite_white"] = Field(
         default="composite_white", description="Transparent pixels are composited on white."
     )
+    jpeg_draft: bool = Field(
+        default=False,
+        description="JPEGs at least twice `resize` on their shorter side are decoded DCT-scaled "
+        "(1/2, 1/4 or 1/8, never below the resized size) before the resize. False (manifests that "
+        "predate the field): every JPEG is decoded at full size.",
+    )
 
 
 class Manifest(BaseModel):
