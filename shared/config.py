@@ -105,6 +105,28 @@ class Settings(BaseSettings):
     )
     max_top_k: int = Field(default=20, ge=1, description="Largest `top_k` a client may ask for (422 above).")
 
+    # --- Decoding (worker) ------------------------------------------------------------------------
+    decoders: int | None = Field(
+        default=None,
+        ge=0,
+        description="Decoder processes per worker: each image is decoded and preprocessed in one of them, "
+        "in parallel, sandboxed (DECODE_TIMEOUT_MS, DECODER_MEMORY_MB). Unset: one per core the worker "
+        "may run on. 0: decode in the worker's feeder thread, without limits.",
+    )
+    decode_timeout_ms: float = Field(
+        default=10_000.0,
+        gt=0,
+        description="Wall-clock time one image may take to decode + preprocess in a decoder process; past "
+        "it the decoder is killed and replaced and the job fails `decode_timeout`.",
+    )
+    decoder_memory_mb: int = Field(
+        default=1024,
+        ge=64,
+        description="Address space each decoder process may add to what it maps once started (RLIMIT_AS): "
+        "an image that needs more fails `decode_out_of_memory` and the decoder is replaced. A 40 Mpx "
+        "RGBA image needs about 500 MB.",
+    )
+
     # --- Lifetimes ------------------------------------------------------------------------------
     image_ttl: int = Field(
         default=3600, ge=1, description="Seconds the uploaded bytes live if never processed."
