@@ -91,11 +91,15 @@ def decode_one(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray | In
         return _out_of_memory()
     except Exception as exc:
         # Whatever a decoder raises (a codec bug) fails this image only.
-        return InferqError(f"The image could not be preprocessed: {type(exc).__name__}.", code="preprocess_failed")
+        return InferqError(
+            f"The image could not be preprocessed: {type(exc).__name__}.", code="preprocess_failed"
+        )
 
 
 def _out_of_memory() -> DecodeOutOfMemory:
-    return DecodeOutOfMemory("Decoding the image needed more memory than a decoder may use (DECODER_MEMORY_MB).")
+    return DecodeOutOfMemory(
+        "Decoding the image needed more memory than a decoder may use (DECODER_MEMORY_MB)."
+    )
 
 
 @dataclass
