@@ -7,6 +7,7 @@ image failing with its own code, and nothing left behind (processes, shared memo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -61,10 +62,8 @@ def alive(pid: int) -> bool:
 def memfds(pid: int) -> list[str]:
     links = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
+        with contextlib.suppress(OSError):
             links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except OSError:
-            pass
     return [link for link in links if "inferq-decoder" in link]
 
 

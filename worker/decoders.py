@@ -24,6 +24,7 @@ for machines where processes are not wanted).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import mmap
@@ -251,7 +252,8 @@ class DecoderPool:
             for index, decoder in enumerate(self._decoders):
                 if decoder.item is not None and now - decoder.started >= self.timeout_s:
                     results[decoder.item] = DecodeTimeout(
-                        f"Decoding the image took longer than {self.timeout_s * 1000:.0f} ms (DECODE_TIMEOUT_MS)."
+                        f"Decoding the image took longer than {self.timeout_s * 1000:.0f} ms "
+                        "(DECODE_TIMEOUT_MS)."
                     )
                     self._replace(index)
 
@@ -291,7 +293,7 @@ class DecoderPool:
         else:
             results[item] = _error_from(payload)
 
-    def _read_response(self, decoder: _Decoder) -> tuple[int, dict[str, Any]] | None | bool:
+    def _read_response(self, decoder: _Decoder) -> tuple[int, dict[str, Any]] | bool | None:
         """(status, payload) once complete; None while partial; False when the decoder died."""
         assert decoder.process.stdout is not None
         chunk = os.read(decoder.process.stdout.fileno(), 65536)
@@ -377,10 +379,8 @@ class DecoderPool:
 
 def _close_pipe(pipe: IO[bytes] | None) -> None:
     if pipe is not None:
-        try:
+        with contextlib.suppress(OSError):
             pipe.close()
-        except OSError:
-            pass
 
 
 def _reap(process: subprocess.Popen[bytes]) -> None:
