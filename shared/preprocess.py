@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -514,38 +515,55 @@ def _composite_on_white(rgba: Image.Image) -> Image.Image:
     return background
 
 
+# High-depth images are converted in bands of rows of about this many pixels: a 40 Mpx float32
+# image is 160 MB as decoded, and converting it whole in float64 would need several times that.
+_BAND_PIXELS = 1 << 20
+
+
 def _high_depth_to_l(image: Image.Image) -> Image.Image:
     """16-bit / int32 / float grayscale -> 8-bit L by scaling, never by clipping at 255."""
-    raw = np.asarray(image)
-    if image.mode.startswith("I;16"):
-        # Keep the high byte (v >> 8: 0->0, 32768->128, 65535->255). That is exactly how PIL itself
-        # reduces 16-bit RGB/RGBA/LA PNGs and TIFFs, so the same picture stored as 16-bit gray or
-        # 16-bit colour gives the same input.
-        out = (raw >> 8).astype(np.uint8)
-    elif image.mode == "I":
-        # 32-bit ints have no declared range. Values that fit 16 bits are read as 16-bit data (what
-        # older PIL produced for 16-bit files); anything else is stretched from its own min..max.
-        out = (raw >> 8).astype(np.uint8) if raw.min() >= 0 and raw.max() <= 0xFFFF else _stretch(raw)
-    else:  # "F": float samples, conventionally 0..1; otherwise stretched from their own range
-        values = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        if values.min() >= 0.0 and values.max() <= 1.0:
-            out = np.rint(values * 255.0).astype(np.uint8)
-        else:
-            out = _stretch(values)
-    transparency = image.info.get("transparency")
-    if isinstance(transparency, int) and image.mode != "F":
-        # Gray tRNS: that one sample value is fully transparent -> white.
-        out[raw == transparency] = 255
-    return Image.fromarray(np.ascontiguousarray(out))
+    width, height = image.size
+    rows = max(1, _BAND_PIXELS // width)
+    bands = [(top, min(height, top + rows)) for top in range(0, height, rows)]
+
+    def band(top: int, bottom: int) -> np.ndarray:
+        raw = np.asarray(image.crop((0, top, width, bottom)))
+        return _finite(raw) if image.mode == "F" else raw
+
+    low, high = math.inf, -math.inf
+    if not image.mode.startswith("I;16"):  # I and F need the range of the whole image first
+        for top, bottom in bands:
+            raw = band(top, bottom)
+            low, high = min(low, float(raw.min())), max(high, float(raw.max()))
+    out = np.empty((height, width), np.uint8)
+    for top, bottom in bands:
+        raw = band(top, bottom)
+        if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 0xFFFF):
+            # Keep the high byte (v >> 8: 0->0, 32768->128, 65535->255). That is exactly how PIL
+            # itself reduces 16-bit RGB/RGBA/LA PNGs and TIFFs, so the same picture stored as 16-bit
+            # gray or 16-bit colour gives the same input. 32-bit ints that fit 16 bits are read as
+            # 16-bit data (what older PIL produced for 16-bit files).
+            out[top:bottom] = raw >> 8
+        elif image.mode == "F" and low >= 0.0 and high <= 1.0:  # float samples, conventionally 0..1
+            out[top:bottom] = np.rint(raw * 255.0)
+        else:  # anything else is stretched from its own min..max
+            out[top:bottom] = _stretch(raw, low, high)
+        transparency = image.info.get("transparency")
+        if isinstance(transparency, int) and image.mode != "F":
+            # Gray tRNS: that one sample value is fully transparent -> white.
+            out[top:bottom][raw == transparency] = 255
+    return Image.fromarray(out)
 
 
-def _stretch(values: np.ndarray) -> np.ndarray:
-    """Linear map of the array's own [min, max] onto [0, 255] (a constant image becomes black)."""
-    values = values.astype(np.float64)
-    low, high = float(values.min()), float(values.max())
+def _finite(raw: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Linear map of [low, high] (the image's own range) onto [0, 255]; a constant image is black."""
     if high <= low:
         return np.zeros(values.shape, np.uint8)
-    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+    return np.rint((values.astype(np.float64) - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
 # --- model input ------------------------------------------------------------------------------------
