@@ -43,7 +43,7 @@ def png_with_text_chunks(count: int = 500_000) -> bytes:
 # --- GIF --------------------------------------------------------------------------------------------
 
 
-def gif_frames(count: int = 5_000) -> bytes:
+def gif_frames(count: int = 50_000) -> bytes:
     """An animated 1x1 GIF of `count` frames."""
     header = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
     frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
@@ -199,7 +199,7 @@ def battery(photo: Image.Image) -> dict[str, Callable[[], bytes]]:
     return {
         "bmp_rle8_40000x1000": rle8_bmp,
         "png_500k_text_chunks": png_with_text_chunks,
-        "gif_5000_frames": gif_frames,
+        "gif_50000_frames": gif_frames,
         "tiff_5000_pages": tiff_pages,
         "tiff_1m_strips": tiff_many_strips,
         "tiff_40mpx_float32_deflate": tiff_float_deflate,

@@ -37,7 +37,7 @@ SPEC = InputSpec(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
 API_OUTCOME: dict[str, tuple[int, str] | None] = {
     "bmp_rle8_40000x1000": (422, "image_too_complex"),
     "png_500k_text_chunks": (422, "image_too_complex"),
-    "gif_5000_frames": None,
+    "gif_50000_frames": None,
     "tiff_5000_pages": None,
     "tiff_1m_strips": (422, "image_too_complex"),
     "tiff_40mpx_float32_deflate": None,
