@@ -89,7 +89,7 @@ def cases() -> dict[str, Callable[[], bytes]]:
 def run(timeout_ms: float, memory_mb: int) -> dict[str, Any]:
     """Each case in a fresh one-decoder pool (VmHWM never comes down), then a photo in the last one."""
     results: dict[str, Any] = {}
-    healthy = False
+    healthy = True
     for name, make in cases().items():
         data = make()
         with DecoderPool(SPEC, MAX_PIXELS, decoders=1, timeout_ms=timeout_ms, memory_mb=memory_mb) as pool:
@@ -107,8 +107,10 @@ def run(timeout_ms: float, memory_mb: int) -> dict[str, Any]:
             buffer = io.BytesIO()
             test_photos()[1].save(buffer, "PNG")
             (after,) = pool.decode_many([buffer.getvalue()])
-            healthy = isinstance(after, np.ndarray) and np.array_equal(
-                after, preprocess(buffer.getvalue(), SPEC, MAX_PIXELS)
+            healthy = (
+                healthy
+                and isinstance(after, np.ndarray)
+                and np.array_equal(after, preprocess(buffer.getvalue(), SPEC, MAX_PIXELS))
             )
     return {
         "decode_timeout_ms": timeout_ms,

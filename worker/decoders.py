@@ -35,6 +35,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -142,6 +143,7 @@ class DecoderPool:
         self._slot_bytes = int(np.prod(self.shape)) * 4
         self._decoders: list[_Decoder] = []
         self._closed = False
+        self._lock = threading.Lock()  # one decode_many at a time: the decoders are shared state
         self.replaced = 0  # decoders replaced after a timeout, out-of-memory or crash
         try:
             for _ in range(self.size):
@@ -159,6 +161,10 @@ class DecoderPool:
 
     def decode_many(self, images: Sequence[bytes | None]) -> list[np.ndarray | InferqError]:
         """Each image's model input (float32 CHW) or its own error, in input order."""
+        with self._lock:
+            return self._decode_many(images)
+
+    def _decode_many(self, images: Sequence[bytes | None]) -> list[np.ndarray | InferqError]:
         if self._closed:
             raise RuntimeError("the decoder pool is closed")
         results: list[np.ndarray | InferqError | None] = [None] * len(images)
@@ -184,6 +190,10 @@ class DecoderPool:
 
     def close(self) -> None:
         """Stop every decoder (EOF on its stdin, then SIGKILL if it lingers) and free the slots."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
