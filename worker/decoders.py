@@ -457,7 +457,11 @@ def _child_main(config: dict[str, Any]) -> None:
     mapping = mmap.mmap(int(config["fd"]), int(np.prod(shape)) * 4)
     slot = np.ndarray(shape, dtype=np.float32, buffer=mapping)
     _limit_memory(int(config["memory_mb"]))
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    # The protocol gets a private copy of stdout; fd 1 becomes stderr, so a stray print or a C
+    # library writing to stdout cannot corrupt the responses.
+    stdout = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    stdin = sys.stdin.buffer
     input_fd = int(config["input_fd"])
     _respond(stdout, _READY)
     while True:
