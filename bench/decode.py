@@ -4,8 +4,10 @@ What the worker's decode step can feed the model, in images/s of 640x480 JPEGs (
 test photos): decode + preprocess in the calling thread (`DECODERS=0`), then through a
 `DecoderPool` of 1, 2 and 4 decoder processes, each called with batches of `--batch` images the way
 the feeder calls it. Modes are interleaved over `--rounds` rounds so drift hits all of them alike;
-the figure per mode is its best round. Also the effect of DCT-scaled JPEG decoding
-(`InputSpec.jpeg_draft`) on the per-image decode time of the same photos at 2048x1536.
+the figure per mode is its best round, with the CPU time per image it cost (this process plus its
+decoders: the pool's overhead, which other load on the machine does not inflate much). Also the
+effect of DCT-scaled JPEG decoding (`InputSpec.jpeg_draft`) on the per-image decode time of the same
+photos at 2048x1536.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -45,29 +48,39 @@ def jpegs(size: tuple[int, int], quality: int = 90) -> list[bytes]:
     return out
 
 
-def _in_thread(images: list[bytes], batch: int, seconds: float) -> float:
-    done, started = 0, time.perf_counter()
+def _cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by this process and the given children."""
+    total = time.process_time()
+    for pid in pids:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _in_thread(images: list[bytes], batch: int, seconds: float) -> tuple[float, float]:
+    done, started, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds:
         for i in range(batch):
             preprocess(images[(done + i) % len(images)], SPEC, MAX_PIXELS)
         done += batch
-    return done / (time.perf_counter() - started)
+    return done / (time.perf_counter() - started), (time.process_time() - cpu) * 1000 / done
 
 
-def _pool(pool: DecoderPool, images: list[bytes], batch: int, seconds: float) -> float:
-    done, started = 0, time.perf_counter()
+def _pool(pool: DecoderPool, images: list[bytes], batch: int, seconds: float) -> tuple[float, float]:
+    done, started, cpu = 0, time.perf_counter(), _cpu_s(pool.pids())
     while time.perf_counter() - started < seconds:
         results = pool.decode_many([images[(done + i) % len(images)] for i in range(batch)])
         if any(not hasattr(r, "shape") for r in results):
             raise RuntimeError(f"a decode failed: {results}")
         done += batch
-    return done / (time.perf_counter() - started)
+    return done / (time.perf_counter() - started), (_cpu_s(pool.pids()) - cpu) * 1000 / done
 
 
 def throughput(seconds: float, batch: int, rounds: int) -> dict[str, Any]:
     images = jpegs((640, 480))
     pools = {n: DecoderPool(SPEC, MAX_PIXELS, decoders=n, timeout_ms=60_000) for n in POOL_SIZES}
-    rates: dict[str, list[float]] = {"in_thread": [], **{f"pool_{n}": [] for n in POOL_SIZES}}
+    rates: dict[str, list[tuple[float, float]]] = {"in_thread": [], **{f"pool_{n}": [] for n in POOL_SIZES}}
     try:
         for pool in pools.values():
             _pool(pool, images, batch, 0.2)  # warm up each decoder
@@ -78,9 +91,15 @@ def throughput(seconds: float, batch: int, rounds: int) -> dict[str, Any]:
     finally:
         for pool in pools.values():
             pool.close()
+    # images/s: the best round. CPU ms per image (this process + its decoders): the cheapest round,
+    # the cost of the mode itself, which contention from other processes does not inflate much.
     return {
-        mode: {"images_per_s": round(max(r), 1), "rounds": [round(x, 1) for x in r]}
-        for mode, r in rates.items()
+        mode: {
+            "images_per_s": round(max(r[0] for r in runs), 1),
+            "cpu_ms_per_image": round(min(r[1] for r in runs), 2),
+            "rounds_images_per_s": [round(r[0], 1) for r in runs],
+        }
+        for mode, runs in rates.items()
     }
 
 
