@@ -332,8 +332,10 @@ class DecoderPool:
             "input_fd": input_fd,
             "parent": os.getpid(),
         }
+        # No preloaded allocator (the worker may run with tcmalloc): RLIMIT_AS counts reserved
+        # address space, and tcmalloc reserves and keeps far more than it uses, glibc does not.
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != "LD_PRELOAD"},
             "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p),
             # One decode per process: no thread pools in numpy's BLAS (each would reserve memory).
             "OPENBLAS_NUM_THREADS": "1",
