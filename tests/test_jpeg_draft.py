@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.manifest import InputSpec
+from shared.manifest import InputSpec, Manifest
 from shared.preprocess import decode_rgb, preprocess
 from tests.conftest import PHOTO_LABELS
 from worker.model import LoadedModel, load_artifact
@@ -84,3 +84,11 @@ def test_predictions_keep_their_labels(model: LoadedModel, sample_dir: Path, fac
         assert not np.array_equal(full, drafted), "the draft must apply for this test to bite"
         assert int(np.argmax(drafted)) == int(np.argmax(full)), name
         assert float(np.abs(drafted - full).max()) <= 0.1, name
+
+
+def test_the_manifest_records_it_only_when_on(artifact_dir: Path) -> None:
+    manifest = Manifest.read(artifact_dir)
+    assert "jpeg_draft" not in manifest.to_json()  # off: manifests from before the field, unchanged
+    on = manifest.model_copy(update={"input": manifest.input.model_copy(update={"jpeg_draft": True})})
+    assert '"jpeg_draft": true' in on.to_json()
+    assert Manifest.model_validate_json(on.to_json()).input.jpeg_draft is True
