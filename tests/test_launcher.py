@@ -5,93 +5,43 @@ leaves no process and no server behind. Plus the cheap refusals and failure path
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
+from launch.processes import alive, cmdline, descendants, free_port, port_open, proc_table, wait_until
 from shared.config import PROJECT_ROOT
 from shared.redis_conn import redis_from_url
-from tests.service import free_port, wait_until
 
 READY_TIMEOUT = 180.0
 STOP_TIMEOUT = 30.0
 
 
-# --- processes, from /proc ------------------------------------------------------------------------
-
-
-def _stat(pid: int) -> tuple[int, str, int] | None:
-    """(ppid, state, start time) of `pid`, or None if there is no such process."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2 :].split()
-    return int(fields[1]), fields[0], int(fields[19])
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _all_pids() -> Iterator[int]:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            yield int(entry.name)
-
-
-def descendants(root: int) -> dict[int, int]:
-    """pid -> start time of every live process below `root`."""
-    parent: dict[int, tuple[int, int]] = {}
-    for pid in _all_pids():
-        stat = _stat(pid)
-        if stat is not None and stat[1] != "Z":
-            parent[pid] = (stat[0], stat[2])
-    found: dict[int, int] = {}
-    frontier = [root]
-    while frontier:
-        current = frontier.pop()
-        for pid, (ppid, start) in parent.items():
-            if ppid == current and pid not in found:
-                found[pid] = start
-                frontier.append(pid)
-    return found
-
-
-def alive(pid: int, start: int) -> bool:
-    """The very process (same start time) still runs; a zombie counts as gone."""
-    stat = _stat(pid)
-    return stat is not None and stat[2] == start and stat[1] != "Z"
+def _ppid(pid: int) -> int:
+    return next((ppid for p, ppid, _ in proc_table() if p == pid), 0)
 
 
 def pool_workers(root: int) -> tuple[int, list[int]]:
     """The `rq worker-pool` supervisor below `root` and its worker processes."""
     tree = descendants(root)
     pools = [
-        pid
-        for pid in tree
-        if "worker-pool" in _cmdline(pid) and "worker-pool" not in _cmdline((_stat(pid) or (0,))[0])
+        pid for pid in tree if "worker-pool" in cmdline(pid) and "worker-pool" not in cmdline(_ppid(pid))
     ]
     assert len(pools) == 1, f"expected one worker pool below {root}, found {pools}"
     pool = pools[0]
-    return pool, [pid for pid in tree if (_stat(pid) or (0,))[0] == pool]
+    return pool, [pid for pid in tree if _ppid(pid) == pool]
 
 
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+def processes_mentioning(marker: str) -> list[int]:
+    """Live processes whose command line contains `marker` (zombies excluded)."""
+    return [pid for pid, _ppid, state in proc_table() if state != "Z" and marker in cmdline(pid)]
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -262,8 +212,7 @@ def test_a_process_that_exits_stops_everything_with_its_output(tmp_path: Path) -
     assert "boom-from-web" in out.stderr.split("last", 1)[1]  # in the tail it shows
     sleeper = re.search(r"worker started \(pid=(\d+)\)", out.stdout)
     assert sleeper is not None, out.stdout
-    stat = _stat(int(sleeper[1]))
-    assert stat is None or stat[1] == "Z" or "sleep" not in _cmdline(int(sleeper[1]))
+    assert not alive(int(sleeper[1])) or "sleep" not in cmdline(int(sleeper[1]))
 
 
 def test_with_api_keys_a_public_host_is_allowed_and_readiness_times_out(tmp_path: Path) -> None:
@@ -285,3 +234,77 @@ def test_with_api_keys_a_public_host_is_allowed_and_readiness_times_out(tmp_path
     assert out.returncode == 1, out.stdout + out.stderr
     assert f"http://127.0.0.1:{port}/readyz did not answer 200 within 3 s" in out.stderr
     assert time.monotonic() - started < 30
+
+
+# --- stopping while output flows ---------------------------------------------------------------------
+
+# A WSGI app that answers 200 to everything (so readiness comes, and the readiness probe's own lines
+# are exercised), and a process that prints as fast as it can.
+_APP = "def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'ok']\n"
+_CHATTY = "import itertools\nfor i in itertools.count():\n    print('chatty', i, 'x' * 100, flush=True)\n"
+
+
+def _chatty_procfile(folder: Path, queue: str) -> Path:
+    """Real gunicorn, a real `rq worker-pool` (plain RQ workers: no model), and a flood of output.
+    Every command line carries `folder`, so whatever survives can be found by it."""
+    (folder / "app.py").write_text(_APP)
+    (folder / "chatty.py").write_text(_CHATTY)
+    procfile = folder / "Procfile"
+    procfile.write_text(
+        f"web: exec gunicorn --chdir {folder} --bind 127.0.0.1:$PORT --workers 1 --access-logfile - app:app\n"
+        f'worker: RQ_REDIS_URL="$REDIS_URL" exec rq worker-pool --num-workers 1 '
+        f"--worker-class rq.worker.SimpleWorker --path {folder} {queue}\n"
+        f"chatty: exec python {folder}/chatty.py\n"
+    )
+    return procfile
+
+
+@pytest.mark.parametrize("round_", range(20))
+def test_sigterm_while_output_flows_stops_everything(tmp_path: Path, round_: int) -> None:
+    folder = tmp_path / f"round{round_}"
+    folder.mkdir()
+    procfile = _chatty_procfile(folder, f"chatty-{round_}")
+    redis_port = free_port()
+    env = launcher_env(folder, PORT=str(free_port()), EMBEDDED_REDIS_PORT=str(redis_port))
+    log = folder / "launcher.log"
+    launcher = run_launcher(env, log, "--procfile", str(procfile), "--ready-timeout", "120")
+    try:
+        wait_until(
+            lambda: launcher.poll() is None and log.read_bytes().count(b"| chatty ") >= 2000,
+            60,
+            what="the chatty process's output flowing through the launcher",
+        )
+        # Land the signal at a different moment each round: before or after gunicorn and the pool
+        # are up, mid-line or between lines.
+        time.sleep(random.uniform(0, 1.5))
+        assert port_open(redis_port), "the embedded Valkey should be running"
+        launcher.send_signal(signal.SIGTERM)
+        code = launcher.wait(STOP_TIMEOUT)
+        assert code == 0, log.read_text(errors="replace")[-2000:]
+        assert "stopped (SIGTERM)" in log.read_text(errors="replace")
+        wait_until(lambda: not processes_mentioning(str(folder)), 5, what="no process of this round left")
+        assert not port_open(redis_port), "the embedded Valkey still listens"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        for pid in processes_mentioning(str(folder)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_sigkilled_launcher_leaves_nothing_behind(tmp_path: Path) -> None:
+    procfile = _chatty_procfile(tmp_path, "chatty-kill")
+    redis_port = free_port()
+    env = launcher_env(tmp_path, PORT=str(free_port()), EMBEDDED_REDIS_PORT=str(redis_port))
+    log = tmp_path / "launcher.log"
+    launcher = run_launcher(env, log, "--procfile", str(procfile), "--ready-timeout", "120")
+    try:
+        wait_until(lambda: "inferq ready at" in log.read_text(errors="replace"), 60, what="ready")
+        wait_until(lambda: len(processes_mentioning(str(tmp_path))) >= 5, 30, what="every process up")
+        launcher.kill()  # no handler runs: only the kernel's parent-death signal stops the children
+        launcher.wait()
+        wait_until(lambda: not processes_mentioning(str(tmp_path)), 30, what="no process left")
+        assert not port_open(redis_port)
+    finally:
+        for pid in processes_mentioning(str(tmp_path)):
+            os.kill(pid, signal.SIGKILL)
