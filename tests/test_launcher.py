@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -244,6 +245,29 @@ _APP = "def app(environ, start_response):\n    start_response('200 OK', [])\n   
 _CHATTY = "import itertools\nfor i in itertools.count():\n    print('chatty', i, 'x' * 100, flush=True)\n"
 
 
+def run_launcher_through_a_pipe(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """The launcher with its stdout on a pipe that is drained slowly, like a busy terminal: its
+    writes block often, so a signal often lands while the launcher is inside a write."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launch.launcher", *args],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+    def drain() -> None:
+        assert launcher.stdout is not None
+        with log.open("wb") as out:
+            while chunk := launcher.stdout.read1(4096):
+                out.write(chunk)
+                out.flush()
+                time.sleep(0.001)
+
+    threading.Thread(target=drain, daemon=True).start()
+    return launcher
+
+
 def _chatty_procfile(folder: Path, queue: str) -> Path:
     """Real gunicorn, a real `rq worker-pool` (plain RQ workers: no model), and a flood of output.
     Every command line carries `folder`, so whatever survives can be found by it."""
@@ -267,7 +291,7 @@ def test_sigterm_while_output_flows_stops_everything(tmp_path: Path, round_: int
     redis_port = free_port()
     env = launcher_env(folder, PORT=str(free_port()), EMBEDDED_REDIS_PORT=str(redis_port))
     log = folder / "launcher.log"
-    launcher = run_launcher(env, log, "--procfile", str(procfile), "--ready-timeout", "120")
+    launcher = run_launcher_through_a_pipe(env, log, "--procfile", str(procfile), "--ready-timeout", "120")
     try:
         wait_until(
             lambda: launcher.poll() is None and log.read_bytes().count(b"| chatty ") >= 2000,
