@@ -248,6 +248,7 @@ _CHATTY = "import itertools\nfor i in itertools.count():\n    print('chatty', i,
 def run_launcher_through_a_pipe(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
     """The launcher with its stdout on a pipe that is drained slowly, like a busy terminal: its
     writes block often, so a signal often lands while the launcher is inside a write."""
+    log.touch()
     launcher = subprocess.Popen(
         [sys.executable, "-m", "launch.launcher", *args],
         env=env,
@@ -258,7 +259,7 @@ def run_launcher_through_a_pipe(env: dict[str, str], log: Path, *args: str) -> s
 
     def drain() -> None:
         assert launcher.stdout is not None
-        with log.open("wb") as out:
+        with log.open("ab") as out:
             while chunk := launcher.stdout.read1(4096):
                 out.write(chunk)
                 out.flush()
@@ -289,7 +290,11 @@ def test_sigterm_while_output_flows_stops_everything(tmp_path: Path, round_: int
     folder.mkdir()
     procfile = _chatty_procfile(folder, f"chatty-{round_}")
     redis_port = free_port()
-    env = launcher_env(folder, PORT=str(free_port()), EMBEDDED_REDIS_PORT=str(redis_port))
+    # A short grace period: an RQ worker that gets its pool's stop signal while still starting up
+    # can hang in RQ's shutdown; the launcher must then kill it (after API_GRACEFUL_TIMEOUT + margin).
+    env = launcher_env(
+        folder, PORT=str(free_port()), EMBEDDED_REDIS_PORT=str(redis_port), API_GRACEFUL_TIMEOUT="3"
+    )
     log = folder / "launcher.log"
     launcher = run_launcher_through_a_pipe(env, log, "--procfile", str(procfile), "--ready-timeout", "120")
     try:
