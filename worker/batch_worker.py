@@ -56,6 +56,7 @@ from shared.jobs import (
 )
 from shared.keys import image_key
 from shared.logging_setup import configure_logging_once, set_log_context
+from shared.redis_conn import connect_checked
 from shared.telemetry import record_batch, worker_info_fields
 from worker.batching import BatchCollector, Grabbed, Lane
 from worker.pipeline import ReadyItems
@@ -102,18 +103,6 @@ def load_handler(settings: Settings) -> ClassifyHandler:
             ", ".join(f"b{size}={ms:.1f}" for size, ms in curve.items()),
         )
     return ClassifyHandler(model, runner, settings.max_image_pixels, batch_cap=batch_cap)
-
-
-def _url_of(connection: redis.Redis) -> str:
-    """Rebuild a URL from a client RQ handed us (only used when REDIS_URL is unset)."""
-    kw = connection.connection_pool.connection_kwargs
-    scheme = "rediss" if kw.get("ssl") or "SSL" in type(connection.connection_pool).__name__ else "redis"
-    auth = ""
-    if kw.get("password"):
-        from urllib.parse import quote
-
-        auth = f"{quote(kw.get('username') or '')}:{quote(kw['password'])}@"
-    return f"{scheme}://{auth}{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
 
 @dataclass
@@ -170,12 +159,11 @@ class BatchWorker(SimpleWorker):
             "maintenance_interval", max(1, math.ceil(self.settings.abandoned_after_seconds / 2))
         )
         kwargs.setdefault("worker_ttl", max(10, math.ceil(self.settings.abandoned_after_seconds * 2)))
-        if kwargs.get("connection") is None or self.settings.redis_url:
-            # inferq's connection policy (RESP2 for RQ, timeouts, retries with backoff) even when
-            # RQ's CLI or worker-pool built a plain client from the same URL.
-            from shared.redis_conn import redis_from_url
-
-            kwargs["connection"] = redis_from_url(self.settings.redis_url or _url_of(kwargs["connection"]))
+        # inferq's connection policy (RESP2 for RQ, timeouts, retries with backoff) even when RQ's
+        # CLI or worker-pool built a plain client; the server's version is checked here, at start.
+        kwargs["connection"] = connect_checked(
+            self.settings, client_name="inferq-worker", base=kwargs.get("connection")
+        )
         super().__init__(queues, *args, **kwargs)
         self.handler = handler
         self.execution_ttl = math.ceil(self.settings.abandoned_after_seconds)
