@@ -193,7 +193,7 @@ def job_error(job: Job, status: str, result: Result | None) -> dict[str, str] | 
 
 
 def job_view(job: Job, result: Result | None = None) -> dict[str, Any]:
-    """The body of `GET /v1/jobs/<id>` (DESIGN 2)."""
+    """The body of `GET /v1/jobs/<id>` (the contract: api/openapi.py)."""
     status = client_status(job)
     if result is None and status in ("finished", "failed", "expired"):
         result = job.latest_result()

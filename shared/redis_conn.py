@@ -105,7 +105,7 @@ class _TransientRetry(Retry):
 
     redis-py makes AuthenticationError/AuthorizationError subclasses of ConnectionError, so a plain
     Retry retries a wrong or missing password with backoff, and nested retries (command, then
-    reconnect) multiply: measured 17 s before a NOAUTH surfaced. These fail at once instead.
+    reconnect) multiply into many seconds before a NOAUTH surfaces. These fail at once instead.
     """
 
     PERMANENT: tuple[type[Exception], ...] = (AuthenticationError, AuthorizationError)
