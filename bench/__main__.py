@@ -38,7 +38,7 @@ from bench.common import (
     run_json,
     summarize,
 )
-from bench.report import knee, rss_growth
+from bench.targets import knee, rss_growth
 from shared.config import PROJECT_ROOT
 
 
