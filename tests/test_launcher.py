@@ -284,11 +284,9 @@ def _chatty_procfile(folder: Path, queue: str) -> Path:
     return procfile
 
 
-@pytest.mark.parametrize("round_", range(20))
-def test_sigterm_while_output_flows_stops_everything(tmp_path: Path, round_: int) -> None:
-    folder = tmp_path / f"round{round_}"
+def _stop_while_output_flows(folder: Path, sig: signal.Signals) -> None:
     folder.mkdir()
-    procfile = _chatty_procfile(folder, f"chatty-{round_}")
+    procfile = _chatty_procfile(folder, f"chatty-{folder.name}")
     redis_port = free_port()
     # A short grace period: an RQ worker that gets its pool's stop signal while still starting up
     # can hang in RQ's shutdown; the launcher must then kill it (after API_GRACEFUL_TIMEOUT + margin).
@@ -307,10 +305,10 @@ def test_sigterm_while_output_flows_stops_everything(tmp_path: Path, round_: int
         # are up, mid-line or between lines.
         time.sleep(random.uniform(0, 1.5))
         assert port_open(redis_port), "the embedded Valkey should be running"
-        launcher.send_signal(signal.SIGTERM)
+        launcher.send_signal(sig)
         code = launcher.wait(STOP_TIMEOUT)
         assert code == 0, log.read_text(errors="replace")[-2000:]
-        assert "stopped (SIGTERM)" in log.read_text(errors="replace")
+        assert f"stopped ({sig.name})" in log.read_text(errors="replace")
         wait_until(lambda: not processes_mentioning(str(folder)), 5, what="no process of this round left")
         assert not port_open(redis_port), "the embedded Valkey still listens"
     finally:
@@ -319,6 +317,69 @@ def test_sigterm_while_output_flows_stops_everything(tmp_path: Path, round_: int
             launcher.wait()
         for pid in processes_mentioning(str(folder)):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("round_", range(20))
+def test_sigterm_while_output_flows_stops_everything(tmp_path: Path, round_: int) -> None:
+    _stop_while_output_flows(tmp_path / f"round{round_}", signal.SIGTERM)
+
+
+def test_ctrl_c_while_output_flows_stops_everything(tmp_path: Path) -> None:
+    _stop_while_output_flows(tmp_path / "ctrl-c", signal.SIGINT)
+
+
+_STUBBORN = (
+    'stubborn: exec python -c "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); '
+    "print('ignoring SIGTERM', flush=True); time.sleep(300)\"\n"
+)
+
+
+def _run_stubborn(tmp_path: Path, grace: int) -> tuple[subprocess.Popen[bytes], Path]:
+    procfile = tmp_path / "Procfile"
+    procfile.write_text(_STUBBORN)
+    env = launcher_env(
+        tmp_path, PORT=str(free_port()), REDIS_URL="redis://127.0.0.1:9/0", API_GRACEFUL_TIMEOUT=str(grace)
+    )
+    log = tmp_path / "launcher.log"
+    launcher = run_launcher(env, log, "--procfile", str(procfile), "--ready-timeout", "120")
+    wait_until(
+        lambda: "ignoring SIGTERM" in log.read_text(errors="replace"), 30, what="the stubborn process up"
+    )
+    return launcher, log
+
+
+def test_a_process_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path: Path) -> None:
+    launcher, log = _run_stubborn(tmp_path, grace=1)  # killed 1 + KILL_MARGIN_SECONDS s after the SIGTERM
+    try:
+        stubborn = int(re.search(r"stubborn started \(pid=(\d+)\)", log.read_text())[1])  # type: ignore[index]
+        started = time.monotonic()
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(STOP_TIMEOUT) == 0
+        assert time.monotonic() - started >= 10  # the grace period was honoured
+        assert "stubborn did not stop within 11 s and was killed" in log.read_text()
+        assert not alive(stubborn)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
+def test_a_second_signal_kills_at_once(tmp_path: Path) -> None:
+    launcher, log = _run_stubborn(tmp_path, grace=600)
+    try:
+        stubborn = int(re.search(r"stubborn started \(pid=(\d+)\)", log.read_text())[1])  # type: ignore[index]
+        launcher.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert launcher.poll() is None and alive(stubborn)  # waiting out the grace period
+        started = time.monotonic()
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(STOP_TIMEOUT) == 0
+        assert time.monotonic() - started < 5
+        assert not alive(stubborn)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
 
 
 def test_a_sigkilled_launcher_leaves_nothing_behind(tmp_path: Path) -> None:
