@@ -6,20 +6,23 @@ lock deadlocked the launcher. Here:
 
 - Signal handlers never do I/O and never take a lock. The first SIGINT/SIGTERM records itself and
   sends SIGTERM to every command (`os.kill`, async-signal-safe), so the stop starts even if the
-  main thread is stuck writing to a console nobody reads; a second one SIGKILLs every group.
+  main thread is stuck writing to a console nobody reads; a second one SIGKILLs every group; a
+  third one exits at once (`os._exit`: for a main thread blocked on a console that is never read;
+  the embedded Valkey then gets its parent-death SIGTERM and shuts down cleanly).
+  `signal.set_wakeup_fd` wakes the main loop's `select`.
 - A graceful stop signals the command only, not its group: gunicorn and RQ's worker pool stop
   their own children in their own way (a worker that got both the group's SIGTERM and its pool's
   SIGINT could hang in RQ's shutdown). What is still running after the grace period, orphans
   included, is SIGKILLed as a group.
-  `signal.set_wakeup_fd` wakes the main loop's `select`.
 - One thread, the main one, reads every child's output (non-blocking pipes, `selectors`) and
   prints it, so lines never interleave and no printing lock is shared with anything.
 - Other threads (the launcher's readiness probe) talk to the main loop through `post()`: a
   lock-free queue plus a byte on the wake-up pipe.
 
 Each command runs as `sh -c <command>` in a new session (a terminal's Ctrl-C reaches the launcher
-only; a stop is one signal to the whole group), and asks the kernel for SIGTERM when the launcher
-dies (`launch.processes.die_with_parent`), so even a SIGKILLed launcher leaves nothing behind.
+only, and what is left of a command can be killed as one group), and asks the kernel for SIGTERM
+when the launcher dies (`launch.processes.die_with_parent`), so even a SIGKILLed launcher leaves
+nothing behind.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ LAUNCHER = "launcher"
 # How often the main loop looks at its children when nothing is printed.
 TICK_SECONDS = 0.2
 _READ_CHUNK = 65536
+# The exit code after a third stop signal (128 + SIGTERM's number, as a shell reports a kill).
+EXIT_ABANDONED = 143
 
 
 @dataclass
@@ -130,6 +135,8 @@ class Supervisor:
         if self.stop_signal is None:
             self.stop_signal = signum
         escalate = self.signals_received > 1
+        if self.signals_received > 2:
+            os._exit(EXIT_ABANDONED)
         for child in self.children.values():
             if child.proc is not None and (escalate or not child.stop_sent):
                 child.stop_sent = True

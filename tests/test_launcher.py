@@ -382,6 +382,35 @@ def test_a_second_signal_kills_at_once(tmp_path: Path) -> None:
             launcher.wait()
 
 
+def test_a_third_signal_exits_even_when_the_console_is_never_read(tmp_path: Path) -> None:
+    procfile = _chatty_procfile(tmp_path, "chatty-blocked")
+    redis_port = free_port()
+    env = launcher_env(tmp_path, PORT=str(free_port()), EMBEDDED_REDIS_PORT=str(redis_port))
+    launcher = subprocess.Popen(  # stdout: a pipe nobody reads, so the launcher blocks writing to it
+        [sys.executable, "-m", "launch.launcher", "--procfile", str(procfile), "--ready-timeout", "120"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: port_open(redis_port), 60, what="the embedded Valkey up")
+        wait_until(lambda: len(processes_mentioning(str(tmp_path))) >= 4, 60, what="the processes up")
+        time.sleep(1)  # the pipe is full by now: the launcher's main thread is stuck in a write
+        for _ in range(3):
+            launcher.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+        assert launcher.wait(STOP_TIMEOUT) == 143
+        wait_until(lambda: not processes_mentioning(str(tmp_path)), 30, what="no process left")
+        assert not port_open(redis_port)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        for pid in processes_mentioning(str(tmp_path)):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_sigkilled_launcher_leaves_nothing_behind(tmp_path: Path) -> None:
     procfile = _chatty_procfile(tmp_path, "chatty-kill")
     redis_port = free_port()
