@@ -14,7 +14,7 @@
 5. On Ctrl-C / SIGTERM (whatever is being printed at that moment): SIGTERM to each process group
    (gunicorn drains its requests, the pool stops its workers after their batch), SIGKILL to what
    is left after `API_GRACEFUL_TIMEOUT` + a margin; the Redis server is stopped last and the
-   launcher exits 0. A second Ctrl-C kills the processes at once.
+   launcher exits 0. A second Ctrl-C kills the processes at once; a third exits the launcher at once.
 
 Process tree: launcher ─┬─ valkey-server (own process group)
                         ├─ gunicorn master ── gunicorn workers         (own session)
