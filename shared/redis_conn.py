@@ -249,14 +249,18 @@ def check_redis_version(conn: redis.Redis, minimum: tuple[int, ...] = MIN_REDIS_
     return version
 
 
-def with_options(conn: redis.Redis, **overrides: Any) -> redis.Redis:
+def with_options(
+    conn: redis.Redis, pool_class: type[redis.ConnectionPool] | None = None, **overrides: Any
+) -> redis.Redis:
     """A client with its own pool on the same server as `conn` (its URL's host, TLS and unix-socket
-    options kept: the pool's class and connection class are reused), some options changed."""
+    options kept: the connection class is reused, and the pool's class unless `pool_class` is given,
+    e.g. redis' BlockingConnectionPool with `max_connections`), some options changed."""
     pool = conn.connection_pool
     kept = {k: v for k, v in pool.connection_kwargs.items() if k not in _POOL_MADE_KWARGS}
     kwargs = {**kept, **overrides}
     try:
-        return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
+        cls = pool_class or type(pool)
+        return redis.Redis(connection_pool=cls(connection_class=pool.connection_class, **kwargs))
     except Exception:  # an exotic pool (sentinel, cluster): share the client, whose timeouts still hold
         log.warning("cannot copy the Redis connection pool of %r; sharing it", pool, exc_info=True)
         return conn

@@ -261,15 +261,19 @@ def test_redis_from_url_options() -> None:
     assert kwargs["socket_timeout"] < blocking_socket_timeout()
     assert kwargs["health_check_interval"] > 0
 
+    tls = redis_from_url("rediss://alice:pw@example.invalid:6380/0")
     blocking = with_options(conn, socket_timeout=blocking_socket_timeout())
     assert blocking.connection_pool.connection_kwargs["socket_timeout"] > 30  # > longest long-poll
     assert blocking.connection_pool.connection_kwargs["password"] == "pw"
+    bounded = with_options(tls, pool_class=redis.BlockingConnectionPool, max_connections=3)
+    assert isinstance(bounded.connection_pool, redis.BlockingConnectionPool)
+    assert bounded.connection_pool.max_connections == 3
+    assert bounded.connection_pool.connection_class is redis.SSLConnection  # TLS kept
 
     unix = redis_from_url("unix:///tmp/inferq-no-such.sock")
     with pytest.raises(redis.ConnectionError):  # not a TypeError for a TCP-only option
         unix.ping()
 
-    tls = redis_from_url("rediss://alice:pw@example.invalid:6380/0")
     assert tls.connection_pool.connection_kwargs["username"] == "alice"
     assert tls.connection_pool.connection_class is redis.SSLConnection
 
