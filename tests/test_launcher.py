@@ -4,6 +4,7 @@ leaves no process and no server behind. Plus the cheap refusals and failure path
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -167,9 +169,7 @@ def test_launcher_serves_respawns_a_killed_worker_and_stops_cleanly(
         assert not port_open(port), "the api still listens"
         assert "stopped (SIGTERM)" in log.read_text()
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
+        _leave_nothing(launcher)
         for pid, start in seen.items():
             if alive(pid, start):
                 os.kill(pid, signal.SIGKILL)
@@ -269,6 +269,15 @@ def run_launcher_through_a_pipe(env: dict[str, str], log: Path, *args: str) -> s
     return launcher
 
 
+def _leave_nothing(launcher: subprocess.Popen[bytes], marker: Path | None = None) -> None:
+    """After a test: the launcher reaped, and every process whose command line names `marker` killed."""
+    if launcher.poll() is None:
+        launcher.kill()
+        launcher.wait()
+    for pid in processes_mentioning(str(marker)) if marker is not None else ():
+        os.kill(pid, signal.SIGKILL)
+
+
 def _chatty_procfile(folder: Path, queue: str) -> Path:
     """Real gunicorn, a real `rq worker-pool` (plain RQ workers: no model), and a flood of output.
     Every command line carries `folder`, so whatever survives can be found by it."""
@@ -312,11 +321,7 @@ def _stop_while_output_flows(folder: Path, sig: signal.Signals) -> None:
         wait_until(lambda: not processes_mentioning(str(folder)), 5, what="no process of this round left")
         assert not port_open(redis_port), "the embedded Valkey still listens"
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
-        for pid in processes_mentioning(str(folder)):
-            os.kill(pid, signal.SIGKILL)
+        _leave_nothing(launcher, folder)
 
 
 @pytest.mark.parametrize("round_", range(20))
@@ -334,7 +339,9 @@ _STUBBORN = (
 )
 
 
-def _run_stubborn(tmp_path: Path, grace: int) -> tuple[subprocess.Popen[bytes], Path]:
+@contextlib.contextmanager
+def _stubborn_launcher(tmp_path: Path, grace: int) -> Iterator[tuple[subprocess.Popen[bytes], Path, int]]:
+    """A launcher whose one process ignores SIGTERM: (launcher, its log, the process's pid)."""
     procfile = tmp_path / "Procfile"
     procfile.write_text(_STUBBORN)
     env = launcher_env(
@@ -342,32 +349,30 @@ def _run_stubborn(tmp_path: Path, grace: int) -> tuple[subprocess.Popen[bytes], 
     )
     log = tmp_path / "launcher.log"
     launcher = run_launcher(env, log, "--procfile", str(procfile), "--ready-timeout", "120")
-    wait_until(
-        lambda: "ignoring SIGTERM" in log.read_text(errors="replace"), 30, what="the stubborn process up"
-    )
-    return launcher, log
+    try:
+        wait_until(
+            lambda: "ignoring SIGTERM" in log.read_text(errors="replace"), 30, what="the stubborn process up"
+        )
+        started = re.search(r"stubborn started \(pid=(\d+)\)", log.read_text())
+        assert started is not None
+        yield launcher, log, int(started[1])
+    finally:
+        _leave_nothing(launcher)
 
 
 def test_a_process_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path: Path) -> None:
-    launcher, log = _run_stubborn(tmp_path, grace=1)  # killed 1 + KILL_MARGIN_SECONDS s after the SIGTERM
-    try:
-        stubborn = int(re.search(r"stubborn started \(pid=(\d+)\)", log.read_text())[1])  # type: ignore[index]
+    # Killed 1 + KILL_MARGIN_SECONDS s after the SIGTERM.
+    with _stubborn_launcher(tmp_path, grace=1) as (launcher, log, stubborn):
         started = time.monotonic()
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(STOP_TIMEOUT) == 0
         assert time.monotonic() - started >= 10  # the grace period was honoured
         assert "stubborn did not stop within 11 s and was killed" in log.read_text()
         assert not alive(stubborn)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
 
 
 def test_a_second_signal_kills_at_once(tmp_path: Path) -> None:
-    launcher, log = _run_stubborn(tmp_path, grace=600)
-    try:
-        stubborn = int(re.search(r"stubborn started \(pid=(\d+)\)", log.read_text())[1])  # type: ignore[index]
+    with _stubborn_launcher(tmp_path, grace=600) as (launcher, _log, stubborn):
         launcher.send_signal(signal.SIGINT)
         time.sleep(0.5)
         assert launcher.poll() is None and alive(stubborn)  # waiting out the grace period
@@ -376,10 +381,6 @@ def test_a_second_signal_kills_at_once(tmp_path: Path) -> None:
         assert launcher.wait(STOP_TIMEOUT) == 0
         assert time.monotonic() - started < 5
         assert not alive(stubborn)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
 
 
 def test_a_third_signal_exits_even_when_the_console_is_never_read(tmp_path: Path) -> None:
@@ -404,11 +405,7 @@ def test_a_third_signal_exits_even_when_the_console_is_never_read(tmp_path: Path
         wait_until(lambda: not processes_mentioning(str(tmp_path)), 30, what="no process left")
         assert not port_open(redis_port)
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
-        for pid in processes_mentioning(str(tmp_path)):
-            os.kill(pid, signal.SIGKILL)
+        _leave_nothing(launcher, tmp_path)
 
 
 def test_a_sigkilled_launcher_leaves_nothing_behind(tmp_path: Path) -> None:
