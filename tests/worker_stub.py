@@ -12,7 +12,6 @@ import numpy as np
 from PIL import Image
 
 from shared.config import Settings
-from shared.jobs import LANES, lane_queue_name
 from shared.manifest import InputSpec
 from worker.batch_worker import BatchWorker
 from worker.handler import ClassifyHandler
@@ -45,8 +44,7 @@ def stub_handler(runner: MeanRunner | None = None) -> ClassifyHandler:
 
 
 def stub_worker(settings: Settings, name: str | None = None) -> BatchWorker:
-    queues = [lane_queue_name(settings, lane) for lane in LANES]
-    return BatchWorker(queues, name=name, settings=settings, handler=stub_handler())
+    return BatchWorker(name=name, settings=settings, handler=stub_handler())
 
 
 def truncated_png() -> bytes:
