@@ -254,10 +254,8 @@ class BatchWorker(SimpleWorker):
             writer_thread.join(timeout=FINISH_RETRY_SECONDS + 10)
             heartbeat.stop()
             try:
+                liveness.hand_back_own(self.connection, self.queues, self.name, rejoin_ttl=None)
                 self.teardown()
-                with self.connection.pipeline() as pipe:
-                    liveness.forget_grabber(pipe, self.queues, self.name)
-                    pipe.execute()
             except redis.exceptions.RedisError as exc:
                 log.warning("could not deregister from Redis: %s", exc)
         log.info("worker %s stopped after %d jobs", self.name, done)

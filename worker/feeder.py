@@ -27,7 +27,7 @@ from rq.job import Job
 
 from shared.errors import InferqError
 from shared.keys import image_key
-from worker import rq_writes
+from worker import liveness, rq_writes
 from worker.batching import BatchCollector, Grabbed
 from worker.pipeline import ReadyItems
 from worker.rq_writes import Running
@@ -142,13 +142,32 @@ class Feeder:
                     log.error("Redis unreachable (%s); retrying in %.1f s", exc, backoff)
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 10.0)
+                    self._hand_back_grabbed()
                 except Exception:
-                    # Never let the feeder die silently: the jobs it had started are given back once
-                    # their heartbeat stops (worker.liveness); keep serving the others.
+                    # Never let the feeder die silently: ids grabbed but not started go back to their
+                    # queue now; keep serving the others.
                     log.exception("unexpected error while preparing jobs")
                     time.sleep(1.0)
+                    self._hand_back_grabbed()
         finally:
             self.ready.close()
+
+    def _hand_back_grabbed(self) -> None:
+        """After an error between a grab and the start: this worker is alive, so no one else would
+        give those ids back. Best effort; the next error tries again."""
+        worker = self.worker
+        try:
+            moved = liveness.hand_back_own(
+                worker.connection,
+                worker.queues,
+                worker.name,
+                rejoin_ttl=worker.settings.abandoned_after_seconds,
+            )
+        except redis.exceptions.RedisError as exc:
+            log.warning("could not hand grabbed jobs back yet: %s", exc)
+            return
+        if moved:
+            log.warning("handed %d grabbed job(s) back to their queue after an error", moved)
 
     def _grab_and_prepare(self, first: Grabbed, room: int) -> None:
         collector = self.collector

@@ -71,6 +71,9 @@ class Heartbeat(threading.Thread):
         self.join(timeout=self.interval + 1)
 
 
+_FOREVER = 2**52  # seconds since the epoch; beyond any real expiry
+
+
 def keep_grabbing_alive(
     pipe: redis.client.Pipeline, queues: Sequence[Queue], worker_name: str, ttl: float
 ) -> None:
@@ -80,10 +83,23 @@ def keep_grabbing_alive(
         pipe.zadd(grabbers_key(queue.key), {worker_name: expires})
 
 
-def forget_grabber(pipe: redis.client.Pipeline, queues: Sequence[Queue], worker_name: str) -> None:
-    """Queue, on `pipe`, this worker's leaving the grabbers sets (a clean stop: it started all it grabbed)."""
+def hand_back_own(
+    connection: redis.Redis, queues: Sequence[Queue], worker_name: str, *, rejoin_ttl: float | None
+) -> int:
+    """Give every id still in this worker's own grabbed lists back to the head of its queue (after an
+    error between a grab and the start, or at a clean stop); then rejoin the grabbers sets for
+    `rejoin_ttl` seconds, or leave them (None)."""
+    hand_back = connection.register_script(_HAND_BACK)
+    moved = 0
     for queue in queues:
-        pipe.zrem(grabbers_key(queue.key), worker_name)
+        keys = [grabbed_key(queue.key, worker_name), queue.key, grabbers_key(queue.key)]
+        # An owner "dead" far in the future: its own score never stops the hand-back.
+        moved += max(0, hand_back(keys=keys, args=[worker_name, _FOREVER]))
+    if rejoin_ttl is not None:
+        with connection.pipeline() as pipe:
+            keep_grabbing_alive(pipe, queues, worker_name, rejoin_ttl)
+            pipe.execute()
+    return moved
 
 
 def recover(worker: SimpleWorker, queue: Queue, *, max_attempts: int, namespace: str) -> None:
