@@ -6,6 +6,7 @@ worker must die."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -229,3 +230,41 @@ def test_a_worker_death_charges_only_the_jobs_in_its_forward_pass(
     for job_id in [*fresh, suspect]:
         assert results(conn, job_id) == [Result.Type.SUCCESSFUL]
     assert json.loads(conn.hget(Job.key_for(suspect), "meta"))["attempts"] == 2
+
+
+def test_a_redis_pause_longer_than_abandoned_after_leaves_one_result_per_job(
+    fresh_redis_server: Callable[..., EmbeddedRedis], tmp_path: Path
+) -> None:
+    """Redis stops answering (SIGSTOP) for longer than ABANDONED_AFTER_SECONDS while one worker is
+    in the middle of a forward pass and another is alive: when it answers again, the first worker's
+    late results and the second worker's recovery of the same jobs race; every job ends with
+    exactly one result."""
+    server = fresh_redis_server()
+    assert server.pid is not None
+    conn = redis.Redis.from_url(server.url)
+    settings = Settings(redis_url=server.url, abandoned_after_seconds=2)
+    env = service_env(server.url, ABANDONED_AFTER_SECONDS=2, HEARTBEAT_SECONDS=0.5, MAX_BATCH_SIZE=2)
+    queue = make_queue(conn, settings)
+    ids = [submit(queue, png(10 * (i + 1)), 1, settings).id for i in range(6)]
+    slow = start_stub_worker(env, tmp_path / "slow.log", STUB_INFER_SECONDS="3")
+    fast = None
+    try:
+        wait_until(lambda: conn.scard("inferq:at-risk:rq:wip:inferq") > 0, 30, 0.05, "a job at risk")
+        fast = start_stub_worker(env, tmp_path / "fast.log")
+        time.sleep(0.5)
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            time.sleep(settings.abandoned_after_seconds + 2)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        wait_until(
+            lambda: all(fetch(conn, i).get_status().value == "finished" for i in ids), 60, 0.2, "all finished"
+        )
+    finally:
+        stop(slow)
+        if fast is not None:
+            stop(fast)
+    for i, job_id in enumerate(ids):
+        assert results(conn, job_id) == [Result.Type.SUCCESSFUL], "exactly one result per job"
+        score = fetch(conn, job_id).latest_result().return_value["predictions"][0]["score"]  # type: ignore[union-attr]
+        assert score == pytest.approx((10 * (i + 1) / 255 - 0.5) / 0.5, abs=0.02), "its own image's result"

@@ -226,8 +226,9 @@ def finish(
                 pipe.multi()
                 _write_endings(pipe, worker, owned, inference_ms, batch_id, result_ttl)
                 if owned:
-                    worker.set_current_job_id(None, pipeline=pipe)
-                    worker.set_state(rq.worker.WorkerStatus.IDLE, pipeline=pipe)
+                    if as_batch:  # (a job ended from outside the batch leaves the worker busy)
+                        worker.set_current_job_id(None, pipeline=pipe)
+                        worker.set_state(rq.worker.WorkerStatus.IDLE, pipeline=pipe)
                     _record(pipe, owned, inference_ms, namespace, as_batch)
                 pipe.execute()
                 break
