@@ -38,7 +38,7 @@ from tests.service import service_env, stop, wait_until
 from tests.worker_stub import MeanRunner, png, stub_handler, truncated_png
 from worker import rq_writes
 from worker.batch_worker import BatchWorker
-from worker.batching import Grabbed
+from worker.batching import BatchCollector, Grabbed
 
 
 def fetch(conn: redis.Redis, job_id: str) -> Job:
@@ -268,3 +268,27 @@ def test_a_redis_pause_longer_than_abandoned_after_leaves_one_result_per_job(
         assert results(conn, job_id) == [Result.Type.SUCCESSFUL], "exactly one result per job"
         score = fetch(conn, job_id).latest_result().return_value["predictions"][0]["score"]  # type: ignore[union-attr]
         assert score == pytest.approx((10 * (i + 1) / 255 - 0.5) / 0.5, abs=0.02), "its own image's result"
+
+
+class FailingOnceCollector(BatchCollector):
+    """Grabs as usual, then fails once right after a grab (as a lost connection would)."""
+
+    failed = False
+
+    def take_available(self, limit: int) -> list[Grabbed]:
+        grabbed = super().take_available(limit)
+        if grabbed and not FailingOnceCollector.failed:
+            FailingOnceCollector.failed = True
+            raise redis.exceptions.ConnectionError("lost between the grab and the start")
+        return grabbed
+
+
+def test_ids_grabbed_before_an_error_go_back_to_their_queue(redis_url: str, redis_conn: redis.Redis) -> None:
+    settings = Settings(redis_url=redis_url, queue_name="grab-error", max_batch_size=4)
+    queue = make_queue(redis_conn, settings)
+    ids = [submit(queue, png(30 + i), 1, settings).id for i in range(5)]
+    worker = BatchWorker(settings=settings, handler=stub_handler(), collector_class=FailingOnceCollector)
+    worker.work(burst=True)
+    assert FailingOnceCollector.failed
+    assert [fetch(redis_conn, i).get_status().value for i in ids] == ["finished"] * 5
+    assert not any(redis_conn.llen(key) for key in worker.grabbed_keys)
