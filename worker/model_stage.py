@@ -36,7 +36,7 @@ def run_batch(
             prepared.ready.append(i)
             prepared.arrays.append(item.array)
     at_risk = [items[i].running for i in prepared.ready]
-    rq_writes.set_at_risk(connection, at_risk, at_risk=True)
+    rq_writes.set_at_risk(connection, [r for r in at_risk if not r.marked], at_risk=True)
     began = clock()
     for running in at_risk:
         running.enter_risk(began)

@@ -71,6 +71,7 @@ class Running:
     execution: Execution
     top_k: int
     at_risk_since: float | None = None  # monotonic start of the current risky phase
+    marked: bool = True  # in the at-risk set in Redis (the start marks it)
     risk_spent: float = 0.0  # seconds of finished risky phases
 
     def risk_seconds(self, clock: float) -> float:
@@ -185,6 +186,8 @@ def set_at_risk(connection: redis.Redis, running: Sequence[Running], at_risk: bo
     Best effort: with Redis unreachable the work goes on unmarked (the results wait for Redis anyway)."""
     if not running:
         return
+    for item in running:
+        item.marked = at_risk
     try:
         with connection.pipeline(transaction=False) as pipe:
             for item in running:
