@@ -4,10 +4,13 @@
 
 * `--handler real` loads the model exactly as `python -m worker` does (`load_handler`); `noop`
   answers every image with a fixed top-5 without decoding it, so only the queue layer (Redis +
-  RQ bookkeeping + the batch worker's loop) is measured. torch is never imported then.
+  RQ bookkeeping + the batch worker's loop) is measured (torch is imported all the same, with the
+  handler's `PreparedBatch` the model stage builds, but never runs).
 * Both are wrapped in `CountingHandler`, which counts jobs and samples this process's RSS every
-  `--rss-every` jobs (written to `--stats-out` as JSON when the worker stops).
-* `--fixed-delay` swaps the adaptive batch-close rule for the textbook one (TorchServe's
+  `--rss-every` jobs (written to `--stats-out` as JSON when the worker stops). The worker runs them
+  through the same path as the real one (`preprocess_one` in the feeder, `infer` in the model stage).
+* `--fixed-delay` passes another grab policy to the worker (`BatchWorker(collector_class=...)`): the
+  adaptive batch-close rule is swapped for the textbook one (TorchServe's
   `max_batch_delay`): after the first job, always wait until MAX_BATCH_DELAY_MS has passed since
   the grab or the batch is full. inferq's settings cannot express that rule (its collector only
   waits while the observed arrival rate predicts a companion), so it exists only in the bench.
@@ -20,71 +23,62 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from launch.processes import rss_mb
+from shared.jobs import result_payload
 from worker.batching import BatchCollector
 
 _FAKE_TOP5 = [{"label": f"class {i}", "index": i, "score": 0.2} for i in range(5)]
 
 
-@dataclass
-class NoopOutcome:
-    """Duck-types `worker.handler.ItemOutcome` (importing it would import torch)."""
-
-    result: dict[str, Any] | None = None
-    error: Any = None
-    preprocess_ms: float = 0.0
-
-
 class NoopHandler:
-    """Same interface as `ClassifyHandler` (`handle(images, top_ks)`, `model_info`); no model at all."""
+    """The handler interface the worker uses (`preprocess_one`, `infer`, `model_info`, `batch_cap`)
+    without a model: nothing is decoded, every job gets the same top-k."""
+
+    batch_cap: int | None = None
 
     def __init__(self) -> None:
         self.model_info = {"name": "noop", "sha256": "0" * 64}
 
-    def handle(self, images: list[bytes | None], top_ks: list[int]) -> tuple[list[NoopOutcome], float]:
-        return [
-            NoopOutcome(result={"predictions": _FAKE_TOP5[:k], "model": dict(self.model_info)})
-            for _, k in zip(images, top_ks, strict=True)
-        ], 0.0
+    def preprocess_one(self, data: bytes | None) -> tuple[np.ndarray, None, float]:
+        return _NO_INPUT, None, 0.0
+
+    def infer(self, prepared: Any, top_ks: list[int]) -> tuple[list[Any], float]:
+        for i in prepared.ready:
+            prepared.outcomes[i].result = result_payload(_FAKE_TOP5[: top_ks[i]], self.model_info)
+        return prepared.outcomes, 0.0
+
+
+_NO_INPUT = np.zeros(1, dtype=np.uint8)
 
 
 class CountingHandler:
+    """Wraps a handler: counts the jobs of each forward pass and samples this process's RSS."""
+
     def __init__(self, inner: Any, rss_every: int) -> None:
         self.inner = inner
         self.model_info = inner.model_info
+        self.batch_cap = inner.batch_cap
         self.rss_every = rss_every
         self.jobs = 0
         self.batches = 0
         self.samples: list[tuple[int, float]] = [(0, rss_mb())]
         self._next = rss_every
-        if hasattr(inner, "infer"):
-            # A worker that prepares (decodes) the next batch while the model runs calls
-            # prepare() then infer(); count there. `prepare` itself passes through __getattr__.
-            self.infer = self._counting_infer
 
-    def _count(self, n: int) -> None:
-        self.jobs += n
+    def preprocess_one(self, data: bytes | None) -> Any:
+        return self.inner.preprocess_one(data)
+
+    def infer(self, prepared: Any, top_ks: list[int]) -> tuple[list[Any], float]:
+        out = self.inner.infer(prepared, top_ks)
+        self.jobs += len(top_ks)
         self.batches += 1
         if self.rss_every and self.jobs >= self._next:
             self.samples.append((self.jobs, rss_mb()))
             self._next += self.rss_every
-
-    def _counting_infer(self, prepared: Any, top_ks: list[int]) -> tuple[list[Any], float]:
-        out = self.inner.infer(prepared, top_ks)
-        self._count(len(top_ks))
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        # Anything else the worker asks of its handler is the real handler's.
-        return getattr(self.inner, name)
-
-    def handle(self, images: list[bytes | None], top_ks: list[int]) -> tuple[list[Any], float]:
-        out = self.inner.handle(images, top_ks)
-        self._count(len(images))
         return out
 
 
@@ -126,21 +120,6 @@ class FixedDelayCollector(BatchCollector):
         return extra
 
 
-def _install_fixed_delay() -> None:
-    import worker.batch_worker as batch_worker
-
-    batch_worker.BatchCollector = FixedDelayCollector  # type: ignore[misc]
-
-
-def worker_queues(settings: Any) -> list[str]:
-    """The queues `python -m worker` listens on (its priority lanes, if this version has them)."""
-    try:
-        from shared.jobs import LANES, lane_queue_name
-    except ImportError:
-        return [settings.queue_name]
-    return [lane_queue_name(settings, lane) for lane in LANES]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.probe_worker", description=__doc__)
     parser.add_argument("--handler", choices=["noop", "real"], default="noop")
@@ -155,15 +134,17 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.fixed_delay:
-        _install_fixed_delay()
     from worker.batch_worker import BatchWorker, load_handler
 
     started = time.perf_counter()
     inner: Any = NoopHandler() if args.handler == "noop" else load_handler(settings)
     load_s = time.perf_counter() - started
     handler = CountingHandler(inner, args.rss_every)
-    worker = BatchWorker(worker_queues(settings), settings=settings, handler=handler)
+    worker = BatchWorker(
+        settings=settings,
+        handler=handler,  # type: ignore[arg-type]
+        collector_class=FixedDelayCollector if args.fixed_delay else BatchCollector,
+    )
     try:
         worker.work(burst=args.burst, max_jobs=args.max_jobs)
     finally:

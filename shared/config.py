@@ -152,7 +152,19 @@ class Settings(BaseSettings):
         "workers' registry cleanup runs every half of it, so a dead worker's jobs are back in the "
         "queue within 1.5x this (9 s by default) while another worker lives.",
     )
-    max_attempts: int = Field(default=3, ge=1, description="Workers a job may be started on before it fails.")
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Worker deaths a job may be caught in, while it was being decoded or in a forward "
+        "pass, before it fails `worker_crashed` (a job that was only waiting in a dying worker goes "
+        "back to its queue free of charge).",
+    )
+    job_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest a job may spend being decoded plus in forward passes on one worker; past "
+        "it the job ends `failed` with code `job_timeout` (heartbeats never keep it alive longer).",
+    )
 
     # --- Serving --------------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Address the api binds.")

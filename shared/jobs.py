@@ -3,11 +3,14 @@
 One inferq job is one ordinary RQ job: function `worker.tasks.classify`, args `(image_key, top_k)`,
 serialized with RQ's JSONSerializer. The image bytes live in their own key (`shared.keys.image_key`)
 so nothing the client sent is ever pickled or compressed into the job hash. The worker writes:
-- on success, the RQ result (`job.return_value()`): `{"predictions": [...], "model": {"name", "sha256"}}`;
-- in both cases, `job.meta["timings"]`: `{"queue_ms", "preprocess_ms", "inference_ms", "batch_size"}`;
-- on failure, `job.meta["error"]`: `{"code", "message"}` (a crash found by RQ's registry cleanup has
-  no such entry and is reported as `worker_crashed`); a job whose `deadline_at` passed before it
-  started fails with code `deadline_expired`, which clients see as status `expired`.
+- on success, the RQ result (`job.return_value()`): `result_payload(...)`,
+  `{"predictions": [...], "model": {"name", "sha256", ...}}`;
+- in both cases, `job.meta[META_TIMINGS]`: `timings(...)`, `{"queue_ms", "preprocess_ms",
+  "inference_ms", "batch_size"}`;
+- on failure, `job.meta[META_ERROR]`: `{"code", "message"}`. Codes the worker itself decides:
+  `WORKER_CRASHED` (the job was being decoded or in a forward pass in MAX_ATTEMPTS workers that
+  died), `JOB_TIMEOUT`, and `DEADLINE_EXPIRED` (its `deadline_at` passed before it started; clients
+  see status `expired`); the rest come from the image or the model (`shared.errors`).
 The api also sets `inferq:known:<id>` (`shared.keys.known_key`) in the enqueue transaction: a
 tombstone that outlives the job, so an expired job reads 410 rather than 404.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -47,6 +50,11 @@ _STATUS_FOR_CLIENT = {
 }
 # A failed job whose error is this code never started: its deadline passed first (client status `expired`).
 DEADLINE_EXPIRED = "deadline_expired"
+# A failed job whose error is this code was caught decoding or in a forward pass by MAX_ATTEMPTS
+# worker deaths (written by the worker that found the last one dead, never inferred from RQ's text).
+WORKER_CRASHED = "worker_crashed"
+# A failed job whose error is this code spent more than JOB_TIMEOUT being decoded and in forward passes.
+JOB_TIMEOUT = "job_timeout"
 TERMINAL_STATUSES = frozenset({"finished", "failed", "canceled", "expired"})
 
 
@@ -59,7 +67,10 @@ DEFAULT_LANE = "high"
 META_DEADLINE = "deadline_at"  # epoch seconds after which a job that has not started ends `expired`
 META_OWNER = "owner"  # id of the API key that created the job (its hash), when keys are enabled
 # Keys of `job.meta` the worker writes and the api reads.
-META_ATTEMPTS = "attempts"  # how many times a worker started the job (crash accounting)
+META_ATTEMPTS = "attempts"  # how many times a worker started the job
+# How many worker deaths caught the job while it was being decoded or in a forward pass (each also
+# spends one of RQ's `retries_left`); at MAX_ATTEMPTS it fails `worker_crashed`.
+META_CRASHES = "crashes"
 META_TIMINGS = "timings"  # {"queue_ms", "preprocess_ms", "inference_ms", "batch_size"}
 META_BATCH_ID = "batch_id"  # the batch the job ran in (also in the worker's log lines)
 META_ERROR = "error"  # {"code", "message"} of a failed job
@@ -71,13 +82,29 @@ def lane_queue_name(settings: Settings, lane: str) -> str:
     return settings.queue_name if lane == "high" else f"{settings.queue_name}-{lane}"
 
 
+def lane_queue_names(settings: Settings) -> list[str]:
+    """All lanes' queue names, highest priority first: the order workers listen in."""
+    return [lane_queue_name(settings, lane) for lane in LANES]
+
+
 def make_queue(conn: Redis, settings: Settings, lane: str = DEFAULT_LANE) -> Queue:
     return Queue(lane_queue_name(settings, lane), connection=conn, serializer=SERIALIZER)
 
 
-def make_lane_queues(conn: Redis, settings: Settings) -> list[Queue]:
-    """All lanes' queues, highest priority first (the order workers listen in)."""
-    return [make_queue(conn, settings, lane) for lane in LANES]
+def result_payload(predictions: list[dict[str, Any]], model_info: Mapping[str, Any]) -> dict[str, Any]:
+    """A finished job's RQ result: its predictions and the model (every field of the worker's
+    `model_info`: at least `name` and `sha256`) that made them."""
+    return {"predictions": predictions, "model": dict(model_info)}
+
+
+def timings(queue_ms: float, preprocess_ms: float, inference_ms: float, batch_size: int) -> dict[str, Any]:
+    """`job.meta[META_TIMINGS]` of a job that ran (ms rounded to the microsecond)."""
+    return {
+        "queue_ms": round(queue_ms, 3),
+        "preprocess_ms": round(preprocess_ms, 3),
+        "inference_ms": round(inference_ms, 3),
+        "batch_size": batch_size,
+    }
 
 
 def new_job_id() -> str:
@@ -183,12 +210,8 @@ def job_error(job: Job, status: str, result: Result | None) -> dict[str, str] | 
     error = job.meta.get(META_ERROR)
     if isinstance(error, dict) and "code" in error:
         return {"code": str(error["code"]), "message": str(error.get("message", ""))}
-    exc = (result.exc_string if result is not None else None) or job.exc_info or ""
-    if "AbandonedJobError" in exc or "stuck in intermediate queue" in exc:
-        return {
-            "code": "worker_crashed",
-            "message": "The worker processing this job died and the job ran out of attempts.",
-        }
+    # Every failure an inferq worker writes carries its code; one without it was failed by something
+    # else (a plain RQ worker running `worker.tasks.classify` that raised, an operator's tool).
     return {"code": "internal_error", "message": "The job failed inside the worker."}
 
 

@@ -37,3 +37,23 @@ def ended_channel() -> str:
     expired, timed out), in the same transaction as the end itself: each api process holds one
     subscription to it and wakes its own long-polls, so waiters cost no Redis connection each."""
     return f"{PREFIX}ended"
+
+
+def grabbed_key(queue_key: str, worker_name: str) -> str:
+    """The ids one worker moved off one RQ queue list and has not started yet (its reliable-dequeue
+    list). One per worker, not RQ's shared `:intermediate` list, so that a dead worker's grabbed ids
+    can be told apart from a live one's and go back to their queue at once, free of charge."""
+    return f"{PREFIX}grabbed:{queue_key}:{worker_name}"
+
+
+def grabbers_key(queue_key: str) -> str:
+    """Sorted set of the workers that may hold grabbed ids of `queue_key`, scored by when they stop
+    counting as alive (refreshed by their heartbeat, like RQ's started registry)."""
+    return f"{PREFIX}grabbers:{queue_key}"
+
+
+def at_risk_key(queue_key: str) -> str:
+    """Set of the started-registry entries (`<job id>:<execution id>`) of `queue_key` whose job is
+    being decoded or is in a forward pass right now: a worker that dies charges an attempt to these
+    jobs only."""
+    return f"{PREFIX}at-risk:{queue_key}"

@@ -4,7 +4,7 @@ The batch workers RECORD, the api's scrape-time collector (`api.metrics`) READS.
 adds to four histograms — queue wait (per job), batch size (per batch), preprocess (per job),
 inference (per batch that ran a forward pass) — and to the jobs-ended counters (finished; failed by
 error code), with commands queued on the pipeline that writes the batch's results anyway
-(`BatchWorker._finish`): a constant number of commands per batch (at most buckets + 2 per histogram,
+(`worker.rq_writes`): a constant number of commands per batch (at most buckets + 2 per histogram,
 whatever the batch size) and no extra round trip.
 
 Why workers push to the shared Redis instead of each serving its own `/metrics` (or a Pushgateway):
@@ -47,9 +47,13 @@ FINISHED_FIELD = "finished"
 FAILED_FIELD_PREFIX = "failed:"
 INF = "+Inf"
 
-# Fields inferq adds to RQ's worker hash (`rq:worker:<name>`), next to RQ's own (hostname, queues...).
+# Fields inferq adds to RQ's worker hash (`rq:worker:<name>`), next to RQ's own (hostname, queues...):
+# every field of the model's `model_info`, `name` as `inferq_model` and any other `<key>` as
+# `inferq_model_<key>` (so `inferq_model_sha256`, and a backend's name or version once it reports
+# them), plus the batch cap the worker chose at warm-up.
 WORKER_MODEL_FIELD = "inferq_model"
 WORKER_MODEL_SHA256_FIELD = "inferq_model_sha256"
+WORKER_BATCH_CAP_FIELD = "inferq_batch_cap"
 
 
 def telemetry_key(namespace: str, metric: str) -> str:
@@ -175,6 +179,12 @@ def record_batch(
     PREPROCESS.observe(pipe, namespace, (ms / 1000 for ms in preprocess_ms))
     if inference_ms > 0:
         INFERENCE.observe(pipe, namespace, (inference_ms / 1000,))
+    count_ended(pipe, namespace=namespace, finished=finished, failed_by_code=failed_by_code)
+
+
+def count_ended(pipe: Any, *, namespace: str, finished: int, failed_by_code: Mapping[str, int]) -> None:
+    """Queue the jobs-ended counters on `pipe`: also for jobs that end outside a batch (a worker
+    found dead with them, a job timed out)."""
     key = telemetry_key(namespace, JOBS_ENDED)
     if finished:
         pipe.hincrby(key, FINISHED_FIELD, finished)
@@ -203,13 +213,16 @@ class TelemetrySnapshot:
     workers: list[WorkerInfo]
 
 
-def worker_info_fields(model_info: Mapping[str, Any] | None) -> dict[str, str]:
-    """The fields a worker adds to its RQ hash: the model it serves (empty before it loaded one)."""
-    model_info = model_info or {}
-    return {
-        WORKER_MODEL_FIELD: str(model_info.get("name") or ""),
-        WORKER_MODEL_SHA256_FIELD: str(model_info.get("sha256") or ""),
-    }
+def worker_info_fields(model_info: Mapping[str, Any] | None, batch_cap: int | None = None) -> dict[str, str]:
+    """The fields a worker adds to its RQ hash: the model it serves (empty before it loaded one),
+    every field of its `model_info`, and its batch cap once chosen."""
+    fields = {WORKER_MODEL_FIELD: "", WORKER_MODEL_SHA256_FIELD: ""}
+    for key, value in (model_info or {}).items():
+        name = WORKER_MODEL_FIELD if key == "name" else f"{WORKER_MODEL_FIELD}_{key}"
+        fields[name] = "" if value is None else str(value)
+    if batch_cap:
+        fields[WORKER_BATCH_CAP_FIELD] = str(batch_cap)
+    return fields
 
 
 def read_snapshot(redis: Redis, namespace: str, worker_sets: Sequence[str]) -> TelemetrySnapshot:

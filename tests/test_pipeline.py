@@ -14,7 +14,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from shared.config import Settings
-from shared.jobs import LANES, lane_queue_name, make_queue, submit
+from shared.jobs import LANES, make_queue, submit
 from tests.worker_stub import MeanRunner, png, stub_handler
 from worker.batch_worker import BatchWorker
 from worker.pipeline import ReadyItems
@@ -104,9 +104,7 @@ def test_jobs_arriving_during_a_forward_pass_share_the_next_batch(
     runner = SlowRunner()
     handler = stub_handler(runner)
     handler.batch_cap = 4
-    worker = BatchWorker(
-        [lane_queue_name(settings, lane) for lane in LANES], settings=settings, handler=handler
-    )
+    worker = BatchWorker(settings=settings, handler=handler)
     ids = [submit(queue, png(10), 1, settings).id]
 
     def later_arrivals() -> None:

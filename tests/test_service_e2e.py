@@ -17,7 +17,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegist
 
 from launch.redis_server import EmbeddedRedis
 from shared.config import Settings
-from shared.jobs import SERIALIZER, make_queue, submit
+from shared.jobs import META_CRASHES, SERIALIZER, make_queue, submit
 from shared.manifest import Manifest
 from tests.conftest import PHOTO_LABELS
 from tests.service import free_port, http_ok, service_env, start_api, start_worker, stop, wait_until
@@ -219,4 +219,8 @@ def test_a_sigkilled_worker_does_not_strand_its_jobs(
     assert time.monotonic() - killed_at < 120
     for job_id in stranded:
         job = Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
-        assert job.retries_left == settings.max_attempts - 2, "one attempt was spent on the crash"
+        # An attempt is spent only by a job that was being decoded or in a forward pass when its
+        # worker died; one that was waiting for the model went back free of charge.
+        crashes = int(job.meta.get(META_CRASHES, 0))
+        assert crashes in (0, 1)
+        assert job.retries_left == settings.max_attempts - 1 - crashes

@@ -1,9 +1,14 @@
-"""An in-process BatchWorker with a stub model (no torch), for tests of what workers write to Redis:
-jobs' results and errors, telemetry, logs, the worker registry."""
+"""A BatchWorker with a stub model (no torch), for tests of what workers write to Redis: jobs'
+results and errors, telemetry, logs, the worker registry. In-process (`stub_worker`), or as its own
+process (`python -m tests.worker_stub`, settings from the environment; `STUB_INFER_SECONDS` makes
+every forward pass take that long), for tests that kill workers."""
 
 from __future__ import annotations
 
 import io
+import os
+import sys
+import time
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -11,8 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from shared.config import Settings
-from shared.jobs import LANES, lane_queue_name
+from shared.config import Settings, get_settings
+from shared.jobs import lane_queue_names
 from shared.manifest import InputSpec
 from worker.batch_worker import BatchWorker
 from worker.handler import ClassifyHandler
@@ -25,10 +30,13 @@ STUB_MODEL = "stub-model"
 class MeanRunner:
     """Classifies by mean pixel value, like a model would: one prediction per input."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.batch_sizes: list[int] = []
+        self.delay = delay
 
     def predict(self, inputs: Sequence[np.ndarray], top_k: list[int]) -> list[list[dict[str, Any]]]:
+        if self.delay:
+            time.sleep(self.delay)
         self.batch_sizes.append(len(inputs))
         return [[{"label": "mean", "index": 0, "score": float(x.mean())}] for x in inputs]
 
@@ -45,8 +53,7 @@ def stub_handler(runner: MeanRunner | None = None) -> ClassifyHandler:
 
 
 def stub_worker(settings: Settings, name: str | None = None) -> BatchWorker:
-    queues = [lane_queue_name(settings, lane) for lane in LANES]
-    return BatchWorker(queues, name=name, settings=settings, handler=stub_handler())
+    return BatchWorker(name=name, settings=settings, handler=stub_handler())
 
 
 def truncated_png() -> bytes:
@@ -56,3 +63,15 @@ def truncated_png() -> bytes:
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
     data = buf.getvalue()
     return data[: len(data) // 2]
+
+
+def main() -> int:
+    settings = get_settings()
+    runner = MeanRunner(delay=float(os.environ.get("STUB_INFER_SECONDS", "0")))
+    worker = BatchWorker(lane_queue_names(settings), settings=settings, handler=stub_handler(runner))
+    worker.work()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

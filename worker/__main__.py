@@ -20,11 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     from shared.logging_setup import configure_logging
 
     configure_logging(service="worker", log_format=settings.log_format, level=settings.log_level)
-    from shared.jobs import LANES, lane_queue_name
     from worker.batch_worker import BatchWorker
 
-    queues = [lane_queue_name(settings, lane) for lane in LANES]
-    worker = BatchWorker(queues, name=args.name, settings=settings)
+    worker = BatchWorker(name=args.name, settings=settings)  # listens on every lane of QUEUE_NAME
     worker.work(burst=args.burst, max_jobs=args.max_jobs)
     return 0
 

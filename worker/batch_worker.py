@@ -1,26 +1,23 @@
-"""`BatchWorker`: an RQ worker that runs its jobs in micro-batches, in its own process.
+"""`BatchWorker`: an RQ worker that runs its jobs in micro-batches, in its own process: the RQ
+lifecycle (registration, signals, maintenance, liveness) and the wiring of its stages.
 
 It is RQ's `SimpleWorker` (no fork: the model stays loaded, and a CUDA context is never inherited
-across a fork) with the dequeue/execute loop replaced (docs/architecture.md) by three stages on three threads:
-- the feeder grabs ids reliably (`worker.batching`), fetches jobs and images in one round trip,
-  starts them in one pipeline (RQ `Execution`, started registry, job status) and preprocesses each
-  (PIL/numpy release the GIL), parking it in `worker.pipeline.ReadyItems`;
-- the model thread (the only one that runs torch ops: a second thread would start a second OpenMP
-  pool: docs/architecture.md) takes everything ready, up to the batch cap, as one batch: one forward pass;
-- the writer finishes every job of a batch through RQ in one pipeline (results, registries,
-  counters) while the next forward pass runs.
+across a fork) with the dequeue/execute loop replaced by three stages on three threads:
+- the feeder (`worker.feeder`) grabs ids (`worker.batching`), starts their jobs and decodes them
+  (one injectable decode step), parking each in `worker.pipeline.ReadyItems`;
+- the model thread (`worker.model_stage`; the only one that runs torch ops: a second thread would
+  start a second OpenMP pool) takes everything ready, up to the batch cap, as one forward pass;
+- the writer (`worker.writer`) ends every job of a batch through `worker.rq_writes` (the one module
+  that writes what RQ's own worker would) while the next forward pass runs.
 Every job stays an ordinary RQ job: `Job.fetch(id).return_value()`, the registries, rq-dashboard
 and the worker's counters all see what RQ's own workers would write.
 
-Liveness: a heartbeat thread refreshes the worker key and the started-registry entries of the
-jobs in flight every `HEARTBEAT_SECONDS`, with a TTL of `ABANDONED_AFTER_SECONDS`. If the process
-dies, those entries expire and RQ's own registry cleanup (which these workers run every few
-seconds instead of every ten minutes) requeues the jobs while attempts are left.
+Liveness and recovery of dead workers' jobs: `worker.liveness`. docs: README "Priorities,
+deadlines, attempts".
 """
 
 from __future__ import annotations
 
-import collections
 import gc
 import logging
 import math
@@ -28,52 +25,38 @@ import signal
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
 from queue import Queue
 from typing import TYPE_CHECKING, Any
 
 import redis
 from rq import worker_registration
-from rq.exceptions import StopRequested
-from rq.executions import Execution
-from rq.job import Job, JobStatus
-from rq.registry import clean_registries
+from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.utils import now
-from rq.worker import SimpleWorker, WorkerStatus
+from rq.worker import SimpleWorker
 
 from shared.config import Settings, get_settings
 from shared.errors import InferqError
-from shared.jobs import (
-    DEADLINE_EXPIRED,
-    META_ATTEMPTS,
-    META_BATCH_ID,
-    META_DEADLINE,
-    META_ERROR,
-    META_TIMINGS,
-)
-from shared.keys import image_key
+from shared.jobs import JOB_TIMEOUT, lane_queue_names
+from shared.keys import grabbed_key
 from shared.logging_setup import configure_logging_once, set_log_context
 from shared.redis_conn import connect_checked
-from shared.telemetry import record_batch, worker_info_fields
-from worker.batching import BatchCollector, Grabbed, Lane
+from shared.telemetry import worker_info_fields
+from worker import liveness, rq_writes
+from worker.batching import BatchCollector, Lane
+from worker.feeder import IDLE_BLOCK_SECONDS, Decoded, DecodeMany, Feeder, InFlight, in_thread_decoder
+from worker.model_stage import run_batch
 from worker.pipeline import ReadyItems
+from worker.rq_writes import Ending
+from worker.writer import FINISH_RETRY_SECONDS, Batch, write_batches
 
 if TYPE_CHECKING:
     # torch is imported only by the process that runs the model: RQ's worker-pool imports this
     # class in its supervisor process and forks workers from it.
-    from worker.handler import ClassifyHandler, ItemOutcome
+    from worker.handler import ClassifyHandler
 
 log = logging.getLogger("inferq.worker")
 
-# Blocking dequeue in short slices: a stop request, and a job on a lower lane, are noticed within
-# this many seconds by an idle worker.
-_IDLE_BLOCK_SECONDS = 0.5
-# How long a batch's results are retried against an unreachable Redis before they are given up
-# (the jobs' registry entries then expire and RQ requeues them).
-_FINISH_RETRY_SECONDS = 60.0
 # CPython's GIL switch interval for the worker process (see `work`).
 _GIL_SWITCH_SECONDS = 0.0005
 
@@ -105,47 +88,21 @@ def load_handler(settings: Settings) -> ClassifyHandler:
     return ClassifyHandler(model, runner, settings.max_image_pixels, batch_cap=batch_cap)
 
 
-@dataclass
-class _Item:
-    """One started job on its way through the stages."""
-
-    job: Job
-    execution: Execution
-    top_k: int
-    data: bytes | None  # the image bytes, for a handler without `preprocess_one`
-    array: Any = None  # the model input, once preprocessed
-    error: InferqError | None = None  # why it has no model input
-    preprocess_ms: float = 0.0
-
-
-class _Heartbeat(threading.Thread):
-    def __init__(self, worker: BatchWorker, interval: float) -> None:
-        super().__init__(name="inferq-heartbeat", daemon=True)
-        self.worker = worker
-        self.interval = interval
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.interval):
-            try:
-                self.worker.beat()
-            except redis.exceptions.RedisError as exc:
-                log.warning("heartbeat failed: %s", exc)
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.join(timeout=self.interval + 1)
-
-
 class BatchWorker(SimpleWorker):
     def __init__(
         self,
-        queues: Any,
+        queues: Any = None,
         *args: Any,
         settings: Settings | None = None,
         handler: ClassifyHandler | None = None,
+        decode_many: DecodeMany | None = None,
+        collector_class: type[BatchCollector] = BatchCollector,
         **kwargs: Any,
     ) -> None:
+        """`queues`: the lanes' queue names, highest priority first (default: `QUEUE_NAME`'s lanes;
+        `rq worker-pool` passes the names on its command line). `handler`: a loaded handler (default:
+        loaded by `work`). `decode_many`: the decode step (default: in this process's feeder thread).
+        `collector_class`: the grab policy (the bench swaps in another batch-close rule)."""
         self.settings = settings or get_settings()
         # RQ's worker-pool forks workers from its supervisor, whose SIGTERM/SIGINT handlers they
         # inherit; until `work()` installs ours (after the model loads) a stop must simply stop us.
@@ -164,28 +121,47 @@ class BatchWorker(SimpleWorker):
         kwargs["connection"] = connect_checked(
             self.settings, client_name="inferq-worker", base=kwargs.get("connection")
         )
-        super().__init__(queues, *args, **kwargs)
+        super().__init__(queues or lane_queue_names(self.settings), *args, **kwargs)
         self.handler = handler
+        self.decode_many = decode_many
+        self.collector_class = collector_class
         self.execution_ttl = math.ceil(self.settings.abandoned_after_seconds)
-        self._in_flight: list[tuple[Job, Execution]] = []  # started, not yet written
-        self._in_flight_changed = threading.Condition()
+        self.in_flight = InFlight()
+        # This worker's own reliable-dequeue list per lane (shared.keys.grabbed_key).
+        self.grabbed_keys = [grabbed_key(q.key, self.name) for q in self.queues]
 
     # --- lifecycle -------------------------------------------------------------------------------
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
     def _shutdown(self) -> None:
-        # RQ raises StopRequested from the signal handler when idle; that can land between a
-        # BLMOVE and the jobs' start. Only set the flag: the loop checks it between batches.
+        # RQ raises StopRequested from the signal handler when idle; that can land between a grab
+        # and the jobs' start. Only set the flag: the loop checks it between batches.
         self._stop_requested = True
 
     def serialize(self) -> dict:
-        """RQ's worker hash, plus the model this worker serves (`inferq_model`, `inferq_model_sha256`)
-        and its batch cap (`inferq_batch_cap`):
-        written with its birth (the model loads first) and any re-registration; read by /metrics."""
-        model_info = self.handler.model_info if self.handler is not None else None
-        fields = {**super().serialize(), **worker_info_fields(model_info)}
-        if getattr(self.handler, "batch_cap", None):
-            fields["inferq_batch_cap"] = str(self.handler.batch_cap)  # type: ignore[union-attr]
-        return fields
+        """RQ's worker hash, plus every field of the model's `model_info` and the batch cap
+        (`shared.telemetry.worker_info_fields`): written with its birth (the model loads first) and
+        any re-registration; read by /metrics."""
+        if self.handler is None:
+            return {**super().serialize(), **worker_info_fields(None)}
+        fields = worker_info_fields(self.handler.model_info, self.batch_cap)
+        return {**super().serialize(), **fields}
+
+    @property
+    def batch_cap(self) -> int:
+        """Most jobs per forward pass: the handler's measured cap, never above MAX_BATCH_SIZE."""
+        cap = self.handler.batch_cap if self.handler is not None else None
+        return min(cap or self.settings.max_batch_size, self.settings.max_batch_size)
+
+    def top_k_of(self, job: Job) -> int:
+        try:
+            top_k = int(job.args[1])
+        except (IndexError, TypeError, ValueError):
+            top_k = self.settings.default_top_k
+        return min(max(top_k, 1), self.settings.max_top_k)
 
     def work(  # type: ignore[override]
         self,
@@ -212,7 +188,8 @@ class BatchWorker(SimpleWorker):
                 self.handler.model_info["sha256"][:12],
                 time.perf_counter() - started,
             )
-        set_log_context(model_sha256=self.handler.model_info["sha256"])
+        handler = self.handler
+        set_log_context(model_sha256=handler.model_info["sha256"])
         self.bootstrap(level, date_format, log_format)
         self._install_signal_handlers()
         # Three busy threads share the GIL here; at CPython's default switch interval the model
@@ -225,37 +202,45 @@ class BatchWorker(SimpleWorker):
         # load). Frozen, they are never walked again (only objects made from here on are collected).
         gc.collect()
         gc.freeze()
-        batch_cap = min(
-            getattr(self.handler, "batch_cap", None) or self.settings.max_batch_size,
-            self.settings.max_batch_size,
-        )
-        # Queues in the order given are lanes, highest priority first (`python -m worker` passes
-        # all of `shared.jobs.LANES`; `rq worker-pool` passes the names on its command line).
-        collector = BatchCollector(
+        batch_cap = self.batch_cap
+        collector = self.collector_class(
             self.connection,
-            [Lane(q.key, q.intermediate_queue_key) for q in self.queues],
+            [Lane(q.key, grabbed) for q, grabbed in zip(self.queues, self.grabbed_keys, strict=True)],
             max_size=batch_cap,
             max_delay=self.settings.max_batch_delay_ms / 1000,
             low_share=self.settings.low_lane_share,
         )
-        heartbeat = _Heartbeat(self, self.settings.heartbeat_seconds)
+        self.beat()  # in the grabbers sets before the first grab
+        heartbeat = liveness.Heartbeat(self.beat, self.settings.heartbeat_seconds)
         heartbeat.start()
         # Up to two batches ready while one is computed, so a hiccup of the feeder (a slow decode, a
         # Redis round trip) does not leave the model idle (saturation throughput: BENCHMARKS.md);
         # the feeder starts no more jobs than that, the rest stay queued for others.
-        ready: ReadyItems[_Item] = ReadyItems(2 * batch_cap)
-        finished: Queue[tuple[list[_Item], list[ItemOutcome], float] | None] = Queue(maxsize=2)
-        feeder = threading.Thread(
-            target=self._feed, args=(collector, ready, burst), name="inferq-feeder", daemon=True
+        ready: ReadyItems[Decoded] = ReadyItems(2 * batch_cap)
+        feeder = Feeder(
+            self,
+            collector,
+            ready,
+            self.decode_many or in_thread_decoder(handler),
+            self.in_flight,
+            self.grabbed_keys,
         )
-        writer = threading.Thread(target=self._write, args=(finished,), name="inferq-writer", daemon=True)
-        feeder.start()
-        writer.start()
+        batches: Queue[Batch | None] = Queue(maxsize=2)
+        feeder_thread = threading.Thread(target=feeder.run, args=(burst,), name="inferq-feeder", daemon=True)
+        writer_thread = threading.Thread(
+            target=write_batches,
+            args=(self, batches, self.in_flight.remove),
+            kwargs={"namespace": self.settings.queue_name, "result_ttl": self.settings.result_ttl},
+            name="inferq-writer",
+            daemon=True,
+        )
+        feeder_thread.start()
+        writer_thread.start()
         done = 0
         try:
             while items := ready.take(batch_cap):
                 try:
-                    finished.put((items, *self._infer(items)))
+                    batches.put(run_batch(handler, self.connection, items))
                 finally:
                     ready.release()
                 done += len(items)
@@ -263,11 +248,12 @@ class BatchWorker(SimpleWorker):
                     self._stop_requested = True
         finally:
             self._stop_requested = True
-            feeder.join(timeout=_IDLE_BLOCK_SECONDS * 4 + 10)
-            finished.put(None)
-            writer.join(timeout=_FINISH_RETRY_SECONDS + 10)
+            feeder_thread.join(timeout=IDLE_BLOCK_SECONDS * 4 + 10)
+            batches.put(None)
+            writer_thread.join(timeout=FINISH_RETRY_SECONDS + 10)
             heartbeat.stop()
             try:
+                liveness.hand_back_own(self.connection, self.queues, self.name, rejoin_ttl=None)
                 self.teardown()
             except redis.exceptions.RedisError as exc:
                 log.warning("could not deregister from Redis: %s", exc)
@@ -275,18 +261,24 @@ class BatchWorker(SimpleWorker):
         return done > 0
 
     def clean_registries(self) -> None:
-        """RQ's registry maintenance (abandoned jobs → requeue or fail, stale workers, stuck
-        intermediate ids), run every few seconds. Unlike RQ's, the per-queue lock lives only a few
-        intervals: a worker killed while holding it must not stop everyone's cleanup for RQ's 15
-        minutes. Logged at debug level, since it runs so often."""
+        """Registry maintenance, run every few seconds: dead workers' jobs given back
+        (`worker.liveness.recover`, instead of RQ's abandoned-job cleanup), stale workers, and RQ's
+        other registries. Unlike RQ's, the per-queue lock lives only a few intervals: a worker killed
+        while holding it must not stop everyone's cleanup for RQ's 15 minutes. Logged at debug
+        level, since it runs so often."""
         lock_ttl = max(10, 3 * int(self.maintenance_interval))
         for queue in self.queues:
             if self.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=lock_ttl):
                 log.debug("cleaning registries of queue %s", queue.name)
                 try:
-                    clean_registries(queue, self._exc_handlers)
+                    liveness.recover(
+                        self,
+                        queue,
+                        max_attempts=self.settings.max_attempts,
+                        namespace=self.settings.queue_name,
+                    )
+                    liveness.clean_other_registries(queue)
                     worker_registration.clean_worker_registry(queue)
-                    queue.intermediate_queue.cleanup(self, queue)
                 finally:
                     queue.release_maintenance_lock()
         self.last_cleaned_at = now()
@@ -299,14 +291,43 @@ class BatchWorker(SimpleWorker):
         super().heartbeat(timeout or self.worker_ttl, pipeline)
 
     def beat(self) -> None:
-        """Prove liveness: the worker key and the started-registry entries of the jobs in flight."""
-        with self._in_flight_changed:
-            in_flight = list(self._in_flight)
+        """Prove liveness: the worker key, this worker's grabbers entries and the started-registry
+        entries of the jobs in flight; a job past JOB_TIMEOUT is ended instead (`job_timeout`)."""
+        clock = time.monotonic()
+        timed_out: list[Ending] = []
+        alive = []
+        for running in self.in_flight.snapshot():
+            if running.risk_seconds(clock) > self.settings.job_timeout:
+                limit = self.settings.job_timeout
+                error = InferqError(
+                    f"The job spent more than {limit:g} s being decoded and in forward passes.",
+                    code=JOB_TIMEOUT,
+                )
+                timed_out.append(Ending(running, error=error))
+            else:
+                alive.append(running)
         with self.connection.pipeline() as pipe:
             self.heartbeat(self.worker_ttl, pipeline=pipe)
-            for job, execution in in_flight:
-                execution.heartbeat(job.started_job_registry, self.execution_ttl, pipeline=pipe)
+            liveness.keep_grabbing_alive(pipe, self.queues, self.name, self.settings.abandoned_after_seconds)
+            for running in alive:
+                running.execution.heartbeat(
+                    running.job.started_job_registry, self.execution_ttl, pipeline=pipe
+                )
             created_worker_key = pipe.execute()[0] == 1
+        if timed_out:
+            written, _ = rq_writes.finish(
+                self,
+                timed_out,
+                0.0,
+                namespace=self.settings.queue_name,
+                result_ttl=self.settings.result_ttl,
+                as_batch=False,
+            )
+            for e in written:
+                log.error(
+                    "job ended", extra={"job_id": e.running.job.id, "status": "failed", "code": JOB_TIMEOUT}
+                )
+            self.in_flight.remove([e.running.job.id for e in timed_out])
         if created_worker_key:
             # The worker key had vanished (Redis restarted without persistence, or it expired
             # during an outage): register again so readiness checks and dashboards see us.
@@ -316,337 +337,3 @@ class BatchWorker(SimpleWorker):
                 pipe.expire(self.key, self.worker_ttl)
                 pipe.execute()
             log.warning("worker %s re-registered after its key vanished", self.name)
-
-    # --- one batch -------------------------------------------------------------------------------
-
-    def _feed(self, collector: BatchCollector, ready: ReadyItems[_Item], burst: bool) -> None:
-        """The feeder stage: until a stop is requested (or, in burst mode, the queues are empty),
-        grab jobs as there is room for them, start and prepare them. Always ends by closing `ready`."""
-        backoff = 0.5
-        try:
-            while not self._stop_requested:
-                try:
-                    self.check_for_suspension(burst)
-                    if self.should_run_maintenance_tasks:
-                        self.run_maintenance_tasks()
-                    room = ready.room(_IDLE_BLOCK_SECONDS)
-                    if room == 0:
-                        continue
-                    first = collector.take_first(_IDLE_BLOCK_SECONDS)
-                    if first is None:
-                        if burst:
-                            break
-                        continue
-                    self._prepare(collector, first, room, ready)
-                    backoff = 0.5
-                except StopRequested:
-                    break
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                    log.error("Redis unreachable (%s); retrying in %.1f s", exc, backoff)
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 10.0)
-                except Exception:
-                    # Never let the feeder die silently: the jobs it had started are requeued by
-                    # RQ's cleanup once their heartbeat stops; keep serving the others.
-                    log.exception("unexpected error while preparing jobs")
-                    time.sleep(1.0)
-        finally:
-            ready.close()
-
-    def _prepare(
-        self, collector: BatchCollector, first: Grabbed, room: int, ready: ReadyItems[_Item]
-    ) -> None:
-        grabbed = [first, *collector.take_available(room - 1)]
-        jobs, images = self._fetch([g.job_id for g in grabbed])
-        arrivals = [job.enqueued_at.timestamp() for job in jobs.values() if job and job.enqueued_at]
-        collector.arrivals.observe(arrivals)
-        if len(grabbed) < room and arrivals and collector.waits_for_companions(ready.idle()):
-            extra = collector.wait_for_more(collector.max_size - room + len(grabbed), min(arrivals))
-            if extra:
-                more_jobs, more_images = self._fetch([g.job_id for g in extra])
-                jobs.update(more_jobs)
-                images.update(more_images)
-                grabbed += extra
-        # A job that was started before (its worker died with it) may be what kills workers. It
-        # runs alone, started only when nothing else of this worker is in flight and with nothing
-        # started after it until it is written, so if it kills this worker too, no neighbour loses
-        # an attempt; further suspects go back to their queue's head for the next batches.
-        suspects = [g for g in grabbed if self._attempts(jobs.get(g.job_id)) > 0]
-        fresh = [g for g in grabbed if g not in suspects]
-        if len(suspects) > 1:
-            self._return_to_queue(suspects[1:])
-        self._start_and_prepare(fresh, jobs, images, ready)
-        if suspects:
-            self._wait_until_nothing_in_flight()
-            if self._start_and_prepare(suspects[:1], jobs, images, ready):
-                self._wait_until_nothing_in_flight()
-
-    def _start_and_prepare(
-        self,
-        items: Sequence[Grabbed],
-        jobs: dict[str, Job | None],
-        images: dict[str, bytes | None],
-        ready: ReadyItems[_Item],
-    ) -> int:
-        """Start `items` and hand each to the model thread as soon as it is preprocessed."""
-        if not items:
-            return 0
-        started = self._start(items, jobs)
-        preprocess_one = getattr(self.handler, "preprocess_one", None)
-        for job, execution in started:
-            item = _Item(job, execution, self._top_k(job), images.get(job.id))
-            if preprocess_one is not None:
-                item.array, item.error, item.preprocess_ms = preprocess_one(item.data)
-                item.data = None
-            ready.put(item)
-        return len(started)
-
-    def _wait_until_nothing_in_flight(self) -> None:
-        with self._in_flight_changed:
-            self._in_flight_changed.wait_for(lambda: not self._in_flight)
-
-    @staticmethod
-    def _attempts(job: Job | None) -> int:
-        return int(job.meta.get(META_ATTEMPTS, 0)) if job is not None else 0
-
-    def _return_to_queue(self, items: Sequence[Grabbed]) -> None:
-        with self.connection.pipeline() as pipe:
-            for item in reversed(items):
-                queue = self.queues[item.lane]
-                pipe.lrem(queue.intermediate_queue_key, 1, item.job_id)
-                pipe.lpush(queue.key, item.job_id)
-            pipe.execute()
-
-    def _infer(self, items: list[_Item]) -> tuple[list[ItemOutcome], float]:
-        """The model stage: one forward pass over the items that have a model input."""
-        top_ks = [item.top_k for item in items]
-        infer = getattr(self.handler, "infer", None)
-        if infer is None:  # a handler with only `handle(images, top_ks)` (e.g. the benchmark's no-op model)
-            return self.handler.handle([item.data for item in items], top_ks)  # type: ignore[union-attr]
-        from worker.handler import ItemOutcome, PreparedBatch
-
-        prepared = PreparedBatch(outcomes=[])
-        for i, item in enumerate(items):
-            prepared.outcomes.append(ItemOutcome(error=item.error, preprocess_ms=item.preprocess_ms))
-            if item.error is None:
-                prepared.ready.append(i)
-                prepared.arrays.append(item.array)
-        return infer(prepared, top_ks)
-
-    def _write(self, finished: Queue[tuple[list[_Item], list[ItemOutcome], float] | None]) -> None:
-        """The writer stage: each batch's outcomes through RQ, in order, retried while Redis is away."""
-        while (batch := finished.get()) is not None:
-            items, outcomes, inference_ms = batch
-            started = [(item.job, item.execution) for item in items]
-            deadline = time.monotonic() + _FINISH_RETRY_SECONDS
-            try:
-                while True:
-                    try:
-                        self._finish(started, outcomes, inference_ms)
-                        break
-                    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                        if time.monotonic() > deadline:
-                            # Given up: once their heartbeat stops, RQ's cleanup requeues these jobs.
-                            log.error(
-                                "results of %d job(s) not written (%s); they will be requeued",
-                                len(items),
-                                exc,
-                            )
-                            break
-                        log.warning("could not write results (%s); retrying while Redis comes back", exc)
-                        time.sleep(1.0)
-            except Exception:
-                log.exception("could not write the results of %d job(s); they will be requeued", len(items))
-            finally:
-                done = {item.job.id for item in items}
-                with self._in_flight_changed:
-                    self._in_flight = [(job, ex) for job, ex in self._in_flight if job.id not in done]
-                    self._in_flight_changed.notify_all()
-
-    def _fetch(self, ids: Sequence[str]) -> tuple[dict[str, Job | None], dict[str, bytes | None]]:
-        """Job hashes and image bytes of `ids` in one round trip."""
-        with self.connection.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hgetall(Job.key_for(job_id))
-            pipe.mget([image_key(job_id) for job_id in ids])
-            *hashes, blobs = pipe.execute()
-        jobs: dict[str, Job | None] = {}
-        for job_id, raw in zip(ids, hashes, strict=True):
-            job = None
-            if raw:
-                job = self.job_class(job_id, connection=self.connection, serializer=self.serializer)
-                try:
-                    job.restore(raw)
-                except Exception:
-                    log.exception("job %s has unreadable data; skipping it", job_id)
-                    job = None
-            jobs[job_id] = job
-        return jobs, dict(zip(ids, blobs, strict=True))
-
-    def _top_k(self, job: Job) -> int:
-        try:
-            top_k = int(job.args[1])
-        except (IndexError, TypeError, ValueError):
-            top_k = self.settings.default_top_k
-        return min(max(top_k, 1), self.settings.max_top_k)
-
-    def _start(self, grabbed: Sequence[Grabbed], jobs: dict[str, Job | None]) -> list[tuple[Job, Execution]]:
-        """Mark every runnable job started in one pipeline. Ids whose job is gone or no longer
-        queued (canceled) are dropped; jobs past their deadline end `deadline_expired` unstarted."""
-        started: list[tuple[Job, Execution]] = []
-        expired: list[Job] = []
-        wall = time.time()
-        with self.connection.pipeline() as pipe:
-            for item in grabbed:
-                job = jobs.get(item.job_id)
-                # Leaving the intermediate list is what tells RQ's cleanup the job did start.
-                pipe.lrem(self.queues[item.lane].intermediate_queue_key, 1, item.job_id)
-                if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
-                    continue
-                deadline = job.meta.get(META_DEADLINE)
-                if isinstance(deadline, int | float) and wall > deadline:
-                    expired.append(job)
-                    continue
-                job.meta[META_ATTEMPTS] = int(job.meta.get(META_ATTEMPTS, 0)) + 1
-                pipe.hset(job.key, "meta", self.serializer.dumps(job.meta))
-                execution = Execution.create(job, self.execution_ttl, pipeline=pipe, worker_name=self.name)
-                job.prepare_for_execution(self.name, pipeline=pipe)
-                started.append((job, execution))
-            for job in expired:
-                self._write_expired(job, wall, pipe)
-            if started:
-                self.set_state(WorkerStatus.BUSY, pipeline=pipe)
-                self.set_current_job_id(started[0][0].id, pipeline=pipe)
-            with self._in_flight_changed:
-                self._in_flight += started
-            pipe.execute()
-        return started
-
-    def _write_expired(self, job: Job, wall: float, pipe: Any) -> None:
-        late_ms = (wall - float(job.meta[META_DEADLINE])) * 1000
-        error = InferqError(
-            f"The job's deadline passed {late_ms:.0f} ms before a worker could start it.",
-            code=DEADLINE_EXPIRED,
-        )
-        job.ended_at = now()
-        self._write_failure(job, None, error, pipe)
-        pipe.hset(job.key, "meta", self.serializer.dumps(job.meta))
-        pipe.delete(image_key(job.id))
-
-    def _finish(
-        self, started: list[tuple[Job, Execution]], outcomes: list[ItemOutcome], inference_ms: float
-    ) -> None:
-        """Write every job's own result or error through RQ, in one pipeline."""
-        started, outcomes = self._still_owned(started, outcomes)
-        ended = now()
-        result_ttl = self.settings.result_ttl
-        batch_id = uuid.uuid4().hex[:16]  # in the logs and job.meta: which jobs shared a forward pass
-        with self.connection.pipeline() as pipe:
-            for (job, execution), outcome in zip(started, outcomes, strict=True):
-                job.ended_at = ended
-                assert job.started_at is not None
-                queued_at = job.enqueued_at or job.created_at
-                job.meta[META_TIMINGS] = {
-                    "queue_ms": round((job.started_at - queued_at).total_seconds() * 1000, 3),
-                    "preprocess_ms": round(outcome.preprocess_ms, 3),
-                    "inference_ms": round(inference_ms, 3),
-                    "batch_size": len(started),
-                }
-                job.meta[META_BATCH_ID] = batch_id
-                self.increment_total_working_time(ended - job.started_at, pipe)
-                if outcome.error is None:
-                    self._write_success(job, execution, outcome.result, result_ttl, pipe)
-                else:
-                    self._write_failure(job, execution, outcome.error, pipe)
-                pipe.hset(job.key, "meta", self.serializer.dumps(job.meta))
-                execution.delete(job, pipe)
-                pipe.delete(image_key(job.id))
-            self.set_current_job_id(None, pipeline=pipe)
-            self.set_state(WorkerStatus.IDLE, pipeline=pipe)
-            # Histograms and outcome counters for /metrics, in this same transaction (shared.telemetry).
-            record_batch(
-                pipe,
-                namespace=self.settings.queue_name,
-                queue_ms=[job.meta[META_TIMINGS]["queue_ms"] for job, _ in started],
-                preprocess_ms=[o.preprocess_ms for o in outcomes],
-                inference_ms=inference_ms,
-                batch_size=len(started),
-                finished=sum(1 for o in outcomes if o.error is None),
-                failed_by_code=collections.Counter(o.error.code for o in outcomes if o.error is not None),
-            )
-            pipe.execute()
-        for (job, _), outcome in zip(started, outcomes, strict=True):  # one line per job ended
-            log.info(
-                "job ended",
-                extra={
-                    "job_id": job.id,
-                    "batch_id": batch_id,
-                    "queue": job.origin,
-                    "status": "finished" if outcome.error is None else "failed",
-                    "code": outcome.error.code if outcome.error is not None else None,
-                    "attempt": job.meta.get(META_ATTEMPTS),
-                    **job.meta[META_TIMINGS],
-                },
-            )
-        failed = sum(1 for o in outcomes if o.error is not None)
-        log.info(
-            "batch of %d done: %d finished, %d failed, inference %.1f ms",
-            len(started),
-            len(started) - failed,
-            failed,
-            inference_ms,
-            extra={"batch_id": batch_id, "batch_size": len(started), "inference_ms": round(inference_ms, 3)},
-        )
-
-    def _still_owned(
-        self, started: list[tuple[Job, Execution]], outcomes: list[ItemOutcome]
-    ) -> tuple[list[tuple[Job, Execution]], list[ItemOutcome]]:
-        """Drop jobs whose execution left the started registry meanwhile: RQ's cleanup judged this
-        worker dead (e.g. it stalled past ABANDONED_AFTER_SECONDS) and requeued them, so another
-        worker owns them now and a second result must not be written."""
-        with self.connection.pipeline(transaction=False) as pipe:
-            for job, execution in started:
-                pipe.zscore(job.started_job_registry.key, execution.composite_key)
-            scores = pipe.execute()
-        kept = [
-            (pair, outcome) for pair, outcome, score in zip(started, outcomes, scores, strict=True) if score
-        ]
-        if len(kept) < len(started):
-            log.warning(
-                "%d job(s) were requeued while running here; not writing their results",
-                len(started) - len(kept),
-            )
-        return [pair for pair, _ in kept], [outcome for _, outcome in kept]
-
-    def _write_success(
-        self, job: Job, execution: Execution, result: dict[str, Any] | None, result_ttl: int, pipe: Any
-    ) -> None:
-        job._status = JobStatus.FINISHED
-        job._result = result
-        self.increment_successful_job_count(pipe)
-        job._handle_success(
-            result_ttl,
-            pipeline=pipe,
-            worker_name=self.name,
-            execution_id=execution.id,
-            execution_started_at=execution.created_at,
-            execution_ended_at=job.ended_at,
-        )
-        job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
-
-    def _write_failure(self, job: Job, execution: Execution | None, error: InferqError, pipe: Any) -> None:
-        """The job ends failed with `error` (its code in `job.meta[META_ERROR]`); `execution` is None for
-        a job that never started (expired), which this worker's failure counter does not count."""
-        job._status = JobStatus.FAILED
-        job.meta[META_ERROR] = error.to_dict()
-        job.set_status(JobStatus.FAILED, pipeline=pipe)
-        if execution is not None:
-            self.increment_failed_job_count(pipe)
-        job._handle_failure(
-            f"{error.code}: {error.message}",
-            pipe,
-            worker_name=self.name,
-            execution_id=execution.id if execution else None,
-            execution_started_at=execution.created_at if execution else None,
-            execution_ended_at=job.ended_at,
-        )

@@ -14,7 +14,7 @@ from rq import get_current_job
 
 from shared.config import get_settings
 from shared.errors import CorruptImage, InferqError
-from shared.jobs import META_ERROR
+from shared.jobs import META_ERROR, result_payload
 from shared.keys import image_key
 
 if TYPE_CHECKING:
@@ -49,4 +49,4 @@ def classify(key: str, top_k: int) -> dict[str, Any]:
         raise
     finally:
         connection.delete(key)
-    return {"predictions": predictions, "model": {"name": model.manifest.name, "sha256": model.sha256}}
+    return result_payload(predictions, {"name": model.manifest.name, "sha256": model.sha256})

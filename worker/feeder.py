@@ -1,0 +1,258 @@
+"""The feeder stage of a batch worker: grab ids, fetch their jobs and images, start them, decode
+them, and park each ready for the model thread (`worker.pipeline.ReadyItems`).
+
+The decode step is one injectable callable, `DecodeMany`: images in, one model input or one error
+per image out. The default decodes in this thread with the handler's `preprocess_one`; a pool of
+decoder processes with the same signature can replace it without any other change.
+
+A job that was caught in a worker death before (its `crashes` > 0) may be what kills workers. It is
+started alone, only when nothing else of this worker is in flight, and nothing is started after it
+until it is written: if it kills this worker too, no neighbour is charged for it. Further such jobs
+go back to the head of their queue for later grabs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import redis
+from rq.exceptions import StopRequested
+from rq.job import Job
+
+from shared.errors import InferqError
+from shared.keys import image_key
+from worker import liveness, rq_writes
+from worker.batching import BatchCollector, Grabbed
+from worker.pipeline import ReadyItems
+from worker.rq_writes import Running
+
+if TYPE_CHECKING:
+    from worker.batch_worker import BatchWorker
+    from worker.handler import ClassifyHandler
+
+log = logging.getLogger("inferq.worker")
+
+# Images in, per image its model input or the error that fails its job (never raises for one image).
+DecodeMany = Callable[[Sequence[bytes | None]], list[np.ndarray | InferqError]]
+
+# Blocking dequeue in short slices: a stop request, and a job on a lower lane, are noticed within
+# this many seconds by an idle worker.
+IDLE_BLOCK_SECONDS = 0.5
+
+
+def in_thread_decoder(handler: ClassifyHandler) -> DecodeMany:
+    """The default decode step: the handler's `preprocess_one`, one image after the other, here."""
+
+    def decode_many(images: Sequence[bytes | None]) -> list[np.ndarray | InferqError]:
+        decoded: list[np.ndarray | InferqError] = []
+        for data in images:
+            array, error, _ = handler.preprocess_one(data)
+            decoded.append(error if error is not None else array)  # type: ignore[arg-type]
+        return decoded
+
+    return decode_many
+
+
+@dataclass
+class Decoded:
+    """A started job whose image went through the decode step: a model input, or its error."""
+
+    running: Running
+    array: np.ndarray | None
+    error: InferqError | None
+    preprocess_ms: float
+
+
+class InFlight:
+    """The jobs this worker started and has not written yet: the heartbeat keeps them alive, the
+    feeder waits for them to be written before it starts a suspect job."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, Running] = {}
+        self._changed = threading.Condition()
+
+    def add(self, running: Sequence[Running]) -> None:
+        with self._changed:
+            self._items.update((r.job.id, r) for r in running)
+
+    def remove(self, job_ids: Sequence[str]) -> None:
+        with self._changed:
+            for job_id in job_ids:
+                self._items.pop(job_id, None)
+            self._changed.notify_all()
+
+    def snapshot(self) -> list[Running]:
+        with self._changed:
+            return list(self._items.values())
+
+    def wait_until_empty(self) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._items)
+
+
+class Feeder:
+    def __init__(
+        self,
+        worker: BatchWorker,
+        collector: BatchCollector,
+        ready: ReadyItems[Decoded],
+        decode_many: DecodeMany,
+        in_flight: InFlight,
+        grabbed_keys: Sequence[str],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.worker = worker
+        self.collector = collector
+        self.ready = ready
+        self.decode_many = decode_many
+        self.in_flight = in_flight
+        self.grabbed_keys = list(grabbed_keys)
+        self.clock = clock
+
+    def run(self, burst: bool) -> None:
+        """Until a stop is requested (or, in burst mode, the queues are empty), grab jobs as there is
+        room for them, start and decode them. Always ends by closing `ready`."""
+        worker = self.worker
+        backoff = 0.5
+        try:
+            while not worker.stop_requested:
+                try:
+                    worker.check_for_suspension(burst)
+                    if worker.should_run_maintenance_tasks:
+                        worker.run_maintenance_tasks()
+                    room = self.ready.room(IDLE_BLOCK_SECONDS)
+                    if room == 0:
+                        continue
+                    first = self.collector.take_first(IDLE_BLOCK_SECONDS)
+                    if first is None:
+                        if burst:
+                            break
+                        continue
+                    self._grab_and_prepare(first, room)
+                    backoff = 0.5
+                except StopRequested:
+                    break
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                    log.error("Redis unreachable (%s); retrying in %.1f s", exc, backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    self._hand_back_grabbed()
+                except Exception:
+                    # Never let the feeder die silently: ids grabbed but not started go back to their
+                    # queue now; keep serving the others.
+                    log.exception("unexpected error while preparing jobs")
+                    time.sleep(1.0)
+                    self._hand_back_grabbed()
+        finally:
+            self.ready.close()
+
+    def _hand_back_grabbed(self) -> None:
+        """After an error between a grab and the start: this worker is alive, so no one else would
+        give those ids back. Best effort; the next error tries again."""
+        worker = self.worker
+        try:
+            moved = liveness.hand_back_own(
+                worker.connection,
+                worker.queues,
+                worker.name,
+                rejoin_ttl=worker.settings.abandoned_after_seconds,
+            )
+        except redis.exceptions.RedisError as exc:
+            log.warning("could not hand grabbed jobs back yet: %s", exc)
+            return
+        if moved:
+            log.warning("handed %d grabbed job(s) back to their queue after an error", moved)
+
+    def _grab_and_prepare(self, first: Grabbed, room: int) -> None:
+        collector = self.collector
+        grabbed = [first, *collector.take_available(room - 1)]
+        jobs, images = self._fetch([g.job_id for g in grabbed])
+        arrivals = [job.enqueued_at.timestamp() for job in jobs.values() if job and job.enqueued_at]
+        collector.arrivals.observe(arrivals)
+        if len(grabbed) < room and arrivals and collector.waits_for_companions(self.ready.idle()):
+            extra = collector.wait_for_more(collector.max_size - room + len(grabbed), min(arrivals))
+            if extra:
+                more_jobs, more_images = self._fetch([g.job_id for g in extra])
+                jobs.update(more_jobs)
+                images.update(more_images)
+                grabbed += extra
+        suspects = [g for g in grabbed if rq_writes.crashes(jobs.get(g.job_id)) > 0]
+        fresh = [g for g in grabbed if g not in suspects]
+        if len(suspects) > 1:
+            self._return_to_queue(suspects[1:])
+        self._start_and_decode(fresh, jobs, images)
+        if suspects:
+            self.in_flight.wait_until_empty()
+            if self._start_and_decode(suspects[:1], jobs, images):
+                self.in_flight.wait_until_empty()
+
+    def _start_and_decode(
+        self, grabbed: Sequence[Grabbed], jobs: dict[str, Job | None], images: dict[str, bytes | None]
+    ) -> int:
+        """Start `grabbed` (at risk from here) and hand each to the model thread once decoded."""
+        if not grabbed:
+            return 0
+        worker = self.worker
+        started = rq_writes.start_grabbed(
+            worker, grabbed, self.grabbed_keys, jobs, worker.execution_ttl, worker.top_k_of
+        )
+        if not started:
+            return 0
+        began = self.clock()
+        for running in started:
+            running.enter_risk(began)
+        self.in_flight.add(started)
+        decoded = self.decode_many([images.get(r.job.id) for r in started])
+        ended = self.clock()
+        for running in started:
+            running.leave_risk(ended)
+        # Decoded and waiting for the model: a worker death from here on is not these jobs' doing.
+        # Unless an idle model takes them all at once: they stay marked into their forward pass
+        # (two round trips saved where latency matters most, at light load).
+        straight_to_model = self.ready.idle() and len(started) <= self.collector.max_size
+        failed = [r for r, out in zip(started, decoded, strict=True) if isinstance(out, InferqError)]
+        rq_writes.set_at_risk(worker.connection, failed if straight_to_model else started, at_risk=False)
+        # The decode step reports no per-image time (a pool decodes in parallel): each job is
+        # charged an equal share of the step.
+        share_ms = (ended - began) * 1000 / len(started)
+        for running, out in zip(started, decoded, strict=True):
+            if isinstance(out, InferqError):
+                self.ready.put(Decoded(running, None, out, share_ms))
+            else:
+                self.ready.put(Decoded(running, out, None, share_ms))
+        return len(started)
+
+    def _return_to_queue(self, items: Sequence[Grabbed]) -> None:
+        queues = self.worker.queues
+        with self.worker.connection.pipeline() as pipe:
+            for item in reversed(items):
+                pipe.lrem(self.grabbed_keys[item.lane], 1, item.job_id)
+                pipe.lpush(queues[item.lane].key, item.job_id)
+            pipe.execute()
+
+    def _fetch(self, ids: Sequence[str]) -> tuple[dict[str, Job | None], dict[str, bytes | None]]:
+        """Job hashes and image bytes of `ids` in one round trip."""
+        worker = self.worker
+        with worker.connection.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(Job.key_for(job_id))
+            pipe.mget([image_key(job_id) for job_id in ids])
+            *hashes, blobs = pipe.execute()
+        jobs: dict[str, Job | None] = {}
+        for job_id, raw in zip(ids, hashes, strict=True):
+            job = None
+            if raw:
+                job = worker.job_class(job_id, connection=worker.connection, serializer=worker.serializer)
+                try:
+                    job.restore(raw)
+                except Exception:
+                    log.exception("job %s has unreadable data; skipping it", job_id)
+                    job = None
+            jobs[job_id] = job
+        return jobs, dict(zip(ids, blobs, strict=True))

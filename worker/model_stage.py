@@ -1,0 +1,52 @@
+"""The model stage of a batch worker: one forward pass over a batch of decoded jobs, through the
+handler's public API (`PreparedBatch` in, one `ItemOutcome` per job out). The jobs that have a model
+input are marked at risk for the pass (a worker death now is charged to them, `worker.liveness`);
+jobs whose decode failed only carry their error through."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import redis
+
+from worker import rq_writes
+from worker.feeder import Decoded
+from worker.rq_writes import Ending
+
+if TYPE_CHECKING:
+    from worker.handler import ClassifyHandler
+
+
+def run_batch(
+    handler: ClassifyHandler,
+    connection: redis.Redis,
+    items: Sequence[Decoded],
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[list[Ending], float]:
+    """One forward pass over `items`; returns how each job ends and the pass's time in ms."""
+    # Imported here: worker.handler imports torch, which RQ's worker-pool supervisor must not.
+    from worker.handler import ItemOutcome, PreparedBatch
+
+    prepared = PreparedBatch(outcomes=[])
+    for i, item in enumerate(items):
+        prepared.outcomes.append(ItemOutcome(error=item.error, preprocess_ms=item.preprocess_ms))
+        if item.error is None:
+            prepared.ready.append(i)
+            prepared.arrays.append(item.array)
+    at_risk = [items[i].running for i in prepared.ready]
+    rq_writes.set_at_risk(connection, [r for r in at_risk if not r.marked], at_risk=True)
+    began = clock()
+    for running in at_risk:
+        running.enter_risk(began)
+    try:
+        outcomes, inference_ms = handler.infer(prepared, [item.running.top_k for item in items])
+    finally:
+        ended = clock()
+        for running in at_risk:
+            running.leave_risk(ended)
+    return [
+        Ending(item.running, outcome.result, outcome.error, outcome.preprocess_ms)
+        for item, outcome in zip(items, outcomes, strict=True)
+    ], inference_ms
