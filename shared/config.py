@@ -46,12 +46,30 @@ class Settings(BaseSettings):
         description="Folder holding `manifest.json` and the model file it names.",
     )
     device: Literal["cpu", "cuda"] = Field(default="cpu", description="Where the forward pass runs.")
+    backend: Literal["auto", "torchscript", "onnxruntime", "openvino"] = Field(
+        default="auto",
+        description="The runtime that serves the model: `torchscript` (model.pt), `onnxruntime` or "
+        "`openvino` (both read model.onnx). `auto`: every installed one is warmed up and timed at start "
+        "(the measurement that picks the batch cap) and the fastest per image serves; on CUDA, "
+        "TorchScript unless onnxruntime has its CUDA provider (onnxruntime-gpu).",
+    )
     torch_threads: int = Field(
         default=1,
         ge=0,
         description="Intra-op threads of torch per worker; 0 = torch's default (one per core). 1 measured "
         "best here: with 2 threads on 2 shared cores a worker served 20-30 % fewer images/s with a higher "
         "p99 (OpenMP's spinning threads lose whenever the api or the decoder needs a core; BENCHMARKS.md).",
+    )
+    onnxruntime_threads: int = Field(
+        default=1,
+        ge=0,
+        description="Intra-op threads of ONNX Runtime per worker (idle threads do not spin); 0 = one "
+        "per core.",
+    )
+    openvino_threads: int = Field(
+        default=1,
+        ge=0,
+        description="Inference threads of OpenVINO per worker (not pinned to cores); 0 = one per core.",
     )
     preload_tcmalloc: bool = Field(
         default=True,
@@ -256,6 +274,14 @@ class Settings(BaseSettings):
         # Assigned, not validated again (the hashes must not be hashed twice).
         self.api_keys = tuple(dict.fromkeys((*self.api_keys, *hashes)))
         return self
+
+    def backend_threads(self, backend: str) -> int:
+        """The thread setting of one backend (TORCH_THREADS, ONNXRUNTIME_THREADS, OPENVINO_THREADS)."""
+        return {
+            "torchscript": self.torch_threads,
+            "onnxruntime": self.onnxruntime_threads,
+            "openvino": self.openvino_threads,
+        }[backend]
 
     @property
     def auth_enabled(self) -> bool:

@@ -58,6 +58,7 @@ from shared.keys import image_key
 from shared.logging_setup import configure_logging_once, set_log_context
 from shared.telemetry import record_batch, worker_info_fields
 from worker.batching import BatchCollector, Grabbed, Lane
+from worker.handler import load_handler
 from worker.pipeline import ReadyItems
 
 if TYPE_CHECKING:
@@ -75,33 +76,6 @@ _IDLE_BLOCK_SECONDS = 0.5
 _FINISH_RETRY_SECONDS = 60.0
 # CPython's GIL switch interval for the worker process (see `work`).
 _GIL_SWITCH_SECONDS = 0.0005
-
-
-def load_handler(settings: Settings) -> ClassifyHandler:
-    """Load and verify the artifact, warm it up and choose its batch cap: done once per worker
-    process, before registering."""
-    from worker.handler import ClassifyHandler
-    from worker.model import load_artifact
-    from worker.runner import InferenceRunner, calibration_sizes, choose_batch_cap, default_warm_up_sizes
-
-    model = load_artifact(settings.artifact_dir, device=settings.device)
-    runner = InferenceRunner(model, threads=settings.torch_threads)
-    auto = settings.auto_batch_cap and settings.max_batch_size > 1
-    sizes = (
-        calibration_sizes(settings.max_batch_size) if auto else default_warm_up_sizes(settings.max_batch_size)
-    )
-    runner.warm_up(sizes)
-    batch_cap = settings.max_batch_size
-    if auto:
-        curve = runner.calibrate(sizes)
-        batch_cap = choose_batch_cap(curve)
-        log.info(
-            "batch cap %d of at most %d (forward ms per image: %s)",
-            batch_cap,
-            settings.max_batch_size,
-            ", ".join(f"b{size}={ms:.1f}" for size, ms in curve.items()),
-        )
-    return ClassifyHandler(model, runner, settings.max_image_pixels, batch_cap=batch_cap)
 
 
 def _url_of(connection: redis.Redis) -> str:

@@ -1,4 +1,9 @@
-"""The classification handler, split like a TorchServe handler: preprocess, inference, postprocess.
+"""The classification handler, split like a TorchServe handler: initialize, preprocess, inference,
+postprocess.
+
+`load_handler(settings)` is its `initialize`: it loads the verified artifact on the configured backend
+(or, with `BACKEND=auto`, on every installed one, keeping the fastest), warms it up and measures the
+batch cap. Everything runtime-specific is behind `worker.backends.Backend`.
 
 Preprocessing errors stay per item: a bad image becomes that item's error and never touches the
 other items of its batch.
@@ -6,6 +11,7 @@ other items of its batch.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,10 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import CorruptImage, ImageError, InferqError
+from shared.config import Settings
+from shared.errors import ArtifactError, CorruptImage, ImageError, InferqError
 from shared.preprocess import preprocess
-from worker.model import LoadedModel
-from worker.runner import InferenceRunner
+from worker.backends import candidates
+from worker.model import NO_ONNX_EXPORT, LoadedModel, load_artifact
+from worker.runner import InferenceRunner, calibration_sizes, choose_batch_cap, default_warm_up_sizes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,7 +57,13 @@ class ClassifyHandler:
         self.batch_cap = batch_cap
         self.runner = runner
         self.max_pixels = max_pixels
-        self.model_info = {"name": model.manifest.name, "sha256": model.sha256}
+        # name, sha256 (of the file served), file, backend, backend_version: into every result's
+        # `model` block and, as `inferq_<field>`, into the worker's RQ hash.
+        self.model_info: dict[str, str] = model.info
+
+    @classmethod
+    def initialize(cls, settings: Settings) -> ClassifyHandler:
+        return load_handler(settings)
 
     def preprocess_one(self, data: bytes | None) -> tuple[np.ndarray | None, InferqError | None, float]:
         started = time.perf_counter()
@@ -126,3 +142,80 @@ class ClassifyHandler:
             return
         for i, prediction in zip(indices, predictions, strict=True):
             outcomes[i].result = self.postprocess(prediction)
+
+
+@dataclass
+class _Measured:
+    runner: InferenceRunner
+    curve: dict[int, float]  # forward ms per image by batch size (empty: not measured)
+
+    @property
+    def best_ms(self) -> float:
+        return min(self.curve.values()) if self.curve else float("inf")
+
+
+def measure_backends(settings: Settings, sizes: Sequence[int], measure: bool) -> _Measured:
+    """Load the artifact on each candidate backend of BACKEND (one, or every installed one for
+    `auto`), warm each up at `sizes` and, if `measure`, time them there: the fastest per image wins
+    (with one candidate, it is simply loaded and warmed up)."""
+    names = candidates(settings.backend, settings.device)
+    if not names:
+        raise ArtifactError(
+            f"BACKEND=auto but no backend is installed that runs on {settings.device}.",
+            code="backend_unavailable",
+        )
+    best: _Measured | None = None
+    for name in names:
+        try:
+            model = load_artifact(
+                settings.artifact_dir, settings.device, backend=name, threads=settings.backend_threads(name)
+            )
+        except ArtifactError as exc:
+            if len(names) > 1 and exc.code == NO_ONNX_EXPORT:
+                log.warning("backend %s skipped: %s", name, exc.message)
+                continue
+            raise
+        runner = InferenceRunner(model, max_batch_size=settings.max_batch_size)
+        runner.warm_up(sizes)
+        measured = _Measured(runner, runner.calibrate(sizes) if measure else {})
+        if measure:
+            log.info(
+                "backend %s %s, %d threads: forward ms per image %s",
+                name,
+                model.backend.version,
+                model.backend.threads,
+                ", ".join(f"b{size}={ms:.1f}" for size, ms in measured.curve.items()),
+            )
+        if best is None or measured.best_ms < best.best_ms:
+            best = measured
+    if best is None:
+        raise ArtifactError("No backend could load the artifact (see the warnings above).")
+    return best
+
+
+def load_handler(settings: Settings) -> ClassifyHandler:
+    """Load and verify the artifact, warm it up and choose its batch cap (and, for `BACKEND=auto`,
+    its backend): done once per worker process, before registering."""
+    auto_cap = settings.auto_batch_cap and settings.max_batch_size > 1
+    # Choosing a backend needs the same curve as choosing a cap: one measurement serves both.
+    measure = auto_cap or settings.backend == "auto"
+    sizes = (
+        calibration_sizes(settings.max_batch_size)
+        if measure
+        else default_warm_up_sizes(settings.max_batch_size)
+    )
+    best = measure_backends(settings, sizes, measure)
+    model = best.runner.model
+    batch_cap = choose_batch_cap(best.curve) if auto_cap else settings.max_batch_size
+    log.info(
+        "serving %s on %s %s (%s, %s sha256 %s), batch cap %d of at most %d",
+        model.name,
+        model.backend.name,
+        model.backend.version,
+        model.device,
+        model.backend.path.name,
+        model.sha256[:12],
+        batch_cap,
+        settings.max_batch_size,
+    )
+    return ClassifyHandler(model, best.runner, settings.max_image_pixels, batch_cap=batch_cap)
