@@ -10,7 +10,10 @@
 # or API_KEYS_FILE (docker-compose.yml mounts a keys file as a secret). Never bake keys into the image.
 # GPU at run time: the default (CUDA) build, DEVICE=cuda, and a GPU given to the worker containers
 # (NVIDIA Container Toolkit; `gpus: all` or `deploy.resources.reservations.devices` in compose).
-FROM python:3.11-slim
+#   docker build --target worker-slim -t inferq-worker-slim .
+#       A CPU worker without torch: requirements-worker.txt (ONNX Runtime + OpenVINO), the source and
+#       the artifact built by the full image; BACKEND=auto serves the ONNX export on the faster one.
+FROM python:3.11-slim AS full
 
 ARG TORCH_INDEX=""
 
@@ -59,3 +62,31 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=4)"]
 
 CMD ["gunicorn", "--config", "api/gunicorn_conf.py", "api.wsgi:app"]
+
+# --- the slim CPU worker: no torch, the artifact copied from the full build --------------------------
+FROM python:3.11-slim AS worker-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONPATH=/app
+
+WORKDIR /app
+
+COPY requirements-worker.txt ./
+RUN pip install -r requirements-worker.txt
+
+COPY . .
+COPY --from=full /app/artifacts/efficientnet_lite0 artifacts/efficientnet_lite0
+RUN useradd --system --uid 10001 --home-dir /home/inferq --create-home --shell /usr/sbin/nologin inferq
+
+USER inferq
+
+# No HTTP in a worker: liveness is its RQ heartbeat (/readyz of the api counts live workers).
+HEALTHCHECK NONE
+
+CMD ["python", "-m", "worker"]
+
+# --- the default target: the full image (api, workers, dashboard) ---------------------------------------
+FROM full

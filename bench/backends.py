@@ -1,6 +1,7 @@
 """The backends compared: forward pass and the whole in-process pipeline, per runtime and thread count.
 
-`python -m bench.backends [--seconds 1.5] [--allocator glibc|tcmalloc]` prints one JSON document:
+`python -m bench.backends [--seconds 1.5] [--preload LIB]` prints one JSON document (`--preload`: an
+allocator such as tcmalloc, LD_PRELOADed into every child; default glibc's malloc):
 - `forward`: ms per image of one forward pass, per backend × threads (1, 2) × batch (1, 2, 4, 8):
   the median of repeated calls on a zero batch, after a warm-up;
 - `pipeline`: images/s of decode + preprocess + forward + top-k on the bench's photos in one process
@@ -71,7 +72,9 @@ def _child(backend: str, threads: int, artifact_dir: Path, seconds: float) -> di
     }
 
 
-def run(seconds: float = 1.5, allocator: str = "glibc", artifact_dir: Path | None = None) -> dict[str, Any]:
+def run(
+    seconds: float = 1.5, preload: Path | None = None, artifact_dir: Path | None = None
+) -> dict[str, Any]:
     """Every installed backend × THREADS, each in its own child process; one JSON-able document."""
     from shared.config import get_settings
     from worker.backends import BACKEND_NAMES, is_installed
@@ -87,9 +90,8 @@ def run(seconds: float = 1.5, allocator: str = "glibc", artifact_dir: Path | Non
             args = [sys.executable, "-m", "bench.backends", "--child", backend, "--threads", str(threads)]
             args += ["--seconds", str(seconds), "--artifact", str(artifact_dir)]
             try:
-                results.append(
-                    run_json(args, base_env(allocator=allocator, LOG_LEVEL="WARNING"), timeout=600)
-                )
+                env = base_env(LOG_LEVEL="WARNING", **({"LD_PRELOAD": str(preload)} if preload else {}))
+                results.append(run_json(args, env, timeout=600))
             except RuntimeError as exc:
                 skipped[f"{backend}/{threads}"] = str(exc)
     best: dict[str, dict[str, Any]] = {}
@@ -99,7 +101,7 @@ def run(seconds: float = 1.5, allocator: str = "glibc", artifact_dir: Path | Non
             best[r["backend"]] = {"images_per_s": rate, "threads": r["threads"], "batch": int(size)}
     limit = max(best.items(), key=lambda kv: kv[1]["images_per_s"]) if best else None
     return {
-        "allocator": allocator,
+        "allocator": preload.name if preload else "glibc",
         "results": results,
         "pipeline_best": best,
         "limit": {"backend": limit[0], **limit[1]} if limit else None,
@@ -110,7 +112,7 @@ def run(seconds: float = 1.5, allocator: str = "glibc", artifact_dir: Path | Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.backends", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=1.5, help="Measuring time per batch size.")
-    parser.add_argument("--allocator", choices=["glibc", "tcmalloc"], default="glibc")
+    parser.add_argument("--preload", type=Path, help="A malloc library to LD_PRELOAD (e.g. tcmalloc).")
     parser.add_argument("--artifact", type=Path, default=None)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         artifact = args.artifact or PROJECT_ROOT / "artifacts" / "efficientnet_lite0"
         print(json.dumps(_child(args.child, args.threads, artifact, args.seconds)))
     else:
-        print(json.dumps(run(args.seconds, args.allocator, args.artifact), indent=2))
+        print(json.dumps(run(args.seconds, args.preload, args.artifact), indent=2))
     return 0
 
 
