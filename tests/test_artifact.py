@@ -34,6 +34,13 @@ def _copy_artifact(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _flip_a_bit(path: Path) -> Path:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    return path
+
+
 def _edit_manifest(artifact: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     path = artifact / MANIFEST_FILE
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -139,10 +146,7 @@ def test_if_missing_keeps_a_valid_artifact(artifact_dir: Path, tmp_path: Path, c
 @pytest.mark.parametrize("backend", ONNX_BACKENDS)
 def test_onnx_backends_refuse_a_tampered_onnx_file(backend: str, artifact_dir: Path, tmp_path: Path) -> None:
     copy = _copy_artifact(artifact_dir, tmp_path / "copy")
-    onnx = copy / "model.onnx"
-    data = bytearray(onnx.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    onnx.write_bytes(bytes(data))
+    onnx = _flip_a_bit(copy / "model.onnx")
     with pytest.raises(ArtifactError, match="sha256 mismatch") as info:
         load_artifact(copy, backend=backend)
     assert sha256_file(onnx) in info.value.message
@@ -163,10 +167,7 @@ def test_onnx_backends_say_when_the_artifact_has_no_onnx(
 
 def test_refuses_a_tampered_model_file(artifact_dir: Path, tmp_path: Path) -> None:
     copy = _copy_artifact(artifact_dir, tmp_path / "copy")
-    model = copy / "model.pt"
-    data = bytearray(model.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    model.write_bytes(bytes(data))
+    model = _flip_a_bit(copy / "model.pt")
     with pytest.raises(ArtifactError, match="sha256") as info:
         load_artifact(copy)
     expected = Manifest.read(copy).sha256
