@@ -93,3 +93,23 @@ def test_auto_serves_the_backend_its_warm_up_measured_fastest(
     served = handler.model_info["backend"]
     assert best[served] <= min(best.values()) + 0.05, (served, best)
     assert f"serving efficientnet_lite0 on {served}" in caplog.text
+
+
+def test_openvino_refuses_to_start_under_tcmalloc_instead_of_hanging(
+    artifact_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.errors import ArtifactError
+    from worker.backends import candidates, openvino_backend
+
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.5.10\n")
+    assert openvino_backend.tcmalloc_loaded(maps)
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert not openvino_backend.tcmalloc_loaded(maps)
+    assert not openvino_backend.tcmalloc_loaded(tmp_path / "absent")
+
+    monkeypatch.setattr(openvino_backend, "tcmalloc_loaded", lambda: True)
+    assert "openvino" not in candidates("auto", "cpu")  # auto serves another backend
+    with pytest.raises(ArtifactError, match="tcmalloc") as info:
+        load_artifact(artifact_dir, backend="openvino")
+    assert info.value.code == "backend_unavailable"

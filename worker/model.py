@@ -141,9 +141,7 @@ def verify_onnx(artifact_dir: Path, manifest: Manifest) -> Path:
     """The ONNX export, verified like the TorchScript file; says why when the artifact has none."""
     if manifest.onnx is None:
         why = manifest.onnx_error or "it was built before ONNX exports existed; rebuild it (`make artifact`)"
-        raise ArtifactError(
-            f"The artifact {manifest.name} has no ONNX export: {why}.", code=NO_ONNX_EXPORT
-        )
+        raise ArtifactError(f"The artifact {manifest.name} has no ONNX export: {why}.", code=NO_ONNX_EXPORT)
     return verify_file(artifact_dir, manifest.onnx.file, manifest.onnx.sha256)
 
 

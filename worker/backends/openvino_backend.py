@@ -12,8 +12,17 @@ from shared.manifest import Manifest
 from worker.model import verify_onnx
 
 
+def tcmalloc_loaded(maps: Path = Path("/proc/self/maps")) -> bool:
+    """Whether tcmalloc is this process's allocator (LD_PRELOAD, e.g. PRELOAD_TCMALLOC=true)."""
+    try:
+        return "libtcmalloc" in maps.read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def runs_on(device: str) -> bool:
-    return device.split(":")[0] == "cpu"  # this backend compiles for OpenVINO's CPU plugin only
+    # OpenVINO's CPU plugin only; and not under tcmalloc, where compile_model never returns.
+    return device.split(":")[0] == "cpu" and not tcmalloc_loaded()
 
 
 class OpenVinoBackend:
@@ -41,6 +50,14 @@ def load(artifact_dir: Path, manifest: Manifest, device: str, threads: int) -> O
     if device.split(":")[0] != "cpu":
         raise ArtifactError(
             f"The openvino backend runs on the CPU only, not {device!r}.", code="device_unavailable"
+        )
+    if tcmalloc_loaded():
+        # Seen with Debian's libtcmalloc-minimal4 2.10 and OpenVINO 2026.4: compile_model blocks forever
+        # (no CPU used). A refusal at start beats a worker that never registers.
+        raise ArtifactError(
+            "The openvino backend does not run with tcmalloc preloaded (compile_model deadlocks): "
+            "unset LD_PRELOAD (PRELOAD_TCMALLOC=false) or use BACKEND=onnxruntime.",
+            code="backend_unavailable",
         )
     path = verify_onnx(artifact_dir, manifest)
     config: dict[str, object] = {
