@@ -72,9 +72,12 @@ class Settings(BaseSettings):
         description="Inference threads of OpenVINO per worker (not pinned to cores); 0 = one per core.",
     )
     preload_tcmalloc: bool = Field(
-        default=True,
-        description="`make up` preloads tcmalloc (Debian's libtcmalloc-minimal4) when it is installed: "
-        "measured up to 1.8x the model's throughput and flat worker memory versus glibc's allocator.",
+        default=False,
+        description="`make up` preloads tcmalloc (Debian's libtcmalloc-minimal4) when it is installed. Off "
+        "by default, so every machine runs what a fresh one gets (glibc's malloc): ONNX Runtime and "
+        "OpenVINO allocate in their own arenas, and OpenVINO does not run under tcmalloc (compile_model "
+        "deadlocks or crashes; the openvino backend then refuses to start and `auto` skips it). Worth "
+        "turning on only with BACKEND=torchscript, which it speeds up (BENCHMARKS.md).",
     )
 
     # --- Batching ----------------------------------------------------------------------------
