@@ -81,7 +81,7 @@ def test_a_named_backend_serves_results_that_say_so(
 def test_auto_serves_the_backend_its_warm_up_measured_fastest(
     artifact_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="worker.handler"):
+    with caplog.at_level(logging.INFO, logger="worker"):
         handler = load_handler(_settings(artifact_dir, "auto"))
     best: dict[str, float] = {}
     left_out: set[str] = set()

@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         parser.error("--top-k must be at least 1")
 
     # Imported here so `--help` and argument errors answer without loading a runtime.
-    from worker.handler import measure_backends
+    from worker.backend_choice import measure_backends
     from worker.reference import classify_reference
 
     try:
