@@ -10,6 +10,7 @@ VENV ?= $(INFERQ_CACHE)/venv-$(PINS_HASH)
 PY := $(VENV)/bin/python
 ARTIFACT_DIR ?= artifacts/efficientnet_lite0
 IMAGES ?=
+BACKEND ?=
 
 .PHONY: venv artifact test lint up classify bench soak clean
 
@@ -40,8 +41,8 @@ lint: venv
 	$(PY) -m ruff format --check .
 
 classify: venv artifact
-	@test -n "$(IMAGES)" || { echo 'usage: make classify IMAGES="a.jpg b.png"'; exit 2; }
-	$(PY) -m worker.classify --artifact $(ARTIFACT_DIR) $(IMAGES)
+	@test -n "$(IMAGES)" || { echo 'usage: make classify IMAGES="a.jpg b.png" [BACKEND=onnxruntime]'; exit 2; }
+	$(PY) -m worker.classify --artifact $(ARTIFACT_DIR) $(if $(BACKEND),--backend $(BACKEND)) $(IMAGES)
 
 up: venv artifact
 	$(PY) -m launch.launcher

@@ -1,4 +1,5 @@
-"""Build a model artifact: one frozen TorchScript file plus `manifest.json`, byte-for-byte reproducible.
+"""Build a model artifact: a frozen TorchScript file, its ONNX export and `manifest.json`, byte-for-byte
+reproducible.
 
     python -m artifacts.build --out DIR [--if-missing]                  # EfficientNet-Lite0 (default)
     python -m artifacts.build --arch resnet18 --weights sd.pt [--labels labels.txt] [--out DIR]
@@ -6,7 +7,13 @@
     python -m artifacts.build --arch resnet50 --pretrained                # downloads torchvision weights
 
 Every source ends in the same steps: eval model → trace with zeros of (1, 3, crop, crop) → freeze →
-save → reload and compare with the eager model → manifest → atomic rename into place.
+save → reload and compare with the eager model → ONNX export of the same model (dynamic batch axis,
+checked against the eager model with onnxruntime when it is installed) → manifest → atomic rename
+into place. A model the ONNX exporter cannot handle still gets its TorchScript artifact; the build
+says why there is no ONNX file and the manifest records it (`onnx_error`).
+
+`--if-missing` decides without importing torch (its version is read from the package metadata), so
+an up-to-date artifact costs only the hashing of its files.
 
 Determinism: the same inputs give the same bytes, whatever the output folder or the machine's paths.
 What in `torch.jit.save`'s zip is not a function of the model, and what is done about it:
@@ -18,12 +25,17 @@ What in `torch.jit.save`'s zip is not a function of the model, and what is done 
   from 0 (`canonical_mangles`), so a build after other work in the same process gives the same bytes;
 - the intra-op thread count may change how constants are folded: the build runs on one thread.
 Zip timestamps are fixed by torch's writer (1980-01-01) and record order follows the module.
+The ONNX export (TorchScript-based exporter, `dynamo=False`) names nodes after module scopes and
+writes no doc strings, so it is a function of the model and the torch version (tested across
+processes).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
+import importlib.util
 import io
 import os
 import pickletools
@@ -31,19 +43,24 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from shared.config import PROJECT_ROOT
 from shared.errors import ArtifactError
-from shared.manifest import MANIFEST_FILE, InputSpec, Manifest
-from worker.model import quiet_torchscript, sha256_file, verify_files
+from shared.manifest import MANIFEST_FILE, InputSpec, Manifest, OnnxExport
+from worker.model import sha256_file, verify_files, verify_onnx
 
+if TYPE_CHECKING:
+    import torch
 MODEL_FILE = "model.pt"
+ONNX_FILE = "model.onnx"
+# The opset both runtimes read (ORT 1.32, OpenVINO 2026.4) and the TorchScript-based exporter writes.
+ONNX_OPSET = 17
 DEFAULT_ARCH = "efficientnet_lite0"
 SEED = 0
 # Frozen and eager models differ only by folded constants (conv+bn) and op order: ~1e-6 here.
@@ -86,6 +103,8 @@ def read_labels(path: Path) -> list[str]:
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """weights_only: a weights file is data and must not run code when read."""
+    import torch
+
     obj = torch.load(path, map_location="cpu", weights_only=True)
     # Training checkpoints often wrap the weights; accept the two usual wrappings.
     for key in ("state_dict", "model"):
@@ -169,6 +188,7 @@ def pretrained_weights(arch: str) -> tuple[Path, dict[str, object], list[str]]:
     Returns the weights file plus the input spec and categories of the weights' metadata, so the
     rest of the build is exactly the local `--weights` path.
     """
+    import torch
     import torchvision
 
     enum = torchvision.models.get_model_weights(arch).DEFAULT
@@ -190,6 +210,10 @@ def pretrained_weights(arch: str) -> tuple[Path, dict[str, object], list[str]]:
 def torchscript_source(
     path: Path, spec: dict[str, object], labels: list[str] | None, name: str | None, arch: str | None
 ) -> ModelSource:
+    import torch
+
+    from worker.backends.torchscript_backend import quiet_torchscript
+
     with quiet_torchscript():
         module = torch.jit.load(str(path), map_location="cpu")
     module.eval()
@@ -210,6 +234,8 @@ def torchscript_source(
 @contextmanager
 def deterministic_torch() -> Iterator[None]:
     """One thread and a fixed seed for the build; the caller's settings are restored afterwards."""
+    import torch
+
     threads = torch.get_num_threads()
     rng = torch.get_rng_state()
     torch.set_num_threads(1)
@@ -222,6 +248,10 @@ def deterministic_torch() -> Iterator[None]:
 
 
 def freeze(module: torch.nn.Module, crop: int) -> torch.jit.ScriptModule:
+    import torch
+
+    from worker.backends.torchscript_backend import quiet_torchscript
+
     with quiet_torchscript(), torch.inference_mode():
         if isinstance(module, torch.jit.ScriptModule):
             scripted = module  # already TorchScript: tracing it again would be a no-op
@@ -234,6 +264,10 @@ def freeze(module: torch.nn.Module, crop: int) -> torch.jit.ScriptModule:
 
 def serialize(module: torch.jit.ScriptModule) -> bytes:
     """torch.jit.save's bytes minus all that is not a function of the model (see the module docstring)."""
+    import torch
+
+    from worker.backends.torchscript_backend import quiet_torchscript
+
     buffer = io.BytesIO()
     with quiet_torchscript():
         torch.jit.save(module, buffer)  # a buffer: the archive root is "archive/", not the file's stem
@@ -323,6 +357,10 @@ def round_trip(data: bytes, eager: torch.nn.Module, crop: int) -> tuple[int, flo
     Also applies optimize_for_inference to a second copy, as the worker will: a module that cannot be
     optimized (or optimizes to different numbers) is found here rather than in production.
     """
+    import torch
+
+    from worker.backends.torchscript_backend import quiet_torchscript
+
     generator = torch.Generator().manual_seed(SEED)
     batch = torch.randn((2, 3, crop, crop), generator=generator, dtype=torch.float32)
     with quiet_torchscript():
@@ -368,14 +406,74 @@ def write_atomically(out: Path, files: dict[str, bytes]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_artifact(source: ModelSource, out: Path) -> BuildResult:
-    started = time.perf_counter()
+def export_onnx(module: torch.nn.Module, crop: int) -> bytes:
+    """The ONNX bytes of `module` (eager or TorchScript), batch axis dynamic; `ArtifactError` if the
+    exporter cannot handle the model, or if onnxruntime (when installed) disagrees with the eager model."""
+    import torch
+
+    example = torch.zeros((1, 3, crop, crop), dtype=torch.float32)
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            # The exporter warns about its own deprecation and about traced control flow; the
+            # comparison below is what decides whether the export is right.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (example,),
+                buffer,
+                dynamo=False,  # the TorchScript-based exporter: deterministic bytes, no onnxscript needed
+                opset_version=ONNX_OPSET,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
+    except Exception as exc:
+        raise ArtifactError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}".split("\n")[0]) from exc
+    data = buffer.getvalue()
+    if importlib.util.find_spec("onnxruntime") is not None:
+        _check_onnx(data, module, crop)
+    return data
+
+
+def _check_onnx(data: bytes, module: torch.nn.Module, crop: int) -> None:
+    """Run the export with onnxruntime on a batch of 3 (not the traced batch size: proves the batch
+    axis is dynamic) and compare with the eager model."""
+    import onnxruntime as ort
+    import torch
+
+    generator = torch.Generator().manual_seed(SEED)
+    batch = torch.randn((3, 3, crop, crop), generator=generator, dtype=torch.float32)
+    with torch.inference_mode():
+        expected = module(batch).numpy()
+    try:
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        (got,) = session.run(["logits"], {"input": batch.numpy()})
+    except Exception as exc:
+        raise ArtifactError(f"onnxruntime cannot run the export: {type(exc).__name__}: {exc}") from exc
+    allowed = ROUND_TRIP_TOLERANCE * max(1.0, float(abs(expected).max()))
+    diff = float(abs(got - expected).max()) if got.shape == expected.shape else float("inf")
+    if not diff <= allowed:
+        raise ArtifactError(f"The ONNX export differs from the eager model by {diff:.3g} > {allowed:.3g}.")
+
+
+def build_artifact(source: ModelSource, out: Path, onnx: bool = True) -> BuildResult:
+    """`onnx=False` skips the ONNX export (the manifest says so)."""
+    import torch
     import torchvision  # only for the version recorded in the manifest
 
+    started = time.perf_counter()
     with deterministic_torch():
         frozen = freeze(source.module, source.input.crop)
         data = serialize(frozen)
         num_classes, diff = round_trip(data, source.module, source.input.crop)
+        onnx_data: bytes | None = None
+        onnx_error: str | None = "not requested (--no-onnx)"
+        if onnx:
+            try:
+                onnx_data, onnx_error = export_onnx(source.module, source.input.crop), None
+            except ArtifactError as exc:
+                onnx_error = exc.message
     labels = source.labels
     if labels is None:
         if num_classes != 1000:
@@ -395,8 +493,15 @@ def build_artifact(source: ModelSource, out: Path) -> BuildResult:
         source_weights_sha256=source.source_sha256,
         torch_version=torch.__version__,
         torchvision_version=torchvision.__version__,
+        onnx=None
+        if onnx_data is None
+        else OnnxExport(file=ONNX_FILE, sha256=hashlib.sha256(onnx_data).hexdigest(), opset=ONNX_OPSET),
+        onnx_error=onnx_error,
     )
-    write_atomically(out, {MODEL_FILE: data, MANIFEST_FILE: manifest.to_json().encode("utf-8")})
+    files = {MODEL_FILE: data, MANIFEST_FILE: manifest.to_json().encode("utf-8")}
+    if onnx_data is not None:
+        files[ONNX_FILE] = onnx_data
+    write_atomically(out, files)
     return BuildResult(
         manifest=manifest, out=out, seconds=time.perf_counter() - started, round_trip_max_abs_diff=diff
     )
@@ -433,6 +538,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"))
     parser.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
     parser.add_argument("--interpolation", choices=["bilinear", "bicubic"])
+    parser.add_argument("--no-onnx", action="store_true", help="Skip the ONNX export.")
     args = parser.parse_args(argv)
     if (
         args.torchscript is None
@@ -479,27 +585,42 @@ def source_from_args(args: argparse.Namespace) -> Callable[[], ModelSource]:
     return default
 
 
-def existing_is_current(out: Path) -> str | None:
-    """Why OUT can be kept (None: rebuild): valid files, built by this very torch version."""
+def installed_torch_version() -> str | None:
+    """torch's version from its package metadata: importing torch to ask would cost seconds."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def existing_is_current(out: Path, onnx: bool = True) -> str | None:
+    """Why OUT can be kept (None: rebuild): valid files, built by this very torch version, with the
+    ONNX export (or the reason it has none) when one is wanted. Imports no torch."""
     try:
         manifest, _ = verify_files(out)
+        if onnx and manifest.onnx_error is None:
+            verify_onnx(out, manifest)  # an artifact from before ONNX exports is rebuilt
     except ArtifactError:
         return None
-    if manifest.torch_version != torch.__version__:
+    installed = installed_torch_version()
+    # The metadata may lack the local build tag (`+cu130`) that torch.__version__ carries: the
+    # serialized format depends on the release, not on the CUDA build.
+    if installed is None or manifest.torch_version.split("+")[0] != installed.split("+")[0]:
         return None  # the worker would warn or refuse; a rebuild is cheap and deterministic
-    return f"{manifest.name} sha256 {manifest.sha256}"
+    onnx_part = f", {manifest.onnx.file} sha256 {manifest.onnx.sha256}" if manifest.onnx else ""
+    return f"{manifest.name} {manifest.file} sha256 {manifest.sha256}{onnx_part}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     default_name = args.name or args.arch or (args.torchscript.stem if args.torchscript else DEFAULT_ARCH)
     out: Path = args.out or PROJECT_ROOT / "artifacts" / default_name
-    if args.if_missing and (kept := existing_is_current(out)) is not None:
+    if args.if_missing and (kept := existing_is_current(out, onnx=not args.no_onnx)) is not None:
         print(f"artifact up to date in {out}: {kept}")
         return 0
     started = time.perf_counter()
     try:
-        result = build_artifact(source_from_args(args)(), out)
+        result = build_artifact(source_from_args(args)(), out, onnx=not args.no_onnx)
     except ArtifactError as exc:
         print(f"build failed: {exc.message}", file=sys.stderr)
         return 1
@@ -510,6 +631,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"  {m.file} sha256 {m.sha256}\n"
         f"  round trip max |saved - eager| = {result.round_trip_max_abs_diff:.2e}"
     )
+    if m.onnx is not None:
+        print(f"  {m.onnx.file} sha256 {m.onnx.sha256} (ONNX opset {m.onnx.opset}, dynamic batch axis)")
+    else:
+        print(f"  no ONNX export: {m.onnx_error} (only the torchscript backend can serve this artifact)")
     return 0
 
 

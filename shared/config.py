@@ -50,6 +50,13 @@ class Settings(BaseSettings):
         description="Folder holding `manifest.json` and the model file it names.",
     )
     device: Literal["cpu", "cuda"] = Field(default="cpu", description="Where the forward pass runs.")
+    backend: Literal["auto", "torchscript", "onnxruntime", "openvino"] = Field(
+        default="auto",
+        description="The runtime that serves the model: `torchscript` (model.pt), `onnxruntime` or "
+        "`openvino` (both read model.onnx). `auto`: every installed one is warmed up and timed at start "
+        "(the measurement that picks the batch cap) and the fastest per image serves; on CUDA, "
+        "TorchScript unless onnxruntime has its CUDA provider (onnxruntime-gpu).",
+    )
     torch_threads: int = Field(
         default=1,
         ge=0,
@@ -57,10 +64,24 @@ class Settings(BaseSettings):
         "when the api, the decoder and other workers share the cores: OpenMP's spinning threads lose "
         "whenever another process needs a core (BENCHMARKS.md has the figures).",
     )
+    onnxruntime_threads: int = Field(
+        default=1,
+        ge=0,
+        description="Intra-op threads of ONNX Runtime per worker (idle threads do not spin); 0 = one "
+        "per core.",
+    )
+    openvino_threads: int = Field(
+        default=1,
+        ge=0,
+        description="Inference threads of OpenVINO per worker (not pinned to cores); 0 = one per core.",
+    )
     preload_tcmalloc: bool = Field(
-        default=True,
-        description="`make up` preloads tcmalloc (Debian's libtcmalloc-minimal4) when it is installed: "
-        "higher model throughput and flat worker memory versus glibc's allocator (BENCHMARKS.md).",
+        default=False,
+        description="`make up` preloads tcmalloc (Debian's libtcmalloc-minimal4) when it is installed. Off "
+        "by default, so every machine runs what a fresh one gets (glibc's malloc): ONNX Runtime and "
+        "OpenVINO allocate in their own arenas, and OpenVINO does not run under tcmalloc (compile_model "
+        "deadlocks or crashes; the openvino backend then refuses to start and `auto` skips it). Worth "
+        "turning on only with BACKEND=torchscript, which it speeds up (BENCHMARKS.md).",
     )
 
     # --- Batching ----------------------------------------------------------------------------
@@ -294,6 +315,14 @@ class Settings(BaseSettings):
         # Assigned, not validated again (the hashes must not be hashed twice).
         self.api_keys = tuple(dict.fromkeys((*self.api_keys, *hashes)))
         return self
+
+    def backend_threads(self, backend: str) -> int:
+        """The thread setting of one backend (TORCH_THREADS, ONNXRUNTIME_THREADS, OPENVINO_THREADS)."""
+        return {
+            "torchscript": self.torch_threads,
+            "onnxruntime": self.onnxruntime_threads,
+            "openvino": self.openvino_threads,
+        }[backend]
 
     @property
     def auth_enabled(self) -> bool:

@@ -1,7 +1,8 @@
 """The model artifact's manifest: the contract between the artifact builder, the worker and the api.
 
-`manifest.json` sits beside the model file. It names the file and its sha256, says how to turn an
-image into the model's input (`InputSpec`), and lists the labels, index-aligned with the outputs.
+`manifest.json` sits beside the model files. It names the TorchScript file and its sha256, the ONNX
+export of the same model and its sha256 (or why there is none), says how to turn an image into the
+model's input (`InputSpec`), and lists the labels, index-aligned with the outputs.
 """
 
 from __future__ import annotations
@@ -50,6 +51,19 @@ class InputSpec(BaseModel):
         return data
 
 
+class OnnxExport(BaseModel):
+    """The ONNX file exported from the same model: input `input` (NCHW, dynamic batch axis), output
+    `logits` (batch, classes). ONNX Runtime and OpenVINO both read it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    opset: int = Field(gt=0)
+    input_name: str = "input"
+    output_name: str = "logits"
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -67,6 +81,10 @@ class Manifest(BaseModel):
     )
     torch_version: str
     torchvision_version: str | None = None
+    onnx: OnnxExport | None = Field(
+        default=None, description="The ONNX export; None for an artifact without one (see onnx_error)."
+    )
+    onnx_error: str | None = Field(default=None, description="Why the builder could not export ONNX.")
 
     def to_json(self) -> str:
         """Canonical form: sorted keys, fixed indent, trailing newline, so equal manifests are equal bytes."""

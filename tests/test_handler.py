@@ -39,7 +39,8 @@ def png(value: int) -> bytes:
 
 
 def make_handler(runner: PoisonAwareRunner) -> ClassifyHandler:
-    model = SimpleNamespace(manifest=SimpleNamespace(name="stub", input=SPEC), sha256="0" * 64)
+    info = {"name": "stub", "sha256": "0" * 64, "backend": "stub", "backend_version": "0"}
+    model = SimpleNamespace(manifest=SimpleNamespace(name="stub", input=SPEC), sha256="0" * 64, info=info)
     return ClassifyHandler(model, runner, max_pixels=10_000)  # type: ignore[arg-type]
 
 

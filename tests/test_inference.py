@@ -1,4 +1,5 @@
-"""The default model on real photos: batched runner, single-image reference, their parity, the CLI."""
+"""The default model on real photos, on every installed backend: batched runner, single-image
+reference, their parity, the CLI."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from PIL import Image, ImageOps
 from shared.config import PROJECT_ROOT
 from shared.preprocess import preprocess
 from tests.conftest import PHOTO_LABELS
+from worker.backends import installed_backends
 from worker.model import LoadedModel, load_artifact
 from worker.reference import classify_reference, reference_probabilities
 from worker.runner import InferenceRunner, default_warm_up_sizes
@@ -40,9 +42,9 @@ EXTRA_SAMPLES = (
 )
 
 
-@pytest.fixture(scope="session")
-def model(artifact_dir: Path) -> LoadedModel:
-    return load_artifact(artifact_dir)
+@pytest.fixture(scope="session", params=installed_backends())
+def model(request: pytest.FixtureRequest, artifact_dir: Path) -> LoadedModel:
+    return load_artifact(artifact_dir, backend=request.param, threads=1)
 
 
 @pytest.fixture(scope="session")
@@ -142,7 +144,7 @@ def test_batched_equals_reference(
     k = 5
     for start in range(0, len(parity_inputs), batch_size):
         chunk = parity_inputs[start : start + batch_size]
-        probs = runner.probabilities(chunk).numpy()
+        probs = runner.probabilities(chunk)
         want = reference[start : start + len(chunk)]
         assert probs.shape == want.shape
         assert float(np.abs(probs - want).max()) <= PARITY_TOLERANCE

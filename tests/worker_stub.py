@@ -48,7 +48,16 @@ def png(value: int = 90, size: int = 40) -> bytes:
 
 
 def stub_handler(runner: MeanRunner | None = None) -> ClassifyHandler:
-    model = SimpleNamespace(manifest=SimpleNamespace(name=STUB_MODEL, input=SPEC), sha256=STUB_SHA256)
+    info = {
+        "name": STUB_MODEL,
+        "sha256": STUB_SHA256,
+        "file": "stub",
+        "backend": "stub",
+        "backend_version": "0",
+    }
+    model = SimpleNamespace(
+        manifest=SimpleNamespace(name=STUB_MODEL, input=SPEC), sha256=STUB_SHA256, info=info
+    )
     return ClassifyHandler(model, runner or MeanRunner(), max_pixels=1_000_000)  # type: ignore[arg-type]
 
 

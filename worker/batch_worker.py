@@ -45,6 +45,7 @@ from shared.telemetry import worker_info_fields
 from worker import liveness, rq_writes
 from worker.batching import BatchCollector, Lane
 from worker.feeder import IDLE_BLOCK_SECONDS, Decoded, DecodeMany, Feeder, InFlight, in_thread_decoder
+from worker.handler import load_handler
 from worker.model_stage import run_batch
 from worker.pipeline import ReadyItems
 from worker.rq_writes import Ending
@@ -59,33 +60,6 @@ log = logging.getLogger("inferq.worker")
 
 # CPython's GIL switch interval for the worker process (see `work`).
 _GIL_SWITCH_SECONDS = 0.0005
-
-
-def load_handler(settings: Settings) -> ClassifyHandler:
-    """Load and verify the artifact, warm it up and choose its batch cap: done once per worker
-    process, before registering."""
-    from worker.handler import ClassifyHandler
-    from worker.model import load_artifact
-    from worker.runner import InferenceRunner, calibration_sizes, choose_batch_cap, default_warm_up_sizes
-
-    model = load_artifact(settings.artifact_dir, device=settings.device)
-    runner = InferenceRunner(model, threads=settings.torch_threads)
-    auto = settings.auto_batch_cap and settings.max_batch_size > 1
-    sizes = (
-        calibration_sizes(settings.max_batch_size) if auto else default_warm_up_sizes(settings.max_batch_size)
-    )
-    runner.warm_up(sizes)
-    batch_cap = settings.max_batch_size
-    if auto:
-        curve = runner.calibrate(sizes)
-        batch_cap = choose_batch_cap(curve)
-        log.info(
-            "batch cap %d of at most %d (forward ms per image: %s)",
-            batch_cap,
-            settings.max_batch_size,
-            ", ".join(f"b{size}={ms:.1f}" for size, ms in curve.items()),
-        )
-    return ClassifyHandler(model, runner, settings.max_image_pixels, batch_cap=batch_cap)
 
 
 class BatchWorker(SimpleWorker):

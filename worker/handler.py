@@ -1,4 +1,9 @@
-"""The classification handler, split like a TorchServe handler: preprocess, inference, postprocess.
+"""The classification handler, split like a TorchServe handler: initialize, preprocess, inference,
+postprocess.
+
+`load_handler(settings)` is its `initialize`: it loads the verified artifact on the configured backend
+(or, with `BACKEND=auto`, on every installed one, keeping the fastest), warms it up and measures the
+batch cap. Everything runtime-specific is behind `worker.backends.Backend`.
 
 Preprocessing errors stay per item: a bad image becomes that item's error and never touches the
 other items of its batch.
@@ -6,6 +11,7 @@ other items of its batch.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,10 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from shared.config import Settings
 from shared.errors import CorruptImage, ImageError, InferqError
 from shared.preprocess import preprocess
+from worker.backend_choice import measure_backends
 from worker.model import LoadedModel
-from worker.runner import InferenceRunner
+from worker.runner import InferenceRunner, calibration_sizes, choose_batch_cap, default_warm_up_sizes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,7 +57,13 @@ class ClassifyHandler:
         self.batch_cap = batch_cap
         self.runner = runner
         self.max_pixels = max_pixels
-        self.model_info = {"name": model.manifest.name, "sha256": model.sha256}
+        # name, sha256 (of the file served), file, backend, backend_version: into every result's
+        # `model` block and, as `inferq_<field>`, into the worker's RQ hash.
+        self.model_info: dict[str, str] = model.info
+
+    @classmethod
+    def initialize(cls, settings: Settings) -> ClassifyHandler:
+        return load_handler(settings)
 
     def preprocess_one(self, data: bytes | None) -> tuple[np.ndarray | None, InferqError | None, float]:
         started = time.perf_counter()
@@ -126,3 +142,31 @@ class ClassifyHandler:
             return
         for i, prediction in zip(indices, predictions, strict=True):
             outcomes[i].result = self.postprocess(prediction)
+
+
+def load_handler(settings: Settings) -> ClassifyHandler:
+    """Load and verify the artifact, warm it up and choose its batch cap (and, for `BACKEND=auto`,
+    its backend): done once per worker process, before registering."""
+    auto_cap = settings.auto_batch_cap and settings.max_batch_size > 1
+    # Choosing a backend needs the same curve as choosing a cap: one measurement serves both.
+    measure = auto_cap or settings.backend == "auto"
+    sizes = (
+        calibration_sizes(settings.max_batch_size)
+        if measure
+        else default_warm_up_sizes(settings.max_batch_size)
+    )
+    best = measure_backends(settings, sizes, measure)
+    model = best.runner.model
+    batch_cap = choose_batch_cap(best.curve) if auto_cap else settings.max_batch_size
+    log.info(
+        "serving %s on %s %s (%s, %s sha256 %s), batch cap %d of at most %d",
+        model.name,
+        model.backend.name,
+        model.backend.version,
+        model.device,
+        model.backend.path.name,
+        model.sha256[:12],
+        batch_cap,
+        settings.max_batch_size,
+    )
+    return ClassifyHandler(model, best.runner, settings.max_image_pixels, batch_cap=batch_cap)

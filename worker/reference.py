@@ -1,8 +1,8 @@
 """The reference single-image path: what a notebook would do, with no batching involved.
 
-bytes → `preprocess` → a batch of one → forward → softmax → top-k. The batched service must give the
-same scores as this (tests hold it to 1e-5), and the `worker.classify` CLI uses it directly.
-Deliberately independent of `worker.runner`, so that a bug there cannot hide in both.
+bytes → `preprocess` → a batch of one → the backend's forward → softmax → top-k. The batched service
+must give the same scores as this (tests hold it to 1e-5), and the `worker.classify` CLI uses it
+directly. Deliberately independent of `worker.runner`, so that a bug there cannot hide in both.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from shared.preprocess import preprocess
 from worker.model import LoadedModel
@@ -25,10 +24,10 @@ def _default_max_pixels() -> int:
 def reference_probabilities(data: bytes, model: LoadedModel, max_pixels: int | None = None) -> np.ndarray:
     """Softmax over all classes for one image, as a float32 vector; image errors raise `ImageError`."""
     array = preprocess(data, model.manifest.input, max_pixels or _default_max_pixels())
-    batch = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None].to(model.device)
-    with torch.inference_mode():
-        logits = model.module(batch)
-        return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+    logits = model.backend.forward(np.ascontiguousarray(array, dtype=np.float32)[None])[0].astype(np.float64)
+    # In float64, then back: the reference is computed more precisely than the runner's float32.
+    exp = np.exp(logits - logits.max())
+    return (exp / exp.sum()).astype(np.float32)
 
 
 def classify_reference(

@@ -1,8 +1,8 @@
 """Batched forward passes: many preprocessed images in, top-k predictions per image out.
 
-One `predict` call is one forward pass: the inputs are stacked into one tensor, so a batch costs one
-call into the model whatever its size. Results are plain Python (str/int/float) because they go
-through JSON into RQ results.
+One `predict` call is one forward pass: the inputs are stacked into one array, so a batch costs one
+call into the backend whatever its size. Results are plain Python (str/int/float) because they go
+through JSON into RQ results. Runtime-agnostic: it only calls `Backend.forward` (numpy in, numpy out).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from worker.model import LoadedModel
 
@@ -56,40 +55,41 @@ def default_warm_up_sizes(max_batch_size: int) -> tuple[int, ...]:
 class InferenceRunner:
     """Runs a `LoadedModel` on batches; create it in the thread that will call `predict`.
 
-    Torch ops from a second thread start a second OpenMP pool (docs/architecture.md, "Threads"), so
-    the runner is meant to be used from the one thread that created it; it keeps no locks.
+    Runtimes keep per-thread state (torch's OpenMP pool: docs/architecture.md, "Threads"; OpenVINO's
+    infer request), so the runner is meant to be used from the one thread that created it; it keeps no
+    locks.
     """
 
-    def __init__(self, model: LoadedModel, threads: int = 0, max_batch_size: int = 16) -> None:
+    def __init__(self, model: LoadedModel, max_batch_size: int = 16) -> None:
         self.model = model
         self.labels: list[str] = list(model.manifest.labels)
         self.max_batch_size = max_batch_size
-        self.device = torch.device(model.device)
         spec = model.manifest.input
         self.input_shape: tuple[int, int, int] = (3, spec.crop, spec.crop)
-        if threads > 0:
-            # Process-wide; 0 keeps torch's default (one per core).
-            torch.set_num_threads(threads)
-        self._pin = self.device.type == "cuda"  # pinned host memory makes the copy truly asynchronous
+
+    def _time_forward(self, size: int) -> float:
+        batch = np.zeros((size, *self.input_shape), dtype=np.float32)
+        started = time.perf_counter()
+        self.model.backend.forward(batch)  # returns host memory: the GPU has finished too
+        return (time.perf_counter() - started) * 1000
 
     def warm_up(self, batch_sizes: Sequence[int] | None = None) -> dict[int, float]:
         """Run each batch size twice so the first real request pays no one-off costs.
 
-        TorchScript's profiling executor specializes a graph during the first calls for a shape, and
-        the allocator grows its pools on first use. Returns the second call's time in ms per size.
+        Runtimes specialize for a shape during the first calls (TorchScript's profiling executor,
+        OpenVINO's dynamic-shape kernels) and allocators grow their pools on first use. Returns the
+        second call's time in ms per size.
         """
         sizes = tuple(batch_sizes) if batch_sizes is not None else default_warm_up_sizes(self.max_batch_size)
         timings: dict[int, float] = {}
         for size in sizes:
-            batch = torch.zeros((size, *self.input_shape), dtype=torch.float32, device=self.device)
             for _ in range(2):
-                started = time.perf_counter()
-                with torch.inference_mode():
-                    self.model.module(batch)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                timings[size] = (time.perf_counter() - started) * 1000
-        log.info("warm-up done: %s", ", ".join(f"b{s}={ms:.0f}ms" for s, ms in timings.items()))
+                timings[size] = self._time_forward(size)
+        log.info(
+            "warm-up of %s done: %s",
+            self.model.backend.name,
+            ", ".join(f"b{s}={ms:.0f}ms" for s, ms in timings.items()),
+        )
         return timings
 
     def calibrate(self, batch_sizes: Sequence[int], images_per_size: int = 12) -> dict[int, float]:
@@ -97,37 +97,20 @@ class InferenceRunner:
         (at least 2, about `images_per_size` images each), in ms."""
         curve: dict[int, float] = {}
         for size in batch_sizes:
-            batch = torch.zeros((size, *self.input_shape), dtype=torch.float32, device=self.device)
-            times = []
-            for _ in range(max(2, -(-images_per_size // size))):
-                started = time.perf_counter()
-                with torch.inference_mode():
-                    self.model.module(batch)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                times.append((time.perf_counter() - started) * 1000 / size)
+            times = [self._time_forward(size) / size for _ in range(max(2, -(-images_per_size // size)))]
             curve[size] = statistics.median(times)
         return curve
 
-    def _batch(self, inputs: Sequence[np.ndarray]) -> torch.Tensor:
+    def _batch(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         for i, array in enumerate(inputs):
             if array.shape != self.input_shape or array.dtype != np.float32:
                 got = f"{array.dtype}{tuple(array.shape)}"
                 raise ValueError(f"input {i} is {got}, the model takes float32{self.input_shape}")
-        # One copy into a fresh contiguous host tensor; from_numpy shares it without another copy.
-        batch = torch.from_numpy(np.stack(inputs))
-        if self.device.type == "cpu":
-            return batch
-        if self._pin:
-            batch = batch.pin_memory()
-        return batch.to(self.device, non_blocking=True)
+        return np.stack(inputs)  # one copy into a fresh contiguous batch
 
-    def probabilities(self, inputs: Sequence[np.ndarray]) -> torch.Tensor:
-        """Softmax over the classes for each input: one forward pass, result on the CPU, float32."""
-        batch = self._batch(inputs)
-        with torch.inference_mode():
-            logits = self.model.module(batch)
-            return torch.softmax(logits.float(), dim=1).cpu()
+    def probabilities(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        """Softmax over the classes for each input: one forward pass, float32 (N, classes)."""
+        return softmax(self.model.backend.forward(self._batch(inputs)))
 
     def predict(self, inputs: Sequence[np.ndarray], top_k: int | Sequence[int]) -> list[list[dict[str, Any]]]:
         """Top-k `{"label", "index", "score"}` per input, best first; `top_k` may differ per input."""
@@ -140,15 +123,20 @@ class InferenceRunner:
             raise ValueError(f"top_k must be at least 1, got {min(ks)}")
         ks = [min(k, len(self.labels)) for k in ks]
         probs = self.probabilities(inputs)
-        # One topk with the largest k; each item keeps its own prefix (topk is sorted).
-        scores, indices = torch.topk(probs, max(ks), dim=1)
-        # tolist() yields Python floats/ints: JSON-safe, no numpy/torch scalars leak out.
-        score_rows: list[list[float]] = scores.tolist()
-        index_rows: list[list[int]] = indices.tolist()
-        return [
-            [
-                {"label": self.labels[index], "index": index, "score": score}
-                for score, index in zip(score_row[:k], index_row[:k], strict=True)
-            ]
-            for score_row, index_row, k in zip(score_rows, index_rows, ks, strict=True)
-        ]
+        k_max = max(ks)
+        # argpartition finds the k best per row in linear time; only those k are then sorted (by
+        # descending score, then ascending index: a fixed order for ties).
+        top = np.argpartition(-probs, k_max - 1, axis=1)[:, :k_max]
+        rows: list[list[dict[str, Any]]] = []
+        for row, candidates, k in zip(probs, top, ks, strict=True):
+            order = sorted(candidates.tolist(), key=lambda i: (-row[i], i))[:k]
+            # float()/int(): JSON-safe Python scalars, no numpy types leak out.
+            rows.append([{"label": self.labels[i], "index": i, "score": float(row[i])} for i in order])
+        return rows
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32, shifted by the row maximum so exp never overflows."""
+    shifted = logits.astype(np.float32, copy=False) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
