@@ -44,6 +44,7 @@ from shared.redis_conn import connect_checked
 from shared.telemetry import worker_info_fields
 from worker import liveness, rq_writes
 from worker.batching import BatchCollector, Lane
+from worker.decoders import DecoderPool
 from worker.feeder import IDLE_BLOCK_SECONDS, Decoded, DecodeMany, Feeder, InFlight, in_thread_decoder
 from worker.handler import load_handler
 from worker.model_stage import run_batch
@@ -191,11 +192,13 @@ class BatchWorker(SimpleWorker):
         # Redis round trip) does not leave the model idle (saturation throughput: BENCHMARKS.md);
         # the feeder starts no more jobs than that, the rest stay queued for others.
         ready: ReadyItems[Decoded] = ReadyItems(2 * batch_cap)
+        decoder_pool = self._start_decoder_pool(handler) if self.decode_many is None else None
+        decode_many = self.decode_many or (decoder_pool.decode_many if decoder_pool else None)
         feeder = Feeder(
             self,
             collector,
             ready,
-            self.decode_many or in_thread_decoder(handler),
+            decode_many or in_thread_decoder(handler),
             self.in_flight,
             self.grabbed_keys,
         )
@@ -226,6 +229,8 @@ class BatchWorker(SimpleWorker):
             batches.put(None)
             writer_thread.join(timeout=FINISH_RETRY_SECONDS + 10)
             heartbeat.stop()
+            if decoder_pool is not None:
+                decoder_pool.close()
             try:
                 liveness.hand_back_own(self.connection, self.queues, self.name, rejoin_ttl=None)
                 self.teardown()
@@ -233,6 +238,16 @@ class BatchWorker(SimpleWorker):
                 log.warning("could not deregister from Redis: %s", exc)
         log.info("worker %s stopped after %d jobs", self.name, done)
         return done > 0
+
+    def _start_decoder_pool(self, handler: ClassifyHandler) -> DecoderPool | None:
+        """The sandboxed decoder processes (`worker.decoders`), or None when DECODERS=0 asks for
+        decoding on the feeder thread."""
+        pool = DecoderPool(handler.model.manifest.input, self.settings.max_image_pixels, self.settings)
+        if pool.size == 0:
+            pool.close()
+            return None
+        log.info("%d decoder processes started (pids %s)", pool.size, ", ".join(map(str, pool.pids())))
+        return pool
 
     def clean_registries(self) -> None:
         """Registry maintenance, run every few seconds: dead workers' jobs given back
