@@ -54,7 +54,7 @@ from shared.jobs import (
     META_ERROR,
     META_TIMINGS,
 )
-from shared.keys import image_key
+from shared.keys import ended_channel, image_key
 from shared.logging_setup import configure_logging_once, set_log_context
 from shared.telemetry import record_batch, worker_info_fields
 from worker.batching import BatchCollector, Grabbed, Lane
@@ -545,6 +545,7 @@ class BatchWorker(SimpleWorker):
         self._write_failure(job, None, error, pipe)
         pipe.hset(job.key, "meta", self.serializer.dumps(job.meta))
         pipe.delete(image_key(job.id))
+        pipe.publish(ended_channel(), job.id)  # wakes the api's long-polls on it (shared.keys)
 
     def _finish(
         self, started: list[tuple[Job, Execution]], outcomes: list[ItemOutcome], inference_ms: float
@@ -574,6 +575,7 @@ class BatchWorker(SimpleWorker):
                 pipe.hset(job.key, "meta", self.serializer.dumps(job.meta))
                 execution.delete(job, pipe)
                 pipe.delete(image_key(job.id))
+                pipe.publish(ended_channel(), job.id)  # wakes the api's long-polls on it (shared.keys)
             self.set_current_job_id(None, pipeline=pipe)
             self.set_state(WorkerStatus.IDLE, pipeline=pipe)
             # Histograms and outcome counters for /metrics, in this same transaction (shared.telemetry).
