@@ -1,4 +1,4 @@
-"""The inferq HTTP api: a Flask application factory (DESIGN 1-2).
+"""The inferq HTTP api: a Flask application factory.
 
 The api validates uploads, stores them and enqueues RQ jobs (shared.jobs), and reads jobs back.
 It keeps no job state in process: any number of api processes may serve one Redis.
@@ -10,15 +10,17 @@ import logging
 from typing import Any
 
 from flask import Flask
-from redis import Redis
+from redis import BlockingConnectionPool, ConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from api.auth import KeyRing
+from api.fairness import Fairness
+from api.long_poll import CompletionListener
 from api.state import EXTENSION_KEY, ApiState
 from shared.config import Settings, get_settings
 from shared.jobs import LANES, make_queue
-from shared.redis_conn import BLOCKING_MARGIN_SECONDS, redact_url, redis_from_url
+from shared.redis_conn import redact_url, redis_from_url
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +30,9 @@ PROBE_TIMEOUT_SECONDS = 1.0
 def create_app(settings: Settings | None = None, redis: Redis | None = None) -> Flask:
     """Build the app. Connecting is lazy: the app starts even while Redis is down (readyz says so).
 
-    `redis` (tests, embedding) replaces the client built from `settings.redis_url`; the clients
-    for long-polls and probes are copies of its connection settings with other timeouts.
+    `redis` (tests, embedding) replaces the client built from `settings.redis_url`; the api's clients
+    are copies of its connection settings: a bounded pool for requests, and one for probes with
+    other timeouts.
     """
     # Imported here, not at module top: prometheus_client reads PROMETHEUS_MULTIPROC_DIR when it is
     # first imported, and gunicorn_conf sets that variable before the app module is loaded.
@@ -38,11 +41,15 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     from api.validation import MULTIPART_OVERHEAD_BYTES
 
     settings = settings or get_settings()
-    blocking_timeout = settings.max_wait_seconds + BLOCKING_MARGIN_SECONDS
     if redis is None:
         redis = redis_from_url(settings.redis_url, client_name="inferq-api")
-    # Long-polls: a socket_timeout longer than the longest XREAD BLOCK (shared.redis_conn).
-    redis_blocking = _clone(redis, socket_timeout=blocking_timeout)
+    # At most API_REDIS_CONNECTIONS; a request waits (up to the socket timeout) for a free one.
+    redis = _clone(
+        redis,
+        pool_class=BlockingConnectionPool,
+        max_connections=settings.api_redis_connections,
+        timeout=redis.connection_pool.connection_kwargs.get("socket_timeout") or 10,
+    )
     # /readyz and /metrics answer probes and scrapers that have short deadlines of their own:
     # one attempt with short timeouts, instead of the ~2.5 s of retries /v1 routes ride out
     # a Redis restart with.
@@ -60,10 +67,12 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     app.extensions[EXTENSION_KEY] = ApiState(
         settings=settings,
         redis=redis,
-        redis_blocking=redis_blocking,
         redis_probe=redis_probe,
         queues={lane: make_queue(redis, settings, lane) for lane in LANES},
         keyring=KeyRing(settings.api_keys),
+        operator_keyring=KeyRing(settings.operator_keys),
+        listener=CompletionListener(redis, settings.long_poll_recheck_seconds, settings.long_polls_per_key),
+        fairness=Fairness(redis, settings),
     )
     register_error_handlers(app)
     metrics.install_request_metrics(app)
@@ -80,12 +89,13 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     return app
 
 
-def _clone(redis: Redis, **overrides: Any) -> Redis:
+def _clone(redis: Redis, pool_class: type[ConnectionPool] | None = None, **overrides: Any) -> Redis:
     """A client with its own pool on the same server as `redis`, with some connection options changed."""
     pool = redis.connection_pool
     try:
         kwargs = {**pool.connection_kwargs, **overrides}
-        return Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
+        cls = pool_class or type(pool)
+        return Redis(connection_pool=cls(connection_class=pool.connection_class, **kwargs))
     except Exception:  # an exotic pool (sentinel, cluster): share the client, whose timeouts still hold
         log.warning("cannot clone the Redis connection pool; sharing it", exc_info=True)
         return redis

@@ -1,6 +1,6 @@
 """`python -m launch.launcher`: what `make up` runs: the whole service on this machine (DESIGN 3).
 
-1. Applies the api's bind rule (`shared.config.check_bind_allowed`) before starting anything:
+1. Applies the api's bind rule (`api.bind_policy.check_bind_allowed`) before starting anything:
    without API keys it refuses a non-loopback `HOST`.
 2. Starts the embedded Valkey server (AOF on, data under `DATA_DIR/redis`) unless `REDIS_URL` is
    set, and exports its URL to the processes it runs.
@@ -51,8 +51,9 @@ from honcho.printer import Message, Printer
 from honcho.process import Popen, Process
 from pydantic import ValidationError
 
+from api.bind_policy import BindNotAllowed, check_bind_allowed
 from launch.redis_server import load_prctl
-from shared.config import PROJECT_ROOT, BindNotAllowed, Settings, check_bind_allowed, get_settings
+from shared.config import PROJECT_ROOT, Settings, get_settings
 from shared.redis_conn import redact_url
 
 READY_TIMEOUT_SECONDS = 180.0

@@ -34,8 +34,9 @@ from rq.serializers import JSONSerializer
 import api.auth
 from api import create_app
 from api.auth import enforce_api_key_or_basic, owner_id
+from api.bind_policy import BindNotAllowed, check_bind_allowed
 from launch.redis_server import EmbeddedRedis
-from shared.config import PROJECT_ROOT, BindNotAllowed, Settings, check_bind_allowed, hash_api_key
+from shared.config import PROJECT_ROOT, Settings, hash_api_key
 from shared.keys import image_key, known_key
 from shared.log_redaction import REDACTED, install_redaction, redact
 from tests.service import free_port, http_ok, service_env, start_api, stop, wait_until
