@@ -75,7 +75,7 @@ control_socket_disable = True
 # --- Logging ------------------------------------------------------------------------------------
 loglevel = _settings.log_level.lower()
 errorlog = "-"
-accesslog = "-"
+accesslog = "-" if _settings.api_access_log else None
 # client, request line, status, response bytes, duration in ms, user agent.
 access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms "%(a)s"'
 

@@ -47,14 +47,21 @@ def _created(job_id: str, status: str = "queued") -> dict[str, str]:
     return {"id": job_id, "status": status, "url": job_url(job_id)}
 
 
-def _admit(state: ApiState, incoming: int) -> str:
+def _admit(state: ApiState, incoming: int, *, queue_bounds: bool = True) -> str:
     """Every limit a submission of `incoming` images passes, from its headers alone (the body is
-    not read yet): the key's rate, the queue bound, the key's share of it. Returns the client key."""
+    not read yet): the key's rate, the queue bound, the key's share of it. Returns the client key.
+    `queue_bounds=False` (idempotent submits): the bounds are checked only if a job is really
+    enqueued, since a replay adds nothing to the queue."""
     client = client_key()
     state.fairness.check_submit_rate(client, incoming)
+    if queue_bounds:
+        _check_queue_bounds(state, client, incoming)
+    return client
+
+
+def _check_queue_bounds(state: ApiState, client: str, incoming: int) -> None:
     _ensure_capacity(state, incoming)
     state.fairness.check_queue_share(client, incoming, state.queue_list)
-    return client
 
 
 def _ensure_capacity(state: ApiState, incoming: int) -> None:
@@ -120,7 +127,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     lane = parse_priority(request)
     deadline_ms = parse_deadline_ms(request, state.settings)
     idempotency_key = parse_idempotency_key(request)
-    client = _admit(state, 1)
+    client = _admit(state, 1, queue_bounds=idempotency_key is None)
     upload = read_job_upload(request, state.settings)
     queue = state.queues[lane]
     if idempotency_key is None:
@@ -142,7 +149,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
             owner=current_owner(),
             params={"priority": lane, "deadline_ms": deadline_ms},
             make_meta=lambda: _job_meta(deadline_ms),
-            before_enqueue=lambda: _ensure_capacity(state, 1),
+            before_enqueue=lambda: _check_queue_bounds(state, client, 1),
         )
         body = _created(job_id)
         if replayed:
@@ -165,8 +172,7 @@ def create_batch() -> tuple[Response, int]:
     uploads = read_batch_uploads(request, state.settings)  # all validated: all-or-nothing
     if len(uploads) > 1:
         state.fairness.check_submit_rate(client, len(uploads) - 1)
-        _ensure_capacity(state, len(uploads))
-        state.fairness.check_queue_share(client, len(uploads), state.queue_list)
+        _check_queue_bounds(state, client, len(uploads))
     jobs = submit_many(
         state.queues[lane], [(u.data, top_k) for u in uploads], state.settings, _job_meta(deadline_ms)
     )

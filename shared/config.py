@@ -163,6 +163,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds of body upload allowed on top of what API_BODY_MIN_RATE gives the body's size.",
     )
+    api_access_log: bool = Field(
+        default=True,
+        description="One access-log line per request from gunicorn (client, request line, status, bytes, "
+        "duration); false turns it off (the request metrics and the app's own `job submitted` lines stay).",
+    )
     api_graceful_timeout: int = Field(
         default=35,
         ge=1,
@@ -216,14 +221,14 @@ class Settings(BaseSettings):
     api_redis_connections: int = Field(
         default=64,
         ge=2,
-        description="Most Redis connections one api process opens (a request waits for a free one); long-polls "
-        "hold none while they wait.",
+        description="Most Redis connections one api process opens (a request waits for a free one); "
+        "long-polls hold none while they wait.",
     )
     operator_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(),
-        description="Comma-separated operator keys (same format as API_KEYS, kept apart from them): they open "
-        "`/rq` (rq-dashboard) and `/metrics`; tenant keys do not. With API_KEYS set and no operator key, "
-        "those routes are closed.",
+        description="Comma-separated operator keys (same format as API_KEYS, kept apart from them): they "
+        "open `/rq` (rq-dashboard) and `/metrics`; tenant keys do not. With API_KEYS set and no operator "
+        "key, those routes are closed.",
     )
     prometheus_multiproc_dir: Path | None = Field(
         default=None,
