@@ -17,7 +17,6 @@ reading a request has two deadlines:
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import time
 from typing import Any
@@ -29,8 +28,8 @@ from werkzeug.exceptions import RequestTimeout
 
 from shared.config import get_settings
 
-# Body reads are cut into chunks of this size, each with its own deadline, so a large read cannot
-# outlive the rate it is owed by more than one chunk's worth.
+# Body reads are cut into chunks of at most this size, and of at most one second's worth of the
+# minimum rate, each with its own deadline: a large read cannot outlive the rate it is owed.
 _CHUNK = 16 * 1024
 
 
@@ -89,17 +88,14 @@ class MinRateBody:
         return self.app(environ, start_response)
 
 
-class _MinRateInput(io.RawIOBase):
+class _MinRateInput:
     def __init__(self, inner: Any, min_rate: float, grace: float) -> None:
-        super().__init__()
         self._inner = inner
+        self._chunk = max(1, min(_CHUNK, int(min_rate)))
         self._rate = min_rate
         self._grace = grace
         self._started = time.monotonic()
         self._got = 0
-
-    def readable(self) -> bool:
-        return True
 
     def _timed(self, read: Any, size: int) -> bytes:
         # The deadline for having received `size` more bytes at the minimum rate.
@@ -118,7 +114,7 @@ class _MinRateInput(io.RawIOBase):
         parts = []
         want = -1 if size is None or size < 0 else size
         while want != 0:
-            chunk = self._timed(self._inner.read, _CHUNK if want < 0 else min(want, _CHUNK))
+            chunk = self._timed(self._inner.read, self._chunk if want < 0 else min(want, self._chunk))
             if not chunk:
                 break
             parts.append(chunk)
@@ -135,7 +131,7 @@ class _MinRateInput(io.RawIOBase):
         parts = []
         want = -1 if size is None or size < 0 else size
         while want != 0:
-            chunk = self._timed(self._inner.readline, _CHUNK if want < 0 else min(want, _CHUNK))
+            chunk = self._timed(self._inner.readline, self._chunk if want < 0 else min(want, self._chunk))
             if not chunk:
                 break
             parts.append(chunk)

@@ -60,8 +60,9 @@ def _admit(state: ApiState, incoming: int, *, queue_bounds: bool = True) -> str:
 
 
 def _check_queue_bounds(state: ApiState, client: str, incoming: int) -> None:
-    _ensure_capacity(state, incoming)
+    # The key's own share first: when it is over it, that is the more useful refusal.
     state.fairness.check_queue_share(client, incoming, state.queue_list)
+    _ensure_capacity(state, incoming)
 
 
 def _ensure_capacity(state: ApiState, incoming: int) -> None:
