@@ -111,31 +111,26 @@ class _MinRateInput:
         return data
 
     def read(self, size: int | None = -1) -> bytes:
-        parts = []
-        want = -1 if size is None or size < 0 else size
-        while want != 0:
-            chunk = self._timed(self._inner.read, self._chunk if want < 0 else min(want, self._chunk))
-            if not chunk:
-                break
-            parts.append(chunk)
-            if want > 0:
-                want -= len(chunk)
-        return b"".join(parts)
+        return self._collect(self._inner.read, size, line=False)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        return self._collect(self._inner.readline, size, line=True)
 
     def readinto(self, buffer: Any) -> int:
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
 
-    def readline(self, size: int | None = -1) -> bytes:
+    def _collect(self, read: Any, size: int | None, *, line: bool) -> bytes:
+        """`size` bytes (all with -1/None; up to the first newline with `line`), chunk by chunk."""
         parts = []
         want = -1 if size is None or size < 0 else size
         while want != 0:
-            chunk = self._timed(self._inner.readline, self._chunk if want < 0 else min(want, self._chunk))
+            chunk = self._timed(read, self._chunk if want < 0 else min(want, self._chunk))
             if not chunk:
                 break
             parts.append(chunk)
-            if chunk.endswith(b"\n"):
+            if line and chunk.endswith(b"\n"):
                 break
             if want > 0:
                 want -= len(chunk)

@@ -269,8 +269,8 @@ async def _long_poll(port: int, job_id: str, wait: int, ended_at: dict[str, floa
         await writer.drain()
         data = await reader.read()
         got = time.time()
-        if b" 200 " in data.split(b"\r\n", 1)[0] and b'"finished"' in data:
-            out.append(got - ended_at.get(job_id, got))
+        if b" 200 " in data.split(b"\r\n", 1)[0] and b'"finished"' in data and job_id in ended_at:
+            out.append(got - ended_at[job_id])
     finally:
         writer.close()
 
@@ -310,7 +310,14 @@ def redis_clients(redis_url: str) -> int:
         conn.close()
 
 
-def long_polls(server: ApiServer, redis_url: str, waiters: int, submit_probes: int = 50) -> dict[str, Any]:
+def long_polls(
+    server: ApiServer,
+    redis_url: str,
+    waiters: int,
+    submit_probes: int = 50,
+    ended_share: float = 0.2,
+    end_rate: float = 400.0,
+) -> dict[str, Any]:
     """`waiters` concurrent `?wait=30` on queued jobs; submits timed meanwhile; then every job ends
     and each waiter's delay after its job's end is measured."""
     headers = {"Content-Type": "image/png"}
@@ -345,18 +352,23 @@ def long_polls(server: ApiServer, redis_url: str, waiters: int, submit_probes: i
         figures["rss_mb_during"] = round(server.rss_mb(), 1)
         figures["rss_mb_per_1000_waiters"] = round((server.rss_mb() - rss_before) * 1000 / waiters, 2)
         lat = [await asyncio.to_thread(timed_submit, server.base, 5.0) for _ in range(submit_probes)]
+        figures["submit_failed"] = sum(1 for v in lat if v == float("inf"))
         figures["submit_p50_ms"] = round(percentile(lat, 0.5) * 1000, 1)
         figures["submit_p99_ms"] = round(percentile(lat, 0.99) * 1000, 1)
         health = [await asyncio.to_thread(timed_get, f"{server.base}/healthz", 5.0) for _ in range(20)]
         figures["healthz_p99_ms"] = round(percentile(health, 0.99) * 1000, 1)
-        # End the jobs the way workers do: a batch of 8 every 10 ms (800 jobs/s), each waiter timed
-        # from its own batch's end.
-        for start in range(0, len(ids), 8):
-            batch = ids[start : start + 8]
+        # End some of the jobs the way workers do, `end_rate` jobs/s in batches of 8 (a few times
+        # what a worker serves), each waiter timed from its own batch's end; the other waiters keep
+        # waiting meanwhile (and return `queued` after their wait).
+        to_end = ids[: int(waiters * ended_share)]
+        for start in range(0, len(to_end), 8):
+            batch = to_end[start : start + 8]
             done = await asyncio.to_thread(end_jobs, redis_url, batch)
             for i in batch:
                 ended_at[i] = done
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(8 / end_rate)
+        figures["ended"] = len(to_end)
+        figures["end_rate_per_s"] = end_rate
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=60)
 
     asyncio.run(run())

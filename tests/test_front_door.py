@@ -192,11 +192,9 @@ def make_client(redis_url: str) -> Any:
     return make
 
 
-def test_a_job_that_ends_without_a_publish_wakes_its_waiters_by_the_safety_net(
-    make_client: Any, redis_conn: redis.Redis
-) -> None:
-    client = make_client(long_poll_recheck_seconds=0.3)
-    job_id = png_post(client).json["id"]
+def long_poll_in_background(client: FlaskClient, job_id: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """A `?wait=20` on `job_id` in a thread, registered by the time this returns; `out` gets the body
+    and how long it took."""
     out: dict[str, Any] = {}
 
     def poll() -> None:
@@ -207,6 +205,15 @@ def test_a_job_that_ends_without_a_publish_wakes_its_waiters_by_the_safety_net(
     thread = threading.Thread(target=poll)
     thread.start()
     time.sleep(0.5)
+    return thread, out
+
+
+def test_a_job_that_ends_without_a_publish_wakes_its_waiters_by_the_safety_net(
+    make_client: Any, redis_conn: redis.Redis
+) -> None:
+    client = make_client(long_poll_recheck_seconds=0.3)
+    job_id = png_post(client).json["id"]
+    thread, out = long_poll_in_background(client, job_id)
     # Ended by something that publishes nothing (as RQ's registry cleanup failing a job does).
     job = Job.fetch(job_id, connection=redis_conn, serializer=SERIALIZER)
     job.set_status("failed")
@@ -218,16 +225,7 @@ def test_a_job_that_ends_without_a_publish_wakes_its_waiters_by_the_safety_net(
 def test_cancel_by_post_wakes_long_polls_at_once(make_client: Any) -> None:
     client = make_client(long_poll_recheck_seconds=30)
     job_id = png_post(client).json["id"]
-    out: dict[str, Any] = {}
-
-    def poll() -> None:
-        started = time.monotonic()
-        out["body"] = client.get(f"/v1/jobs/{job_id}?wait=20").json
-        out["took"] = time.monotonic() - started
-
-    thread = threading.Thread(target=poll)
-    thread.start()
-    time.sleep(0.5)
+    thread, out = long_poll_in_background(client, job_id)
     canceled = client.post(f"/v1/jobs/{job_id}/cancel")
     assert canceled.status_code == 200 and canceled.json["status"] == "canceled"
     thread.join(timeout=25)
