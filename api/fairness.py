@@ -68,9 +68,11 @@ class Fairness:
 
     @property
     def share_limit(self) -> int:
-        """Jobs one key may have waiting (0: no limit, like MAX_QUEUE_DEPTH=0)."""
+        """Jobs one key may have waiting (0: no limit of its own: MAX_QUEUE_DEPTH=0, or a share of 1,
+        which the queue bound itself enforces)."""
         depth = self._settings.max_queue_depth
-        return max(1, int(depth * self._settings.queue_share_per_key)) if depth else 0
+        share = self._settings.queue_share_per_key
+        return max(1, int(depth * share)) if depth and share < 1 else 0
 
     def check_queue_share(self, client: str, incoming: int, queues: list) -> None:
         limit = self.share_limit

@@ -63,6 +63,9 @@ def _schema(app: Flask) -> Any:
     # values, `format: binary` image parts included; an image part that is the text "failed" is
     # not an image, and the document says so. Every check still runs.
     schema.config.analysis.constants.enabled = False
+    # A malformed upload too big to parse is refused with 413 (documented): a rejection like 400.
+    rejection = schema.config.checks.negative_data_rejection
+    rejection.expected_statuses = [*rejection.expected_statuses, "413"]
     return schema
 
 

@@ -125,7 +125,9 @@ def _recv(sock: socket.socket) -> bytes:
 def test_idle_keepalive_connections_are_closed_quietly(small_server: ApiServer) -> None:
     with socket.create_connection(("127.0.0.1", small_server.port), timeout=10) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        first = sock.recv(4096)
+        first = b""
+        while b'"ok"' not in first:
+            first += sock.recv(4096)
         assert first.startswith(b"HTTP/1.1 200")
         # Then idle: closed after the keep-alive limit (5 s) without an unsolicited 408.
         assert _recv(sock) == b""
@@ -160,6 +162,8 @@ def test_many_long_polls_hold_no_redis_connection_and_all_wake_on_completion(
     got: dict[str, tuple[float, bytes]] = {}
     ended: dict[str, float] = {}
 
+    before = api_clients(redis_conn)
+
     async def run() -> int:
         tasks = [asyncio.create_task(_poll(small_server.port, i, got)) for i in ids]
         await asyncio.sleep(3)  # every request read and waiting
@@ -175,8 +179,9 @@ def test_many_long_polls_hold_no_redis_connection_and_all_wake_on_completion(
 
     during = asyncio.run(run())
     # The Redis clients of the api are its bounded pool (API_REDIS_CONNECTIONS=4) plus its one
-    # subscription, whatever the number of waiters.
-    assert during <= 4 + 1, during
+    # subscription, whatever the number of waiters. (Counted as a difference: in-process apps of
+    # other tests may hold connections named alike on this server.)
+    assert during - before <= 4 + 1, (before, during)
     delays = [got[i][0] - ended[i] for i in ids]
     assert all(b'"status":"finished"' in got[i][1] for i in ids)
     # Woken by the publish: far inside LONG_POLL_RECHECK_SECONDS (30 s), the safety net's period.
