@@ -9,15 +9,17 @@ from __future__ import annotations
 import logging
 
 from flask import Flask
-from redis import Redis
+from redis import BlockingConnectionPool, ConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from api.auth import KeyRing
+from api.fairness import Fairness
+from api.long_poll import CompletionListener
 from api.state import EXTENSION_KEY, ApiState
 from shared.config import Settings, get_settings
 from shared.jobs import LANES, make_queue
-from shared.redis_conn import blocking_socket_timeout, connect_checked, redact_url, with_options
+from shared.redis_conn import connect_checked, redact_url, with_options
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +29,9 @@ PROBE_TIMEOUT_SECONDS = 1.0
 def create_app(settings: Settings | None = None, redis: Redis | None = None) -> Flask:
     """Build the app. Connecting is lazy: the app starts even while Redis is down (readyz says so).
 
-    `redis` (tests, embedding) replaces the client built from `settings.redis_url`; the clients
-    for long-polls and probes are copies of its connection settings with other timeouts.
+    `redis` (tests, embedding) replaces the client built from `settings.redis_url`; the api's clients
+    are copies of its connection settings: a bounded pool for requests, and one for probes with
+    other timeouts.
     """
     # Imported here, not at module top: prometheus_client reads PROMETHEUS_MULTIPROC_DIR when it is
     # first imported, and gunicorn_conf sets that variable before the app module is loaded.
@@ -40,8 +43,13 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     if redis is None:
         # The server's version is checked now if Redis answers; if not, /readyz says so.
         redis = connect_checked(settings, client_name="inferq-api", require_reachable=False)
-    # Long-polls: a socket_timeout longer than the longest XREAD BLOCK (shared.redis_conn).
-    redis_blocking = with_options(redis, socket_timeout=blocking_socket_timeout(settings))
+    # At most API_REDIS_CONNECTIONS; a request waits (up to the socket timeout) for a free one.
+    redis = with_options(
+        redis,
+        pool_class=BlockingConnectionPool,
+        max_connections=settings.api_redis_connections,
+        timeout=redis.connection_pool.connection_kwargs.get("socket_timeout") or 10,
+    )
     # /readyz and /metrics answer probes and scrapers that have short deadlines of their own:
     # one attempt with short timeouts, instead of the ~2.5 s of retries /v1 routes ride out
     # a Redis restart with.
@@ -59,10 +67,12 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     app.extensions[EXTENSION_KEY] = ApiState(
         settings=settings,
         redis=redis,
-        redis_blocking=redis_blocking,
         redis_probe=redis_probe,
         queues={lane: make_queue(redis, settings, lane) for lane in LANES},
         keyring=KeyRing(settings.api_keys),
+        operator_keyring=KeyRing(settings.operator_keys),
+        listener=CompletionListener(redis, settings.long_poll_recheck_seconds, settings.long_polls_per_key),
+        fairness=Fairness(redis, settings),
     )
     register_error_handlers(app)
     metrics.install_request_metrics(app)

@@ -8,7 +8,7 @@
 - The key's id (`owner_id`, a prefix of its hash) is stored in each job's meta (`META_OWNER`); a
   job is visible to that key only. Another key gets the same 404 as for an unknown id.
 - Without keys, nothing is required and every job is visible (local use: the api then only binds a
-  loopback address, `shared.config.check_bind_allowed`).
+  loopback address, `api.bind_policy.check_bind_allowed`).
 
 Reusable for other mounts (rq-dashboard on /rq): `bp.before_request(enforce_api_key)` protects a
 whole blueprint, `@require_api_key` one view; `allow_basic=True` also accepts HTTP Basic with the key as
@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, overload
 
@@ -74,6 +75,12 @@ def _keyring() -> KeyRing:
     return current_state().keyring
 
 
+def _operator_ring() -> KeyRing:
+    from api.state import current_state
+
+    return current_state().operator_keyring
+
+
 def _presented_token(header: str | None, allow_basic: bool) -> str | None:
     if not header:
         return None
@@ -112,6 +119,41 @@ def authenticate(*, allow_basic: bool = False) -> str | None:
     return owner
 
 
+def authenticate_operator(*, allow_basic: bool = False) -> None:
+    """Operator routes (/rq, /metrics): an OPERATOR_KEYS key is required whenever any keys are
+    configured. A valid tenant key gets 403 `operator_only`; no or an unknown key, 401.
+    Without any keys (the api then listens on loopback only) they are open."""
+    operators = _operator_ring()
+    if not operators.enabled and not _keyring().enabled:
+        return
+    header = request.headers.get("Authorization")
+    token = _presented_token(header, allow_basic)
+    candidate = token if token is not None else ""
+    if operators.match(candidate) is not None:
+        return
+    if _keyring().match(candidate) is not None:
+        raise ApiError(
+            "this route is for operators: it needs an OPERATOR_KEYS key, not a tenant key",
+            code="operator_only",
+            http_status=403,
+        )
+    raise _unauthorized(presented=header is not None, allow_basic=allow_basic)
+
+
+def require_operator(view: F) -> F:
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        authenticate_operator()
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def enforce_operator_or_basic() -> None:
+    """A `before_request` hook for the dashboard: an operator key, as Bearer or Basic password."""
+    authenticate_operator(allow_basic=True)
+
+
 def current_owner() -> str | None:
     """The owner id authenticated for this request (None when keys are disabled)."""
     return g.get("inferq_owner")
@@ -145,6 +187,35 @@ def require_api_key(view: Any = None, *, allow_basic: bool = False) -> Any:
     return decorate(view) if view is not None else decorate
 
 
+class _FailureLog:
+    """Authentication failures in the log without letting a client flood it: each one at DEBUG, and at
+    most one WARNING per interval saying how many there were since the last."""
+
+    def __init__(self, interval_seconds: float = 60.0) -> None:
+        self._interval = interval_seconds
+        self._last = -interval_seconds
+        self._count = 0
+
+    def note(self, method: str, path: str, credentials: str) -> None:
+        self._count += 1
+        log.debug("unauthorized %s %s (%s credentials)", method, path, credentials)
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            log.warning(
+                "%d unauthorized request(s) in the last %.0f s (latest: %s %s, %s credentials)",
+                self._count,
+                min(now - self._last, self._interval),
+                method,
+                path,
+                credentials,
+            )
+            self._last = now
+            self._count = 0
+
+
+_AUTH_FAILURES = _FailureLog()
+
+
 def _unauthorized(*, presented: bool, allow_basic: bool) -> ApiError:
     challenge = f'Bearer realm="{REALM}"'
     if presented:
@@ -152,12 +223,7 @@ def _unauthorized(*, presented: bool, allow_basic: bool) -> ApiError:
     if allow_basic:
         challenge += f', Basic realm="{REALM}", charset="UTF-8"'
     # Never log or echo the header: it may be a valid key in the wrong place, or a typo of one.
-    log.info(
-        "unauthorized %s %s (%s credentials)",
-        request.method,
-        request.path[:200],
-        "bad" if presented else "no",
-    )
+    _AUTH_FAILURES.note(request.method, request.path[:200], "bad" if presented else "no")
     return ApiError(
         "a valid API key is required: send `Authorization: Bearer <key>`"
         if not presented

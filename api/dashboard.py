@@ -17,10 +17,12 @@ result, metadata (timings, batch id, attempts) and error. What 0.9.0 needs aroun
    the dashboard uses the api's own client (`app.redis_conn`); RQ_DASHBOARD_REDIS_URL holds only the
    redacted URL the page displays. One instance (`0`); any other number is 404.
 3. Auth: none upstream (its `add_basic_auth` is one fixed user/password). Here the blueprint's
-   first hook is `enforce_api_key_or_basic`: with API keys configured, `Authorization: Bearer <key>`
-   or HTTP Basic with the key as password (what a browser can send). Any valid key opens the
-   dashboard, which shows EVERY key's jobs. Without keys the api, and so `/rq`, only listens on
-   loopback (`shared.config.check_bind_allowed`).
+   first hook is `enforce_operator_or_basic`: the dashboard shows EVERY tenant's jobs, so with keys
+   configured it needs an operator key (OPERATOR_KEYS, never a tenant's API key), as
+   `Authorization: Bearer <key>` or HTTP Basic with the key as password (what a browser can send).
+   Without keys the api, and so `/rq`, only listens on loopback (`api.bind_policy.check_bind_allowed`).
+   Its pages cannot be framed by another site (`X-Frame-Options: DENY`, CSP `frame-ancestors 'none'`):
+   no clickjacking of the admin buttons.
 4. Destructive actions and CSRF: upstream, requeue-all accepts GET and nothing carries a CSRF token,
    so a page on another site could make an operator's browser (which resends Basic credentials by
    itself) requeue or delete jobs. Here every endpoint not known to be read-only answers 403
@@ -43,13 +45,13 @@ from typing import Any
 import rq
 import rq_dashboard
 import rq_dashboard.web as rq_web
-from flask import Flask, abort, request
+from flask import Flask, Response, abort, request
 from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import Worker
 
-from api.auth import enforce_api_key_or_basic
+from api.auth import enforce_operator_or_basic
 from api.errors import ApiError
 from api.state import EXTENSION_KEY, current_state
 from shared.redis_conn import redact_url
@@ -139,6 +141,12 @@ def _guard_destructive() -> None:
         )
 
 
+def _no_framing(response: Response) -> Response:
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"
+    return response
+
+
 def install(app: Flask) -> None:
     """Mount rq-dashboard at `/rq` on `app`, on the api's Redis client, behind its auth."""
     state = app.extensions[EXTENSION_KEY]
@@ -151,6 +159,7 @@ def install(app: Flask) -> None:
     # The blueprint's hooks on this app: ours, in order, instead of its per-request connection.
     # (Set on the app, not on the shared blueprint object, which tests register on many apps.)
     hooks = app.before_request_funcs.setdefault(BLUEPRINT, [])
-    hooks[:] = [enforce_api_key_or_basic, _one_instance, _guard_destructive] + [
+    hooks[:] = [enforce_operator_or_basic, _one_instance, _guard_destructive] + [
         hook for hook in hooks if hook is not rq_web.push_rq_connection
     ]
+    app.after_request_funcs.setdefault(BLUEPRINT, []).append(_no_framing)

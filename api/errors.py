@@ -94,6 +94,9 @@ def register_error_handlers(app: Flask) -> None:
         message = exc.description or exc.name
         if status == 404:
             message = f"no route for {request.method} {request.path[:200]}"
+        if status == 408:
+            # The body stalled (api.gevent_worker): the rest of it is not worth waiting for.
+            headers["Connection"] = "close"
         return error_response(_http_code(exc), message, status, headers)
 
     @app.errorhandler(RedisConnectionError)

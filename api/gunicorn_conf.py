@@ -2,13 +2,13 @@
 
 Run: `gunicorn --config api/gunicorn_conf.py api.wsgi:app` from the project root.
 
-- gthread workers: a long-poll (`GET /v1/jobs/<id>?wait=30`) holds a thread, not a process, for up
-  to MAX_WAIT_SECONDS while it blocks in Redis; API_THREADS threads per process bound how many run
-  at once. The worker's own heartbeat runs on its main thread, so long requests do not trip `timeout`.
+- gevent workers (`api.gevent_worker`, which says why, and how slow clients are cut off): a connection,
+  idle, slow or long-polling, costs a greenlet and a file descriptor; API_WORKER_CONNECTIONS per process.
+  A long-poll waits on the process's one completion listener (`api.long_poll`), not in Redis.
 - Prometheus multi-process mode: each process writes its samples to PROMETHEUS_MULTIPROC_DIR and a
   scrape of any process adds them up; the directory is wiped at start (stale files of a previous
   run would be added in) and a dead process's live gauges are dropped in `child_exit`.
-- The bind rule (`shared.config.check_bind_allowed`): without API keys, only loopback addresses.
+- The bind rule (`api.bind_policy.check_bind_allowed`): without API keys, only loopback addresses.
   Checked in `on_starting` against the addresses gunicorn will really bind (a `--bind` on the
   command line or in GUNICORN_CMD_ARGS overrides HOST:PORT), before any socket is opened.
 - Logs: gunicorn's error and access logs go through `shared.log_redaction` (Authorization values and
@@ -19,6 +19,7 @@ Run: `gunicorn --config api/gunicorn_conf.py api.wsgi:app` from the project root
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import shutil
 import sys
@@ -33,7 +34,8 @@ if _ROOT not in sys.path:
 
 from gunicorn.glogging import Logger as _GunicornLogger  # noqa: E402
 
-from shared.config import BindNotAllowed, check_bind_allowed, get_settings  # noqa: E402
+from api.bind_policy import BindNotAllowed, check_bind_allowed  # noqa: E402
+from shared.config import get_settings  # noqa: E402
 
 _settings = get_settings()
 
@@ -50,14 +52,16 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 # --- Server -------------------------------------------------------------------------------------
 bind = [f"{_settings.host}:{_settings.port}"]
 workers = _settings.web_concurrency
-worker_class = "gthread"
-threads = _settings.api_threads
+worker_class = "api.gevent_worker.InferqGeventWorker"
+worker_connections = _settings.api_worker_connections
 # Seconds without a heartbeat from a worker's main loop before the master kills it (not a request
-# timeout: with gthread a request may outlive it, which long-polls do by design).
+# timeout: the heartbeat runs in its own greenlet, so long-polls may outlive it by design).
 timeout = 30
 # After SIGTERM, in-flight requests (long-polls included) get this long to finish.
 graceful_timeout = _settings.api_graceful_timeout
-keepalive = 5
+# Idle keep-alive limit; also gunicorn's header-read limit, which api.gevent_worker replaces for new
+# connections with API_HEADER_TIMEOUT. Must not be 0: gunicorn would then read headers without a limit.
+keepalive = _settings.api_keepalive
 # Restart a process after this many requests (0 = never), jittered so processes do not restart together.
 max_requests = _settings.api_max_requests
 max_requests_jitter = _settings.api_max_requests // 10
@@ -71,7 +75,7 @@ control_socket_disable = True
 # --- Logging ------------------------------------------------------------------------------------
 loglevel = _settings.log_level.lower()
 errorlog = "-"
-accesslog = "-"
+accesslog = "-" if _settings.api_access_log else None
 # client, request line, status, response bytes, duration in ms, user agent.
 access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms "%(a)s"'
 
@@ -119,6 +123,20 @@ def post_worker_init(worker: Any) -> None:
     stalls every request thread."""
     gc.collect()
     gc.freeze()
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """In the worker itself: flush the logs and end the process here. Left to the interpreter's own
+    shutdown, gevent's patched `threading` is torn down before logging's handler weakrefs, which then
+    print tracebacks on the way out."""
+    if os.getpid() != worker.pid:
+        return  # gunicorn also calls this hook in the master, after it reaped a worker
+    exc = sys.exc_info()[1]
+    code = exc.code if isinstance(exc, SystemExit) else 0
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 1)
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -1,7 +1,7 @@
 """Operational routes: liveness, readiness, Prometheus metrics and the OpenAPI document.
 
 /healthz and /readyz stay open (probes carry no credentials) and say no more than a status and a
-short reason; /metrics needs an API key when keys are configured.
+short reason; /metrics needs an operator key (OPERATOR_KEYS) when keys are configured.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from api import metrics
-from api.auth import require_api_key
+from api.auth import require_operator
 from api.openapi import openapi_document
 from api.state import ApiState, current_state
 
@@ -73,7 +73,7 @@ def _unready(reason: str) -> tuple[Response, int]:
 
 
 @bp.get("/metrics")
-@require_api_key
+@require_operator
 def prometheus_metrics() -> Response:
     state = current_state()
     body, content_type = metrics.render(state.redis_probe, state.queue_list, state.settings)

@@ -1,7 +1,8 @@
 """Prometheus metrics of the api.
 
-Request metrics are labelled by route TEMPLATE (`/v1/jobs/<path:job_id>`), never by the raw path,
-so job ids and scanners' junk URLs cannot blow up the series count.
+Request metrics are labelled by route TEMPLATE (`/v1/jobs/<path:job_id>`), never by the raw path, and
+by method from a fixed set (anything else is `<other>`), so job ids, scanners' junk URLs and invented
+methods cannot blow up the series count.
 
 Under gunicorn several processes serve /metrics in turn, so each process's counters alone would
 be a random slice. With PROMETHEUS_MULTIPROC_DIR set (api/gunicorn_conf.py sets it) prometheus-client
@@ -75,6 +76,9 @@ SUBMITTED = Counter(
 )
 
 UNMATCHED_ROUTE = "<unmatched>"
+# Label values come from fixed sets: a client inventing methods must not grow the series count.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "<other>"
 SUBMIT_ENDPOINTS = ("v1.create_job", "v1.create_batch")
 submissions_log = logging.getLogger("inferq.api")
 
@@ -95,7 +99,8 @@ def install_request_metrics(app: Flask) -> None:
         started = g.get("inferq_started")
         if started is not None:
             route = request.url_rule.rule if request.url_rule is not None else UNMATCHED_ROUTE
-            labels = (request.method, route, str(response.status_code))
+            method = request.method if request.method in KNOWN_METHODS else OTHER_METHOD
+            labels = (method, route, str(response.status_code))
             REQUESTS.labels(*labels).inc()
             LATENCY.labels(*labels).observe(time.perf_counter() - started)
         if request.endpoint in SUBMIT_ENDPOINTS and response.status_code == 202:

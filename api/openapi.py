@@ -191,13 +191,16 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "top_k, priority, deadline_ms) returns the first request's job, also after it ended, for as "
         "long as it is kept (410 `job_expired` after that); a different request under the same key "
         "is 409 `idempotency_key_reused`.",
-        "schema": {"type": "string", "maxLength": 255},
+        # What api.validation enforces: 1-255 visible ASCII characters (400 `invalid_idempotency_key`).
+        "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
     }
     location = {"Location": {"description": "/v1/jobs/<id>", "schema": {"type": "string"}}}
     retry_after = {
         "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
     }
     binary = {"type": "string", "format": "binary"}
+    # Every body and `image` part must be the bytes of one image in a supported format (sniffed from
+    # the bytes; the declared type is not trusted): anything else is 400/415, whatever its type says.
     raw_bodies = {mime: {"schema": binary} for mime in sorted(RAW_IMAGE_TYPES)}
     www_authenticate = {
         "WWW-Authenticate": {"description": 'Bearer realm="inferq"', "schema": {"type": "string"}}
@@ -229,8 +232,12 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "422": _error("`invalid_top_k`, `invalid_priority`, `invalid_deadline`."),
         "429": {
             **_error(
-                f"`queue_full`: over {settings.max_queue_depth} jobs wait in all lanes together. "
-                "`Retry-After` = time for the workers, at their recent pace, to make room, clamped to 1-60 s."
+                f"`rate_limited`: over SUBMIT_RATE_LIMIT ({settings.submit_rate_limit}) for this API key (or "
+                "client address); `key_queue_share`: this key already has its share "
+                f"({settings.queue_share_per_key:g}) of MAX_QUEUE_DEPTH waiting; `queue_full`: over "
+                f"{settings.max_queue_depth} jobs wait in all lanes together. Decided from the headers, "
+                "before the body is read. `Retry-After`: when the limit allows the request again (for the "
+                "queue bounds, the time for the workers, at their recent pace, to make room; 1-60 s)."
             ),
             "headers": retry_after,
         },
@@ -247,8 +254,9 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "/v1/jobs": {
                 "post": {
                     "summary": "Submit one image for classification",
-                    "description": "The bytes are sniffed (the Content-Type and filename are not trusted); "
-                    "nothing invalid is queued.",
+                    "description": "The body (raw, or the multipart `image` part) must be the bytes of one "
+                    "image: JPEG, PNG, GIF, WebP, BMP or TIFF. The bytes are sniffed (the Content-Type and "
+                    "filename are not trusted); anything else is refused (400/415) and nothing is queued.",
                     "parameters": [
                         top_k,
                         priority,
@@ -264,7 +272,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                                     "type": "object",
                                     "required": ["image"],
                                     "properties": {"image": binary},
-                                }
+                                },
                             },
                         },
                     },
@@ -292,10 +300,11 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                                         "image": {
                                             "type": "array",
                                             "items": binary,
+                                            "minItems": 1,
                                             "maxItems": settings.max_batch_submit,
                                         }
                                     },
-                                }
+                                },
                             }
                         },
                     },
@@ -341,11 +350,23 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                             "after that, then 404)."
                         ),
                         "422": _error("`invalid_wait`."),
+                        "429": {
+                            **_error(
+                                "`long_poll_limit`: this key already holds LONG_POLLS_PER_KEY "
+                                f"({settings.long_polls_per_key}) long-polls in this api process."
+                            ),
+                            "headers": retry_after,
+                        },
                         **common_errors,
                     },
                 },
-                "delete": {
+            },
+            "/v1/jobs/{job_id}/cancel": {
+                "post": {
                     "summary": "Cancel a queued job",
+                    "description": "The job stays readable, with status `canceled` (error `canceled`), for "
+                    "as long as a finished job would. `DELETE /v1/jobs/{job_id}` is an alias kept for older "
+                    "clients and left out of this document: it does not delete the job.",
                     "parameters": [job_id],
                     "responses": {
                         "200": _json("Canceled; the job, with status `canceled`.", _ref("Job")),
@@ -375,10 +396,12 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             },
             "/metrics": {
                 "get": {
-                    "summary": "Prometheus metrics (needs an API key when keys are configured)",
+                    "summary": "Prometheus metrics (an operator route: needs an OPERATOR_KEYS key when keys "
+                    "are configured)",
                     "responses": {
                         "200": {"description": "Prometheus text format.", "content": {"text/plain": {}}},
                         **unauthorized,
+                        "403": _error("`operator_only`: a tenant's API key, not an operator key."),
                     },
                 }
             },
@@ -398,8 +421,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "An API key from API_KEYS / API_KEYS_FILE. Required on /v1 routes and "
-                    "/metrics when keys are configured.",
+                    "description": "An API key from API_KEYS / API_KEYS_FILE (required on /v1 routes when "
+                    "keys are configured), or for /metrics an operator key from OPERATOR_KEYS.",
                 }
             },
         },

@@ -2,7 +2,8 @@
 
 Every route needs an API key when keys are configured (`api.auth`, a `before_request` of this
 blueprint: nothing of the request, not even its body, is read first), and a job is visible to the key
-that created it only: any other key gets the 404 of an unknown id.
+that created it only: any other key gets the 404 of an unknown id. Submissions pass the per-key limits
+and the queue bound (`api.fairness`, `api.capacity`) before their body is read.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from flask import Blueprint, Response, jsonify, request
 from rq.job import Job
 
 from api.auth import current_owner, enforce_api_key
+from api.cancel import cancel
 from api.capacity import check_capacity
 from api.errors import ApiError
+from api.fairness import client_key
 from api.idempotency import expired_job, submit_once
+from api.job_view import TERMINAL_STATUSES, client_status, job_view, read_job
+from api.long_poll import TooManyWaiters
 from api.state import ApiState, current_state
 from api.validation import (
     parse_deadline_ms,
@@ -27,18 +32,7 @@ from api.validation import (
     read_batch_uploads,
     read_job_upload,
 )
-from shared.jobs import (
-    META_DEADLINE,
-    META_OWNER,
-    TERMINAL_STATUSES,
-    cancel,
-    client_status,
-    fetch,
-    job_view,
-    submit,
-    submit_many,
-    wait_for_end,
-)
+from shared.jobs import META_DEADLINE, META_OWNER, fetch, submit, submit_many
 from shared.keys import is_job_id, known_key
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
@@ -51,6 +45,24 @@ def job_url(job_id: str) -> str:
 
 def _created(job_id: str, status: str = "queued") -> dict[str, str]:
     return {"id": job_id, "status": status, "url": job_url(job_id)}
+
+
+def _admit(state: ApiState, incoming: int, *, queue_bounds: bool = True) -> str:
+    """Every limit a submission of `incoming` images passes, from its headers alone (the body is
+    not read yet): the key's rate, the queue bound, the key's share of it. Returns the client key.
+    `queue_bounds=False` (idempotent submits): the bounds are checked only if a job is really
+    enqueued, since a replay adds nothing to the queue."""
+    client = client_key()
+    state.fairness.check_submit_rate(client, incoming)
+    if queue_bounds:
+        _check_queue_bounds(state, client, incoming)
+    return client
+
+
+def _check_queue_bounds(state: ApiState, client: str, incoming: int) -> None:
+    # The key's own share first: when it is over it, that is the more useful refusal.
+    state.fairness.check_queue_share(client, incoming, state.queue_list)
+    _ensure_capacity(state, incoming)
 
 
 def _ensure_capacity(state: ApiState, incoming: int) -> None:
@@ -91,21 +103,22 @@ def _not_found(job_id: str) -> ApiError:
     return ApiError(f"no job with id {job_id[:64]!r}", code="job_not_found", http_status=404)
 
 
-def _load_job(state: ApiState, job_id: str) -> Job:
+def _load_job(state: ApiState, job_id: str) -> tuple[Job, Any]:
+    """The job and its latest result (one round trip), or the 404/410 its id deserves."""
     # Only server-generated ids reach Redis: anything else cannot name a job, and client text
     # never becomes part of a key.
     if not is_job_id(job_id):
         raise _not_found(job_id)
-    job = fetch(state.redis, job_id)
-    if job is None:
+    found = read_job(state.redis, job_id)
+    if found is None:
         # Expired (its tombstone outlives it by EXPIRED_GRACE_SECONDS): 410, to its owner only.
         tombstone = state.redis.get(known_key(job_id))
         if tombstone is not None and _visible(tombstone.decode()):
             raise expired_job(job_id)
         raise _not_found(job_id)
-    if not _visible(job.meta.get(META_OWNER)):
+    if not _visible(found[0].meta.get(META_OWNER)):
         raise _not_found(job_id)
-    return job
+    return found
 
 
 @bp.post("/jobs")
@@ -115,11 +128,17 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     lane = parse_priority(request)
     deadline_ms = parse_deadline_ms(request, state.settings)
     idempotency_key = parse_idempotency_key(request)
+    client = _admit(state, 1, queue_bounds=idempotency_key is None)
     upload = read_job_upload(request, state.settings)
     queue = state.queues[lane]
     if idempotency_key is None:
-        _ensure_capacity(state, 1)
-        job_id = submit(queue, upload.data, top_k, state.settings, _job_meta(deadline_ms)).id
+        with state.redis.pipeline() as pipe:
+            pipe.multi()  # RQ's enqueue must not start its own MULTI (shared.jobs.submit)
+            job_id = submit(
+                queue, upload.data, top_k, state.settings, _job_meta(deadline_ms), pipeline=pipe
+            ).id
+            state.fairness.note_pending(pipe, client, [job_id])
+            pipe.execute()
         body = _created(job_id)
     else:
         job_id, replayed = submit_once(
@@ -131,12 +150,14 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
             owner=current_owner(),
             params={"priority": lane, "deadline_ms": deadline_ms},
             make_meta=lambda: _job_meta(deadline_ms),
-            before_enqueue=lambda: _ensure_capacity(state, 1),
+            before_enqueue=lambda: _check_queue_bounds(state, client, 1),
         )
         body = _created(job_id)
         if replayed:
             job = fetch(state.redis, job_id)
             body["status"] = client_status(job) if job is not None else "queued"
+        else:
+            state.fairness.note_pending(state.redis, client, [job_id])
     return jsonify(body), 202, {"Location": job_url(job_id)}
 
 
@@ -146,11 +167,17 @@ def create_batch() -> tuple[Response, int]:
     top_k = parse_top_k(request, state.settings)
     lane = parse_priority(request)
     deadline_ms = parse_deadline_ms(request, state.settings)
+    # The image count is only known from the body: the rate and shares are checked for one image
+    # before it is read, and for all of them after (still before anything is enqueued).
+    client = _admit(state, 1)
     uploads = read_batch_uploads(request, state.settings)  # all validated: all-or-nothing
-    _ensure_capacity(state, len(uploads))
+    if len(uploads) > 1:
+        state.fairness.check_submit_rate(client, len(uploads) - 1)
+        _check_queue_bounds(state, client, len(uploads))
     jobs = submit_many(
         state.queues[lane], [(u.data, top_k) for u in uploads], state.settings, _job_meta(deadline_ms)
     )
+    state.fairness.note_pending(state.redis, client, [job.id for job in jobs])
     return jsonify({"jobs": [_created(job.id) for job in jobs]}), 202
 
 
@@ -158,20 +185,33 @@ def create_batch() -> tuple[Response, int]:
 def get_job(job_id: str) -> dict[str, Any]:
     state = current_state()
     wait = parse_wait(request, state.settings)
-    job = _load_job(state, job_id)
-    if wait > 0 and client_status(job) not in TERMINAL_STATUSES:
-        # Blocks on the job's result and cancel streams (XREAD BLOCK): no polling loop, and it
-        # returns as soon as the job ends, whichever worker or api process ended it.
-        wait_for_end(state.redis_blocking, job.id, wait)
-        job = _load_job(state, job_id)
-    return job_view(job)
+    if wait <= 0:
+        return job_view(*_load_job(state, job_id))
+    # The waiter is registered BEFORE the job is read: an end published from now on wakes it, and
+    # an end before now is in what is read (api.long_poll). It holds no Redis connection.
+    try:
+        with state.listener.waiter(job_id, client_key()) as ended:
+            job, result = _load_job(state, job_id)
+            if client_status(job) in TERMINAL_STATUSES or not ended.wait(wait):
+                return job_view(job, result)
+    except TooManyWaiters:
+        limit = state.settings.long_polls_per_key
+        raise ApiError(
+            f"this key already holds {limit} long-polls in this api process; retry without `wait` or later",
+            code="long_poll_limit",
+            http_status=429,
+            headers={"Retry-After": "1"},
+        ) from None
+    return job_view(*_load_job(state, job_id))
 
 
+@bp.post("/jobs/<path:job_id>/cancel")
 @bp.delete("/jobs/<path:job_id>")
-def delete_job(job_id: str) -> dict[str, Any]:
+def cancel_job(job_id: str) -> dict[str, Any]:
+    """`POST /v1/jobs/<id>/cancel`; `DELETE /v1/jobs/<id>` is an alias kept for older clients."""
     state = current_state()
-    job = _load_job(state, job_id)
-    if not cancel(state.redis, job, state.settings):
+    job, _ = _load_job(state, job_id)
+    if not cancel(state.redis, job):
         status = client_status(job)
         raise ApiError(
             f"job {job.id} is {status if status != 'queued' else 'already taken by a worker'}; "

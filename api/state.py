@@ -1,5 +1,6 @@
-"""What one api process holds: settings and Redis clients, never job state (any number of api
-processes may serve the same Redis, and any of them may answer for any job)."""
+"""What one api process holds: settings, Redis clients, the completion listener and the fairness
+counters' client; never job state (any number of api processes may serve the same Redis, and any of
+them may answer for any job)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from redis import Redis
 from rq import Queue
 
 from api.auth import KeyRing
+from api.fairness import Fairness
+from api.long_poll import CompletionListener
 from shared.config import Settings
 
 EXTENSION_KEY = "inferq"
@@ -18,22 +21,19 @@ EXTENSION_KEY = "inferq"
 @dataclass(frozen=True)
 class ApiState:
     settings: Settings
+    # A bounded pool (API_REDIS_CONNECTIONS): under gevent thousands of requests could otherwise open
+    # a connection each at the same moment.
     redis: Redis
-    # Long-polls (XREAD BLOCK up to MAX_WAIT_SECONDS) need a socket_timeout longer than the block:
-    # see shared.redis_conn. Everything else uses `redis` and its short timeouts.
-    redis_blocking: Redis
     # Readiness and metrics scrapes: no retries, short timeouts (probers have deadlines).
     redis_probe: Redis
     # One Queue per lane per process (RQ caches the server version on it, else one INFO per enqueue),
     # by lane name, highest priority first.
     queues: dict[str, Queue]
-    # The hashes of the API keys (empty: keys disabled).
+    # The hashes of the tenants' API keys (empty: keys disabled) and of the operators' keys.
     keyring: KeyRing
-
-    @property
-    def queue(self) -> Queue:
-        """The highest-priority (default) lane's queue."""
-        return next(iter(self.queues.values()))
+    operator_keyring: KeyRing
+    listener: CompletionListener
+    fairness: Fairness
 
     @property
     def queue_list(self) -> list[Queue]:

@@ -741,7 +741,7 @@ def service_defaults() -> dict[str, Any]:
         "TORCH_THREADS": s.torch_threads,
         "WORKERS": s.workers,
         "WEB_CONCURRENCY": s.web_concurrency,
-        "API_THREADS": s.api_threads,
+        "API_WORKER_CONNECTIONS": s.api_worker_connections,
         "DEVICE": s.device,
         "LOG_LEVEL": s.log_level,
     }

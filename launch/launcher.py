@@ -1,7 +1,7 @@
 """`python -m launch.launcher`: what `make up` runs: the whole service on this machine.
 
-1. Applies the api's bind rule (`check_bind_allowed`) before starting anything: without API keys
-   it refuses a non-loopback `HOST`.
+1. Applies the api's bind rule (`api.bind_policy.check_bind_allowed`) before starting anything:
+   without API keys it refuses a non-loopback `HOST`.
 2. Starts the embedded Valkey server (AOF on, data under `DATA_DIR/redis`) unless `REDIS_URL` is
    set, and exports its URL to the processes it runs.
 3. Runs the `Procfile` (gunicorn api + RQ's `worker-pool` of `BatchWorker`s, which respawns a
@@ -45,9 +45,10 @@ from pathlib import Path
 from honcho.environ import parse_procfile
 from pydantic import ValidationError
 
+from api.bind_policy import BindNotAllowed, check_bind_allowed
 from launch.processes import TCMALLOC, proc_table
 from launch.supervisor import Child, Event, Supervisor
-from shared.config import PROJECT_ROOT, BindNotAllowed, Settings, check_bind_allowed, get_settings
+from shared.config import PROJECT_ROOT, Settings, get_settings
 from shared.redis_conn import redact_url
 
 READY_TIMEOUT_SECONDS = 180.0

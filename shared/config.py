@@ -6,9 +6,7 @@ This class is the one place settings are defined; the README's configuration tab
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
-import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -195,11 +193,39 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", description="Python log level of api and worker.")
 
     # --- API (gunicorn + Flask) -------------------------------------------------------------------
-    api_threads: int = Field(
-        default=32,
+    api_worker_connections: int = Field(
+        default=10_000,
         ge=1,
-        description="gunicorn gthread threads per api process: each long-poll (`?wait=`) holds one for up to "
-        "MAX_WAIT_SECONDS, so this bounds concurrent long-polls per process.",
+        description="Connections one api process holds at once (gunicorn gevent `worker_connections`): an "
+        "idle, slow or long-polling connection costs a file descriptor and a greenlet, not a thread. Keep "
+        "the open-files limit (`ulimit -n`) above this plus Redis connections.",
+    )
+    api_header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a new connection has to send its complete request headers; slower ones get "
+        "408 and are closed.",
+    )
+    api_keepalive: int = Field(
+        default=5,
+        gt=0,
+        description="Seconds an idle keep-alive connection stays open between two requests.",
+    )
+    api_body_min_rate: int = Field(
+        default=2048,
+        ge=1,
+        description="Bytes per second an upload's body must average (after API_BODY_GRACE_SECONDS); a body "
+        "trickling slower gets 408 and its connection is closed.",
+    )
+    api_body_grace_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="Seconds of body upload allowed on top of what API_BODY_MIN_RATE gives the body's size.",
+    )
+    api_access_log: bool = Field(
+        default=True,
+        description="One access-log line per request from gunicorn (client, request line, status, bytes, "
+        "duration); false turns it off (the request metrics and the app's own `job submitted` lines stay).",
     )
     api_graceful_timeout: int = Field(
         default=35,
@@ -225,6 +251,43 @@ class Settings(BaseSettings):
         description="Jobs waiting in all priority lanes together above which submissions get 429 "
         "`queue_full` (with a `Retry-After` computed from the backlog and the measured completion rate); "
         "0 = unbounded.",
+    )
+    submit_rate_limit: str = Field(
+        default="200/second;6000/minute",
+        description="Submissions per API key (or client address without keys), as `limits` strings joined "
+        "by `;`: the first is the burst, the next the sustained rate (an image of a batch counts as one "
+        "submission). Counted in Redis, so it holds across api processes. Refusal: 429 `rate_limited`.",
+    )
+    queue_share_per_key: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Share of MAX_QUEUE_DEPTH one API key (or client address) may hold waiting, so one "
+        "key cannot fill the queue for the others. Refusal: 429 `key_queue_share`.",
+    )
+    long_polls_per_key: int = Field(
+        default=2000,
+        ge=1,
+        description="Concurrent long-polls (`?wait=`) one API key (or client address) may hold per api "
+        "process. Refusal: 429 `long_poll_limit`.",
+    )
+    long_poll_recheck_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often each api process re-reads the status of every job it has long-polls on "
+        "(one pipelined round trip), to wake waiters of jobs that ended without a completion message.",
+    )
+    api_redis_connections: int = Field(
+        default=64,
+        ge=2,
+        description="Most Redis connections one api process opens (a request waits for a free one); "
+        "long-polls hold none while they wait.",
+    )
+    operator_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Comma-separated operator keys (same format as API_KEYS, kept apart from them): they "
+        "open `/rq` (rq-dashboard) and `/metrics`; tenant keys do not. With API_KEYS set and no operator "
+        "key, those routes are closed.",
     )
     prometheus_multiproc_dir: Path | None = Field(
         default=None,
@@ -278,7 +341,7 @@ class Settings(BaseSettings):
         "403 `dashboard_read_only`.",
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "operator_keys", mode="before")
     @classmethod
     def _hash_api_keys(cls, value: Any) -> tuple[str, ...]:
         if value is None:
@@ -351,52 +414,6 @@ def hash_api_key(key: str) -> str:
             f"commas or spaces (e.g. `openssl rand -hex 32`); one is not ({len(key)} characters)"
         )
     return hashlib.sha256(key.encode("ascii")).hexdigest()
-
-
-# --- where the api may listen -------------------------------------------------------------------
-
-
-class BindNotAllowed(RuntimeError):
-    """The api was asked to listen on a non-loopback address without API keys."""
-
-
-def is_loopback_host(host: str) -> bool:
-    """True when every address `host` stands for is a loopback address (names are resolved;
-    one that does not resolve, the wildcard `0.0.0.0` / `::` and the empty host are not loopback)."""
-    host = host.strip().strip("[]")
-    if not host:
-        return False
-    try:
-        addresses = [ipaddress.ip_address(host.split("%", 1)[0])]
-    except ValueError:
-        try:
-            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError):
-            return False
-        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
-    return bool(addresses) and all(_loopback(address) for address in addresses)
-
-
-def _loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
-    return address.is_loopback or (mapped is not None and mapped.is_loopback)
-
-
-def check_bind_allowed(settings: Settings, host: str | None = None) -> None:
-    """The bind rule of the api: without API keys it only listens on loopback addresses.
-
-    `host` defaults to `settings.host` (pass the address gunicorn was really told to bind, which a
-    `--bind` may change). Raises `BindNotAllowed` with the reason and the fix; returns None when allowed.
-    Called by the launcher before it starts anything and by gunicorn's `on_starting` hook.
-    """
-    host = settings.host if host is None else host
-    if settings.auth_enabled or is_loopback_host(host):
-        return
-    raise BindNotAllowed(
-        f"refusing to serve the api on {host or '<all interfaces>'}: it is not a loopback address and no "
-        "API keys are configured, so anyone who can reach it could use it. Set API_KEYS (comma-separated) "
-        "or API_KEYS_FILE to require `Authorization: Bearer <key>`, or bind HOST=127.0.0.1 (the default)."
-    )
 
 
 @lru_cache(maxsize=1)

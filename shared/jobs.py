@@ -17,37 +17,22 @@ tombstone that outlives the job, so an expired job reads 410 rather than 404.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
 from rq import Queue, Retry
-from rq.job import Job, JobStatus
-from rq.results import Result
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from shared.config import Settings
-from shared.keys import cancel_stream_key, image_key, known_key
+from shared.keys import image_key, known_key
 
 JOB_FUNC = "worker.tasks.classify"
 SERIALIZER = JSONSerializer
 
-# RQ statuses a client never needs to tell apart: a job waiting for a retry is still queued.
-_STATUS_FOR_CLIENT = {
-    JobStatus.QUEUED: "queued",
-    JobStatus.DEFERRED: "queued",
-    JobStatus.SCHEDULED: "queued",
-    JobStatus.CREATED: "queued",
-    JobStatus.STARTED: "started",
-    JobStatus.FINISHED: "finished",
-    JobStatus.FAILED: "failed",
-    JobStatus.STOPPED: "failed",
-    JobStatus.CANCELED: "canceled",
-}
 # A failed job whose error is this code never started: its deadline passed first (client status `expired`).
 DEADLINE_EXPIRED = "deadline_expired"
 # A failed job whose error is this code was caught decoding or in a forward pass by MAX_ATTEMPTS
@@ -182,110 +167,3 @@ def fetch(conn: Redis, job_id: str) -> Job | None:
         return Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
     except NoSuchJobError:
         return None
-
-
-def client_status(job: Job) -> str:
-    status = job.get_status(refresh=False)
-    if status is None:
-        return "queued"
-    if status == JobStatus.FAILED and _error_code(job) == DEADLINE_EXPIRED:
-        return "expired"
-    return _STATUS_FOR_CLIENT.get(status, "queued")
-
-
-def _error_code(job: Job) -> str | None:
-    error = job.meta.get(META_ERROR)
-    return str(error["code"]) if isinstance(error, dict) and "code" in error else None
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value else None
-
-
-def job_error(job: Job, status: str, result: Result | None) -> dict[str, str] | None:
-    if status == "canceled":
-        return {"code": "canceled", "message": "The job was canceled before it started."}
-    if status not in ("failed", "expired"):
-        return None
-    error = job.meta.get(META_ERROR)
-    if isinstance(error, dict) and "code" in error:
-        return {"code": str(error["code"]), "message": str(error.get("message", ""))}
-    # Every failure an inferq worker writes carries its code; one without it was failed by something
-    # else (a plain RQ worker running `worker.tasks.classify` that raised, an operator's tool).
-    return {"code": "internal_error", "message": "The job failed inside the worker."}
-
-
-def job_view(job: Job, result: Result | None = None) -> dict[str, Any]:
-    """The body of `GET /v1/jobs/<id>` (the contract: api/openapi.py)."""
-    status = client_status(job)
-    if result is None and status in ("finished", "failed", "expired"):
-        result = job.latest_result()
-    payload = None
-    if status == "finished" and result is not None and result.type == Result.Type.SUCCESSFUL:
-        payload = result.return_value
-    timings = job.meta.get(META_TIMINGS) or {}
-    return {
-        "id": job.id,
-        "status": status,
-        "result": payload,
-        "error": job_error(job, status, result),
-        "created_at": _iso(job.enqueued_at or job.created_at),
-        "started_at": _iso(job.started_at),
-        "ended_at": _iso(job.ended_at),
-        "timings": {
-            "queue_ms": timings.get("queue_ms"),
-            "inference_ms": timings.get("inference_ms"),
-            "batch_size": timings.get("batch_size"),
-        },
-    }
-
-
-def wait_for_end(conn: Redis, job_id: str, timeout: float) -> None:
-    """Block until the job has a result or is canceled, or `timeout` passes.
-
-    RQ appends every final result to the stream `rq:results:<id>`; a cancel appends to inferq's
-    cancel stream. XREAD from the stream start returns at once if either already has an entry, so
-    there is no window between checking the status and starting to wait.
-
-    Use a blocking connection (`shared.redis_conn.with_options`). On any other, the wait is cut into
-    blocks shorter than its socket_timeout: a block longer than that would raise TimeoutError and
-    redis-py would retry it, so the wait would never end in a reply.
-    """
-    if timeout <= 0:
-        return
-    streams = {Result.get_key(job_id): "0-0", cancel_stream_key(job_id): "0-0"}
-    socket_timeout = conn.connection_pool.connection_kwargs.get("socket_timeout")
-    step = timeout if not socket_timeout else max(0.05, min(socket_timeout - 1.0, socket_timeout * 0.75))
-    deadline = time.monotonic() + timeout
-    while (remaining := deadline - time.monotonic()) > 0:
-        if conn.xread(streams, count=1, block=max(1, int(min(remaining, step) * 1000))):
-            return
-
-
-def cancel(conn: Redis, job: Job, settings: Settings) -> bool:
-    """Cancel a queued job; False when it already started or ended. Wakes long-polls on it.
-
-    The status alone cannot decide it: a worker takes a job by moving its id out of the queue list
-    (BLMOVE/LMOVE) BEFORE marking it started, so a job may read "queued" while a worker holds it.
-    Removing the id from the queue list is the atomic claim: LREM returns 1 only if no worker has
-    taken it (and then none can); 0 means a worker won the race, so the job is not cancelable.
-    """
-    status = job.get_status(refresh=True)
-    if status == JobStatus.QUEUED:
-        if not conn.lrem(Queue(job.origin, connection=conn, serializer=SERIALIZER).key, 1, job.id):
-            return False
-    elif status not in (JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED):
-        # Started, or ended. (Deferred/scheduled jobs sit in a registry no worker reads from.)
-        return False
-    # If this process dies right here the job is in no list and its hash expires with its ttl:
-    # it can no longer run, which is what the client asked for.
-    with conn.pipeline() as pipe:
-        job.cancel(pipeline=pipe)
-        pipe.delete(image_key(job.id))
-        pipe.xadd(cancel_stream_key(job.id), {"canceled": "1"}, maxlen=1)
-        pipe.expire(cancel_stream_key(job.id), settings.result_ttl)
-        pipe.execute()
-    # RQ's cancel re-reads the status from Redis while its writes are still queued in the pipeline,
-    # leaving `job` saying "queued": re-read it so callers (the api's response) see "canceled".
-    job.get_status(refresh=True)
-    return True

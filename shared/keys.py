@@ -20,11 +20,6 @@ def image_key(job_id: str) -> str:
     return f"{PREFIX}img:{job_id}"
 
 
-def cancel_stream_key(job_id: str) -> str:
-    """A stream a long-poll waits on beside RQ's result stream, so a cancel wakes it too."""
-    return f"{PREFIX}cancel:{job_id}"
-
-
 def known_key(job_id: str) -> str:
     """A tombstone set with the job (same transaction) that outlives it by EXPIRED_GRACE_SECONDS
     (`Settings.known_job_ttl`), so a job whose result expired reads 410 `job_expired`, not 404.

@@ -311,7 +311,7 @@ def test_chunked_body_is_bounded_too(
 def test_queue_full_is_429_with_retry_after(
     redis_url: str, redis_conn: redis.Redis, photo_bytes: dict[str, bytes]
 ) -> None:
-    client = create_app(make_settings(redis_url, max_queue_depth=1)).test_client()
+    client = create_app(make_settings(redis_url, max_queue_depth=1, queue_share_per_key=1)).test_client()
     submit_png(client, photo_bytes)
 
     response = client.post("/v1/jobs", data=photo_bytes[PNG], content_type="image/png")
@@ -668,7 +668,8 @@ def test_openapi_document(client: FlaskClient) -> None:
     assert {"/v1/jobs", "/v1/batches", "/v1/jobs/{job_id}", "/healthz", "/readyz", "/metrics"} <= set(
         document["paths"]
     )
-    assert set(document["paths"]["/v1/jobs/{job_id}"]) == {"get", "delete"}
+    assert set(document["paths"]["/v1/jobs/{job_id}"]) == {"get"}
+    assert set(document["paths"]["/v1/jobs/{job_id}/cancel"]) == {"post"}  # DELETE: an alias, not documented
 
 
 # --- the real server --------------------------------------------------------------------------------

@@ -49,14 +49,21 @@ def client_for(redis_url: str, **overrides: Any) -> FlaskClient:
 
 
 def test_auth_is_required_when_keys_are_configured(redis_url: str) -> None:
-    client = client_for(redis_url, api_keys=KEY)
+    client = client_for(redis_url, api_keys=OTHER_KEY, operator_keys=KEY)
     for path in ("/rq/", "/rq/0/data/queues.json", "/rq/0/data/workers.json", "/rq/0/view/workers"):
         response = client.get(path)
         assert response.status_code == 401, path
         assert response.get_json()["error"]["code"] == "unauthorized"
         assert 'Basic realm="inferq"' in response.headers["WWW-Authenticate"]  # a browser can log in
-        assert client.get(path, headers=basic(OTHER_KEY)).status_code == 401
-        assert client.get(path, headers=AUTH).status_code == 200, path
+        assert client.get(path, headers=basic("wrong-key-0123456789abcdef")).status_code == 401
+        # A tenant's key is valid for /v1, not here: the dashboard shows every tenant's jobs.
+        tenant = client.get(path, headers=basic(OTHER_KEY))
+        assert tenant.status_code == 403 and tenant.get_json()["error"]["code"] == "operator_only", path
+        ok = client.get(path, headers=AUTH)
+        assert ok.status_code == 200, path
+        # No other site can frame it (clickjacking of the admin buttons).
+        assert ok.headers["X-Frame-Options"] == "DENY"
+        assert "frame-ancestors 'none'" in ok.headers["Content-Security-Policy"]
         assert client.get(path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
 
@@ -74,7 +81,7 @@ def test_queues_workers_and_jobs_are_read_with_the_json_serializer(
     live.register_birth()
     live.set_state(WorkerStatus.BUSY)
     live.set_current_job_id(busy_on)
-    client = client_for(redis_url, api_keys=KEY)
+    client = client_for(redis_url, api_keys=OTHER_KEY, operator_keys=KEY)
 
     queues = {q["name"]: q for q in client.get("/rq/0/data/queues.json", headers=AUTH).get_json()["queues"]}
     assert set(queues) == {"inferq", "inferq-low"}
@@ -122,7 +129,7 @@ def test_queues_workers_and_jobs_are_read_with_the_json_serializer(
 
 
 def test_read_only_by_default(redis_url: str, redis_conn: redis.Redis, jobs: dict[str, Any]) -> None:
-    client = client_for(redis_url, api_keys=KEY)
+    client = client_for(redis_url, api_keys=OTHER_KEY, operator_keys=KEY)
     failed_id, done_id = jobs["failed"][0], jobs["finished"][0]
     attempts = [
         ("post", f"/rq/job/{failed_id}/requeue"),
@@ -148,7 +155,7 @@ def test_read_only_by_default(redis_url: str, redis_conn: redis.Redis, jobs: dic
 def test_admin_requeues_a_failed_job_by_post_from_the_page_only(
     redis_url: str, redis_conn: redis.Redis, jobs: dict[str, Any]
 ) -> None:
-    client = client_for(redis_url, api_keys=KEY, dashboard_admin=True)
+    client = client_for(redis_url, api_keys=OTHER_KEY, operator_keys=KEY, dashboard_admin=True)
     failed_id = jobs["failed"][0]
     path = f"/rq/job/{failed_id}/requeue"
     # A cross-site form post carries the browser's Basic credentials but cannot add the header.

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from honcho.environ import parse_procfile
 
-from shared.config import PROJECT_ROOT
+from shared.config import PROJECT_ROOT, Settings
 
 PROCFILE = PROJECT_ROOT / "Procfile"
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
@@ -159,8 +159,41 @@ def _published(service: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def test_compose_has_the_four_services(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"redis", "api", "worker", "dashboard"}
+def test_compose_has_the_five_services(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == {"nginx", "redis", "api", "worker", "dashboard"}
+
+
+def _nginx_conf(compose: dict[str, Any]) -> str:
+    nginx = compose["services"]["nginx"]
+    (mount,) = [c for c in nginx["configs"] if c["target"] == "/etc/nginx/nginx.conf"]
+    # `docker compose config` turns the `$$` of the file into `$`; the file itself has `$$`.
+    return str(compose["configs"][mount["source"]]["content"]).replace("$$", "$")
+
+
+def _directive(conf: str, name: str) -> str:
+    found = re.findall(rf"^\s*{name}\s+([^;]+);", conf, re.M)
+    assert len(found) == 1, (name, found)
+    return found[0].strip()
+
+
+def test_compose_nginx_is_a_buffering_front_door_with_timeouts(compose: dict[str, Any]) -> None:
+    """Clients reach the api only through nginx, which buffers requests with header and body
+    deadlines and a body limit, and waits longer than the longest long-poll."""
+    nginx = compose["services"]["nginx"]
+    assert ("127.0.0.1", "8000") in _published(nginx)
+    assert not _published(compose["services"]["api"]), "the api is reached through nginx only"
+    conf = _nginx_conf(compose)
+    assert "proxy_pass http://inferq_api" in conf and "server api:8000" in conf
+    assert _directive(conf, "proxy_request_buffering") == "on"
+    assert _directive(conf, "proxy_buffering") == "on"
+    for timeout in ("client_header_timeout", "client_body_timeout"):
+        assert 0 < int(_directive(conf, timeout).rstrip("s")) <= 10
+    settings = Settings()
+    limit = _directive(conf, "client_max_body_size")
+    assert limit.endswith("m") and int(limit[:-1]) * 1024 * 1024 >= settings.max_batch_upload_bytes
+    assert int(_directive(conf, "proxy_read_timeout").rstrip("s")) > settings.max_wait_seconds
+    # Thousands of long-polls: nginx's connection budget must be far above its default 512.
+    assert int(re.search(r"worker_connections\s+(\d+)", conf).group(1)) >= 10_000  # type: ignore[union-attr]
 
 
 def test_compose_redis_is_durable_and_never_evicts(compose: dict[str, Any]) -> None:
@@ -182,11 +215,11 @@ def test_compose_api_is_healthchecked_on_readyz(compose: dict[str, Any]) -> None
     assert "/readyz" in " ".join(api["healthcheck"]["test"])
     assert api["restart"] == "unless-stopped"
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert ("127.0.0.1", "8000") in _published(api)
+    assert "8000" in [str(p) for p in api.get("expose", [])]
 
 
 def test_compose_api_has_api_keys_for_its_public_bind(compose: dict[str, Any]) -> None:
-    # In its container the api binds 0.0.0.0: the bind rule (shared.config.check_bind_allowed)
+    # In its container the api binds 0.0.0.0: the bind rule (api.bind_policy.check_bind_allowed)
     # refuses that without API keys, so gunicorn would not start.
     api = compose["services"]["api"]
     env = api["environment"]

@@ -19,9 +19,10 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.results import Result
 
+from api.job_view import job_view
 from launch.redis_server import EmbeddedRedis
 from shared.config import Settings
-from shared.jobs import META_CRASHES, META_DEADLINE, SERIALIZER, job_view, make_queue, submit
+from shared.jobs import META_CRASHES, META_DEADLINE, SERIALIZER, make_queue, submit
 from shared.keys import at_risk_key
 from tests.conftest import PHOTO_LABELS
 from tests.service import free_port, http_ok, service_env, start_api, start_worker, stop, wait_until

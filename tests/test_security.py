@@ -34,8 +34,9 @@ from rq.serializers import JSONSerializer
 import api.auth
 from api import create_app
 from api.auth import enforce_api_key_or_basic, owner_id
+from api.bind_policy import BindNotAllowed, check_bind_allowed
 from launch.redis_server import EmbeddedRedis
-from shared.config import PROJECT_ROOT, BindNotAllowed, Settings, check_bind_allowed, hash_api_key
+from shared.config import PROJECT_ROOT, Settings, hash_api_key
 from shared.keys import image_key, known_key
 from shared.log_redaction import REDACTED, install_redaction, redact
 from tests.service import free_port, http_ok, service_env, start_api, stop, wait_until
@@ -43,6 +44,7 @@ from tests.service import free_port, http_ok, service_env, start_api, stop, wait
 KEY_A = "alpha-key-0123456789abcdef"
 KEY_B = "bravo-key-0123456789abcdef"
 KEY_C = "charlie-key-0123456789abcdef"
+KEY_OPS = "operator-key-0123456789abcdef"
 HIGH = "rq:queue:inferq"
 LOW = "rq:queue:inferq-low"
 PNG = "coffee.png"
@@ -54,7 +56,7 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-A, B = bearer(KEY_A), bearer(KEY_B)
+A, B, OPS = bearer(KEY_A), bearer(KEY_B), bearer(KEY_OPS)
 
 
 def settings_for(redis_url: str, **overrides: Any) -> Settings:
@@ -63,7 +65,7 @@ def settings_for(redis_url: str, **overrides: Any) -> Settings:
 
 @pytest.fixture
 def app(redis_url: str) -> Flask:
-    return create_app(settings_for(redis_url, api_keys=f"{KEY_A},{KEY_B}"))
+    return create_app(settings_for(redis_url, api_keys=f"{KEY_A},{KEY_B}", operator_keys=KEY_OPS))
 
 
 @pytest.fixture
@@ -189,7 +191,9 @@ def test_valid_keys_and_open_probes(client: FlaskClient, photo_bytes: dict[str, 
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 503  # no worker; not 401
     assert client.get("/openapi.json").status_code == 200
-    assert client.get("/metrics", headers=A).status_code == 200
+    # /metrics is an operator route: a tenant key is refused, an operator key opens it.
+    assert_error(client.get("/metrics", headers=A), 403, "operator_only")
+    assert client.get("/metrics", headers=OPS).status_code == 200
 
 
 def test_keys_are_hashed_and_compared_in_constant_time(
@@ -211,14 +215,14 @@ def test_keys_are_hashed_and_compared_in_constant_time(
 
     monkeypatch.setattr(api.auth.hmac, "compare_digest", counting)
     for headers, status in [
-        (bearer(KEY_A), 200),  # the first stored key: no early exit after the match
-        (bearer(KEY_C), 200),
+        (bearer(KEY_A), 404),  # the first stored key: no early exit after the match
+        (bearer(KEY_C), 404),
         (bearer("not-a-key-0123456789abcdef"), 401),
         ({"Authorization": "Bearer"}, 401),  # malformed: compared all the same
         ({}, 401),
     ]:
         calls.clear()
-        assert client.get("/metrics", headers=headers).status_code == status
+        assert client.get(f"/v1/jobs/{UNKNOWN_ID}", headers=headers).status_code == status
         assert len(calls) == 3, headers
         assert sorted(stored for _, stored in calls) == sorted(settings.api_keys)
         # What is compared is a hash of the token, never the token itself.
@@ -272,20 +276,20 @@ def test_a_dashboard_style_blueprint_can_reuse_the_guard(redis_url: str) -> None
     """What mounting rq-dashboard on /rq looks like: the whole blueprint behind the api's keys, with
     HTTP Basic (key as password) accepted so a browser can log in."""
     app = create_app(settings_for(redis_url, api_keys=KEY_A))
-    dashboard = Blueprint("dashboard", __name__, url_prefix="/rq")
+    dashboard = Blueprint("dashboard", __name__, url_prefix="/custom")
     dashboard.before_request(enforce_api_key_or_basic)
     dashboard.add_url_rule("/", "index", lambda: "dashboard")
     app.register_blueprint(dashboard)
     client = app.test_client()
 
-    response = client.get("/rq/")
+    response = client.get("/custom/")
     assert_error(response, 401, "unauthorized")
     assert 'Basic realm="inferq"' in response.headers["WWW-Authenticate"]
     basic = base64.b64encode(f"admin:{KEY_A}".encode()).decode()
-    assert client.get("/rq/", headers={"Authorization": f"Basic {basic}"}).status_code == 200
-    assert client.get("/rq/", headers=A).status_code == 200
+    assert client.get("/custom/", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+    assert client.get("/custom/", headers=A).status_code == 200
     wrong = base64.b64encode(f"admin:{KEY_B}".encode()).decode()
-    assert client.get("/rq/", headers={"Authorization": f"Basic {wrong}"}).status_code == 401
+    assert client.get("/custom/", headers={"Authorization": f"Basic {wrong}"}).status_code == 401
 
 
 # --- isolation ----------------------------------------------------------------------------------------
@@ -387,6 +391,7 @@ def test_secrets_never_reach_the_logs(
             )
 
         monkeypatch.setattr("api.routes.submit", explode)
+        monkeypatch.setattr("api.auth._AUTH_FAILURES", api.auth._FailureLog())  # a fresh log throttle
         response = post_png(client, photo_bytes, A)
         assert_error(response, 500, "internal_error")
         assert KEY_A not in response.get_data(as_text=True)
@@ -399,7 +404,7 @@ def test_secrets_never_reach_the_logs(
     logged = stream.getvalue()
     assert "unhandled error on POST /v1/jobs" in logged and "Traceback" in logged  # the error is logged...
     assert "api ready: Redis redis://:***@127.0.0.1:6379/0" in logged
-    assert "unauthorized POST /v1/jobs" in logged
+    assert "1 unauthorized request(s)" in logged and "latest: POST /v1/jobs, bad credentials" in logged
     for secret in (KEY_A, KEY_B, REDIS_PASSWORD):  # ...without its secrets
         assert secret not in logged, logged
     assert "Bearer ***" in logged and ":***@" in logged
@@ -498,7 +503,14 @@ def record_ended(conn: redis.Redis, registry: str, ttl: int, ages: list[float], 
 def test_queue_full_retry_after_is_backlog_over_the_measured_rate(
     redis_url: str, redis_conn: redis.Redis, photo_bytes: dict[str, bytes]
 ) -> None:
-    settings = settings_for(redis_url, api_keys=KEY_A, max_queue_depth=4, throughput_window_seconds=60)
+    settings = settings_for(
+        redis_url,
+        api_keys=KEY_A,
+        max_queue_depth=4,
+        throughput_window_seconds=60,
+        queue_share_per_key=1,
+        operator_keys=KEY_OPS,
+    )
     client = create_app(settings).test_client()
     ids = [submit(client, photo_bytes, A, q) for q in ("", "", "?priority=low", "?priority=low")]
     assert queued(redis_conn) == (2, 2)
@@ -531,7 +543,7 @@ def test_queue_full_retry_after_is_backlog_over_the_measured_rate(
     assert queued(redis_conn) == (2, 2)
     assert client.get(f"/v1/jobs/{ids[0]}", headers=A).json["status"] == "queued"
     assert client.get(f"/v1/jobs/{ids[0]}?wait=0.2", headers=A).status_code == 200
-    metrics = client.get("/metrics", headers=A).get_data(as_text=True)
+    metrics = client.get("/metrics", headers=OPS).get_data(as_text=True)
     assert "inferq_backlog 4.0" in metrics
     assert 'inferq_queue_depth{queue="inferq-low"} 2.0' in metrics
     assert "inferq_completion_rate 50.5" in metrics  # (3000 + 24 + 6) / 60
@@ -542,7 +554,7 @@ def test_queue_full_retry_after_is_backlog_over_the_measured_rate(
 def test_batches_count_against_the_queue_bound(
     redis_url: str, redis_conn: redis.Redis, photo_bytes: dict[str, bytes]
 ) -> None:
-    client = create_app(settings_for(redis_url, max_queue_depth=3)).test_client()
+    client = create_app(settings_for(redis_url, max_queue_depth=3, queue_share_per_key=1)).test_client()
     submit(client, photo_bytes, headers=None, query="?priority=low")
     three = {"image": [(io.BytesIO(photo_bytes[JPEG]), f"{i}.jpg") for i in range(3)]}
     response = client.post("/v1/batches", data=three, content_type="multipart/form-data")
@@ -607,7 +619,7 @@ def test_idempotency_claims_are_hashed_and_live_as_long_as_the_tombstone(
 def test_a_replay_succeeds_when_the_queue_is_full(
     redis_url: str, redis_conn: redis.Redis, photo_bytes: dict[str, bytes]
 ) -> None:
-    client = create_app(settings_for(redis_url, max_queue_depth=1)).test_client()
+    client = create_app(settings_for(redis_url, max_queue_depth=1, queue_share_per_key=1)).test_client()
     key = {"Idempotency-Key": "once"}
     first = post_png(client, photo_bytes, key)
     assert first.status_code == 202
@@ -748,7 +760,7 @@ def test_readyz_counts_workers_on_any_lane_and_says_little(
         response = client.get("/readyz")
         assert response.status_code == 200
         assert response.json == {"status": "ok"}
-        metrics = client.get("/metrics", headers=A).get_data(as_text=True)
+        metrics = client.get("/metrics", headers=OPS).get_data(as_text=True)
         assert 'inferq_workers{queue="inferq-low"} 1.0' in metrics
     finally:
         worker.register_death()

@@ -1,0 +1,39 @@
+"""Cancel: a queued job is taken off its queue before any worker gets it, or not at all."""
+
+from __future__ import annotations
+
+from redis import Redis
+from rq import Queue
+from rq.job import Job, JobStatus
+
+from shared.jobs import SERIALIZER
+from shared.keys import ended_channel, image_key
+
+
+def cancel(conn: Redis, job: Job) -> bool:
+    """Cancel a queued job; False when it already started or ended. Wakes long-polls on it (a publish
+    on the ended channel, like a worker's end, heard by every api process's listener).
+
+    The status alone cannot decide it: a worker takes a job by moving its id out of the queue list
+    (BLMOVE/LMOVE) BEFORE marking it started, so a job may read "queued" while a worker holds it.
+    Removing the id from the queue list is the atomic claim: LREM returns 1 only if no worker has
+    taken it (and then none can); 0 means a worker won the race, so the job is not cancelable.
+    """
+    status = job.get_status(refresh=True)
+    if status == JobStatus.QUEUED:
+        if not conn.lrem(Queue(job.origin, connection=conn, serializer=SERIALIZER).key, 1, job.id):
+            return False
+    elif status not in (JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED):
+        # Started, or ended. (Deferred/scheduled jobs sit in a registry no worker reads from.)
+        return False
+    # If this process dies right here the job is in no list and its hash expires with its ttl:
+    # it can no longer run, which is what the client asked for.
+    with conn.pipeline() as pipe:
+        job.cancel(pipeline=pipe)
+        pipe.delete(image_key(job.id))
+        pipe.publish(ended_channel(), job.id)
+        pipe.execute()
+    # RQ's cancel re-reads the status from Redis while its writes are still queued in the pipeline,
+    # leaving `job` saying "queued": re-read it so callers (the api's response) see "canceled".
+    job.get_status(refresh=True)
+    return True

@@ -1,0 +1,123 @@
+"""Per-key fairness: what one API key (or, without keys, one client address) may take of the service.
+
+- A submit rate with a burst (SUBMIT_RATE_LIMIT), counted by the `limits` library (the engine of
+  Flask-Limiter) in Redis with its sliding-window counter, so the limit holds across api processes.
+- A share of MAX_QUEUE_DEPTH (QUEUE_SHARE_PER_KEY): each key's waiting jobs are a sorted set of ids
+  (`shared.keys`-style `inferq:pending:<key>`, added in the enqueue transaction where possible). Ids
+  leave it lazily: only when the key is at its share are the set's jobs looked up and those no longer
+  queued removed (at most once per second per key and process), so the common case costs one ZCARD.
+- Concurrent long-polls per key: `api.long_poll` (a per-process count, no Redis).
+
+Every refusal is a 429 with `Retry-After` and an error code naming the limit, decided from the headers
+(key, Content-Length) before any of the body is read.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from flask import request
+from limits import RateLimitItem, parse_many
+from limits.storage import RedisStorage
+from limits.strategies import SlidingWindowCounterRateLimiter
+from redis import Redis
+from redis.client import Pipeline
+from rq.job import Job
+
+from api.auth import current_owner
+from api.capacity import completion_rate, retry_after_seconds
+from api.errors import ApiError
+from shared.config import Settings
+from shared.keys import PREFIX
+
+LIMITS_PREFIX = f"{PREFIX}limits"
+_PRUNE_EVERY_SECONDS = 1.0
+
+
+def client_key() -> str:
+    """Whom a request counts against: its API key's owner id, or its client address without keys."""
+    owner = current_owner()
+    return f"key:{owner}" if owner is not None else f"addr:{request.remote_addr or '-'}"
+
+
+def pending_key(client: str) -> str:
+    return f"{PREFIX}pending:{client}"
+
+
+class Fairness:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self._redis = redis
+        self._settings = settings
+        storage = RedisStorage("redis://", connection_pool=redis.connection_pool, key_prefix=LIMITS_PREFIX)
+        self._limiter = SlidingWindowCounterRateLimiter(storage)
+        self._submit_limits: list[RateLimitItem] = parse_many(settings.submit_rate_limit)
+        self._pruned_at: dict[str, float] = {}
+
+    def check_submit_rate(self, client: str, cost: int = 1) -> None:
+        for item in self._submit_limits:
+            if not self._limiter.hit(item, "submit", client, cost=cost):
+                reset_at = self._limiter.get_window_stats(item, "submit", client).reset_time
+                retry = max(1, math.ceil(reset_at - time.time()))
+                raise ApiError(
+                    f"too many submissions for this key: the limit is {item}; retry in {retry} s",
+                    code="rate_limited",
+                    http_status=429,
+                    headers={"Retry-After": str(retry)},
+                )
+
+    @property
+    def share_limit(self) -> int:
+        """Jobs one key may have waiting (0: no limit of its own: MAX_QUEUE_DEPTH=0, or a share of 1,
+        which the queue bound itself enforces)."""
+        depth = self._settings.max_queue_depth
+        share = self._settings.queue_share_per_key
+        return max(1, int(depth * share)) if depth and share < 1 else 0
+
+    def check_queue_share(self, client: str, incoming: int, queues: list) -> None:
+        limit = self.share_limit
+        if not limit:
+            return
+        key = pending_key(client)
+        waiting = int(self._redis.zcard(key))
+        if waiting + incoming > limit:
+            waiting = self._prune(key)
+        if waiting + incoming <= limit:
+            return
+        rate = completion_rate(self._redis, queues, self._settings) * self._settings.queue_share_per_key
+        retry = retry_after_seconds(waiting + incoming - limit, rate)
+        raise ApiError(
+            f"this key has {waiting} jobs waiting, its share of the queue is {limit}; retry in {retry} s",
+            code="key_queue_share",
+            http_status=429,
+            headers={"Retry-After": str(retry)},
+        )
+
+    def note_pending(self, pipe: Pipeline | Redis, client: str, job_ids: list[str]) -> None:
+        """Count `job_ids` against `client`'s share (queued on `pipe` when it is a transaction)."""
+        if not self.share_limit or not job_ids:
+            return
+        key = pending_key(client)
+        now = time.time()
+        pipe.zadd(key, dict.fromkeys(job_ids, now))
+        # An entry can never outlive the longest a job may wait (IMAGE_TTL): the set cannot leak.
+        pipe.expire(key, self._settings.image_ttl)
+
+    def _prune(self, key: str) -> int:
+        """Drop ids that are no longer waiting; the number left."""
+        now = time.monotonic()
+        if now - self._pruned_at.get(key, 0.0) < _PRUNE_EVERY_SECONDS:
+            return int(self._redis.zcard(key))
+        self._pruned_at[key] = now
+        if len(self._pruned_at) > 10_000:  # a bounded memo, not a registry of every key ever seen
+            self._pruned_at.clear()
+        self._redis.zremrangebyscore(key, "-inf", time.time() - self._settings.image_ttl)
+        ids = [i.decode() for i in self._redis.zrange(key, 0, -1)]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(Job.key_for(job_id), "status")
+            statuses = pipe.execute()
+        gone = [i for i, status in zip(ids, statuses, strict=True) if status != b"queued"]
+        if gone:
+            self._redis.zrem(key, *gone)
+        return len(ids) - len(gone)
