@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask
-from redis import BlockingConnectionPool, ConnectionPool, Redis
+from redis import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
