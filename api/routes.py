@@ -27,6 +27,7 @@ from api.validation import (
     read_batch_uploads,
     read_job_upload,
 )
+from shared.image_budget import end_if_image_expired
 from shared.jobs import (
     META_DEADLINE,
     META_OWNER,
@@ -105,7 +106,8 @@ def _load_job(state: ApiState, job_id: str) -> Job:
         raise _not_found(job_id)
     if not _visible(job.meta.get(META_OWNER)):
         raise _not_found(job_id)
-    return job
+    # A queued job whose image expired is ended here rather than read as queued (shared.image_budget).
+    return end_if_image_expired(state.redis, job, state.settings)
 
 
 @bp.post("/jobs")

@@ -44,6 +44,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
+from shared import image_budget
 from shared.config import Settings, get_settings
 from shared.errors import InferqError
 from shared.jobs import (
@@ -56,6 +57,7 @@ from shared.jobs import (
 )
 from shared.keys import image_key
 from shared.logging_setup import configure_logging_once, set_log_context
+from shared.redis_policy import check_eviction_policy
 from shared.telemetry import record_batch, worker_info_fields
 from worker.batching import BatchCollector, Grabbed, Lane
 from worker.pipeline import ReadyItems
@@ -215,6 +217,8 @@ class BatchWorker(SimpleWorker):
         for name in ("inferq", "worker"):
             logging.getLogger(name).setLevel(level.upper() if isinstance(level, str) else level)
         set_log_context(worker=self.name)
+        # Before the model loads: a Redis that may evict job keys is refused (or warned about) at once.
+        check_eviction_policy(self.connection, self.settings, service="worker")
         if self.handler is None:
             started = time.perf_counter()
             self.handler = load_handler(self.settings)
@@ -302,6 +306,8 @@ class BatchWorker(SimpleWorker):
                     queue.intermediate_queue.cleanup(self, queue)
                 finally:
                     queue.release_maintenance_lock()
+        # Queued jobs whose image expired end `image_expired`; MAX_QUEUED_BYTES' count is healed.
+        image_budget.sweep(self.connection, self.settings)
         self.last_cleaned_at = now()
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
@@ -408,7 +414,10 @@ class BatchWorker(SimpleWorker):
         preprocess_one = getattr(self.handler, "preprocess_one", None)
         for job, execution in started:
             item = _Item(job, execution, self._top_k(job), images.get(job.id))
-            if preprocess_one is not None:
+            if item.data is None:
+                # Its image is gone: `image_expired` (or `image_missing`), not a decode error.
+                item.error = image_budget.missing_image_error(job)
+            elif preprocess_one is not None:
                 item.array, item.error, item.preprocess_ms = preprocess_one(item.data)
                 item.data = None
             ready.put(item)
@@ -457,6 +466,16 @@ class BatchWorker(SimpleWorker):
                     try:
                         self._finish(started, outcomes, inference_ms)
                         break
+                    except redis.exceptions.OutOfMemoryError as exc:
+                        # Redis is at maxmemory and refused the whole MULTI. Free this batch's images
+                        # first (deletes are allowed there), then write the results into that room:
+                        # a full Redis drains instead of wedging every worker.
+                        if time.monotonic() > deadline:
+                            log.error("results of %d job(s) not written (%s)", len(items), exc)
+                            break
+                        log.warning("Redis is full (%s); freeing the batch's images, then retrying", exc)
+                        image_budget.release(self.connection, [item.job.id for item in items])
+                        time.sleep(0.1)
                     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                         if time.monotonic() > deadline:
                             # Given up: once their heartbeat stops, RQ's cleanup requeues these jobs.
@@ -544,7 +563,7 @@ class BatchWorker(SimpleWorker):
         job.ended_at = now()
         self._write_failure(job, None, error, pipe)
         pipe.hset(job.key, "meta", self.serializer.dumps(job.meta))
-        pipe.delete(image_key(job.id))
+        image_budget.release(pipe, [job.id])
 
     def _finish(
         self, started: list[tuple[Job, Execution]], outcomes: list[ItemOutcome], inference_ms: float
@@ -573,7 +592,8 @@ class BatchWorker(SimpleWorker):
                     self._write_failure(job, execution, outcome.error, pipe)
                 pipe.hset(job.key, "meta", self.serializer.dumps(job.meta))
                 execution.delete(job, pipe)
-                pipe.delete(image_key(job.id))
+            # Deletes the images and un-counts them from MAX_QUEUED_BYTES, in this same transaction.
+            image_budget.release(pipe, [job.id for job, _ in started])
             self.set_current_job_id(None, pipeline=pipe)
             self.set_state(WorkerStatus.IDLE, pipeline=pipe)
             # Histograms and outcome counters for /metrics, in this same transaction (shared.telemetry).
