@@ -35,6 +35,7 @@ from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import OutOfMemoryError
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.registry import FailedJobRegistry
@@ -175,6 +176,19 @@ def end_unstarted(conn: Redis, job: Job, error: InferqError, settings: Settings)
     job.meta[_META_ERROR] = error.to_dict()
     job.ended_at = now()
     exc_string = f"{error.code}: {error.message}"
+    try:
+        _write_unstarted_end(conn, job, queue, error, exc_string, settings)
+    except OutOfMemoryError:
+        # Redis is at maxmemory and refused the whole MULTI: free the image first, then write.
+        release(conn, [job.id])
+        _write_unstarted_end(conn, job, queue, error, exc_string, settings)
+    log.warning("job ended unstarted", extra={"job_id": job.id, "status": "failed", "code": error.code})
+    return True
+
+
+def _write_unstarted_end(
+    conn: Redis, job: Job, queue: Queue, error: InferqError, exc_string: str, settings: Settings
+) -> None:
     with conn.pipeline() as pipe:
         release(pipe, [job.id])
         job.set_status(JobStatus.FAILED, pipeline=pipe)
@@ -186,8 +200,6 @@ def end_unstarted(conn: Redis, job: Job, error: InferqError, settings: Settings)
         pipe.hincrby(telemetry_key(settings.queue_name, JOBS_ENDED), FAILED_FIELD_PREFIX + error.code, 1)
         pipe.publish(ended_channel(), job.id)
         pipe.execute()
-    log.warning("job ended unstarted", extra={"job_id": job.id, "status": "failed", "code": error.code})
-    return True
 
 
 def end_if_image_expired(conn: Redis, job: Job, settings: Settings) -> Job:

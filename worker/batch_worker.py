@@ -467,15 +467,18 @@ class BatchWorker(SimpleWorker):
                         self._finish(started, outcomes, inference_ms)
                         break
                     except redis.exceptions.OutOfMemoryError as exc:
-                        # Redis is at maxmemory and refused the whole MULTI. Free this batch's images
-                        # first (deletes are allowed there), then write the results into that room:
-                        # a full Redis drains instead of wedging every worker.
+                        # Redis is at maxmemory and refused the whole MULTI. Free the images of every
+                        # job this worker has started (it holds their bytes already; deletes are
+                        # allowed there), then write the results into that room: a full Redis drains
+                        # instead of wedging every worker.
                         if time.monotonic() > deadline:
                             log.error("results of %d job(s) not written (%s)", len(items), exc)
                             break
-                        log.warning("Redis is full (%s); freeing the batch's images, then retrying", exc)
-                        image_budget.release(self.connection, [item.job.id for item in items])
-                        time.sleep(0.1)
+                        log.warning("Redis is full (%s); freeing started jobs' images, then retrying", exc)
+                        with self._in_flight_changed:
+                            held = [job.id for job, _ in self._in_flight]
+                        image_budget.release(self.connection, held)
+                        time.sleep(0.2)
                     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                         if time.monotonic() > deadline:
                             # Given up: once their heartbeat stops, RQ's cleanup requeues these jobs.
