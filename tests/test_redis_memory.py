@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -183,6 +184,30 @@ def test_max_queued_bytes_gives_429_and_is_released_when_jobs_end(
     assert all(client.get(f"/v1/jobs/{job_id}").json["status"] == "finished" for job_id in ids)
     assert image_budget.queued_bytes(redis_conn) == 0
     assert job_id_of(submit(client))  # room again
+
+
+def test_concurrent_submitters_cannot_overshoot_the_byte_budget(
+    redis_url: str, redis_conn: redis.Redis
+) -> None:
+    settings = settings_for(redis_url, max_queued_bytes=5 * len(IMAGE))
+    app = create_app(settings)
+    answers: list[int] = []
+    lock = threading.Lock()
+
+    def post() -> None:
+        status = submit(app.test_client()).status_code
+        with lock:
+            answers.append(status)
+
+    threads = [threading.Thread(target=post) for _ in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert sorted(answers) == [202] * 5 + [429] * 19
+    assert redis_conn.llen("rq:queue:inferq") == 5
+    assert image_budget.queued_bytes(redis_conn) == 5 * len(IMAGE)
 
 
 def test_cancel_and_deadline_expiry_release_their_bytes(redis_url: str, redis_conn: redis.Redis) -> None:
