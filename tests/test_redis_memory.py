@@ -23,6 +23,7 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 from PIL import Image
+from rq import SimpleWorker
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
@@ -225,6 +226,21 @@ def test_cancel_and_deadline_expiry_release_their_bytes(redis_url: str, redis_co
     assert client.get(f"/v1/jobs/{late}").json["status"] == "expired"
     assert image_budget.queued_bytes(redis_conn) == 0
     assert not redis_conn.exists(image_key(late))
+
+
+def test_a_plain_rq_worker_releases_the_bytes_of_the_jobs_it_runs(
+    redis_url: str, redis_conn: redis.Redis
+) -> None:
+    """`worker.tasks.classify` (jobs run by `rq worker` instead of the batch worker) releases too."""
+    settings = settings_for(redis_url)
+    client = client_for(settings)
+    job_id = job_id_of(submit(client))
+    redis_conn.delete(image_key(job_id))  # fails before any model is loaded
+
+    SimpleWorker(["inferq"], connection=redis_conn, serializer=JSONSerializer).work(burst=True)
+
+    assert client.get(f"/v1/jobs/{job_id}").json["error"]["code"] == "image_missing"
+    assert image_budget.queued_bytes(redis_conn) == 0
 
 
 def test_the_byte_count_heals_itself(redis_url: str, redis_conn: redis.Redis) -> None:
