@@ -169,10 +169,16 @@ def end_unstarted(conn: Redis, job: Job, error: InferqError, settings: Settings)
     """End a queued job that no worker holds as failed with `error`, releasing its image.
 
     Removing the id from its queue list is the claim (as in `shared.jobs.cancel`): LREM returns 1
-    only if no worker has taken it, and then none can. False when a worker (or a cancel) won."""
+    only if no worker has taken it, and then none can. False when a worker (or a cancel) won, unless
+    the id is in no list at all: a job left `queued` by a process that died between its claim and
+    its end (a cancel, this function) is ended too, or its hash (which has no TTL) would stay.
+    A worker that took the id holds it in the intermediate list until it starts it, atomically."""
     queue = Queue(job.origin, connection=conn, serializer=JSONSerializer)
-    if not conn.lrem(queue.key, 1, job.id):
+    if not conn.lrem(queue.key, 1, job.id) and conn.lpos(queue.intermediate_queue_key, job.id) is not None:
         return False
+    job.refresh()
+    if job.get_status(refresh=False) != JobStatus.QUEUED:
+        return False  # a worker took it and started it meanwhile, or it ended
     job.meta[_META_ERROR] = error.to_dict()
     job.ended_at = now()
     exc_string = f"{error.code}: {error.message}"

@@ -315,8 +315,8 @@ def cancel(conn: Redis, job: Job, settings: Settings) -> bool:
     elif status not in (JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED):
         # Started, or ended. (Deferred/scheduled jobs sit in a registry no worker reads from.)
         return False
-    # If this process dies right here the job is in no list and its hash expires with its ttl:
-    # it can no longer run, which is what the client asked for.
+    # If this process dies right here the job is in no list and can no longer run, which is what the
+    # client asked for; once its image expires, the image sweep ends it (shared.image_budget).
     with conn.pipeline() as pipe:
         job.cancel(pipeline=pipe)
         image_budget.release(pipe, [job.id])  # deletes the image and un-counts its bytes

@@ -86,6 +86,22 @@ def test_a_queued_job_whose_image_expired_reads_failed_image_expired(
     assert image_budget.queued_bytes(redis_conn) == 0
 
 
+def test_a_job_left_queued_in_no_list_is_ended_too(redis_url: str, redis_conn: redis.Redis) -> None:
+    """A cancel (or an expiry) that died between its claim (LREM) and its end leaves a `queued` hash in
+    no list; queued hashes have no TTL, so the sweep must end it once its image is gone."""
+    settings = settings_for(redis_url, image_ttl=1)
+    client = client_for(settings)
+    job_id = job_id_of(submit(client))
+    assert redis_conn.lrem("rq:queue:inferq", 1, job_id) == 1  # the claim of a process that then died
+    time.sleep(2.2)
+
+    report = image_budget.sweep(redis_conn, settings, force=True)
+
+    assert report is not None and report.ended == 1
+    assert client.get(f"/v1/jobs/{job_id}").json["error"]["code"] == "image_expired"
+    assert image_budget.queued_bytes(redis_conn) == 0
+
+
 def test_a_worker_ends_a_job_whose_image_expired(redis_url: str, redis_conn: redis.Redis) -> None:
     """Nobody reads the job: the worker (its sweep, or its own grab) ends it, counted once."""
     settings = settings_for(redis_url, image_ttl=1)
