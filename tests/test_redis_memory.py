@@ -344,7 +344,7 @@ def test_workers_finish_and_free_images_when_redis_is_past_maxmemory(
 
     def push_redis_past_maxmemory() -> None:
         # As if results had grown, or an operator lowered the limit, while a batch is in flight.
-        conn.config_set("maxmemory", conn.info("memory")["used_memory"] - 30_000)
+        conn.config_set("maxmemory", conn.info("memory")["used_memory"] - 100_000)
         try:
             conn.set("probe", b"x")
         except redis.exceptions.OutOfMemoryError:
