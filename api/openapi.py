@@ -210,7 +210,10 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     }
     common_errors = {
         **unauthorized,
-        "503": {**_error("Redis is unreachable (`redis_unavailable`)."), "headers": retry_after},
+        "503": {
+            **_error("Redis is unreachable (`redis_unavailable`) or at its maxmemory (`redis_full`)."),
+            "headers": retry_after,
+        },
         "500": _error("Unexpected error (`internal_error`); details are only in the server log."),
     }
     upload_errors = {
@@ -229,7 +232,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "422": _error("`invalid_top_k`, `invalid_priority`, `invalid_deadline`."),
         "429": {
             **_error(
-                f"`queue_full`: over {settings.max_queue_depth} jobs wait in all lanes together. "
+                f"`queue_full`: over {settings.max_queue_depth} jobs wait in all lanes together; "
+                f"`queued_bytes_full`: over {settings.max_queued_bytes} bytes of images wait. "
                 "`Retry-After` = time for the workers, at their recent pace, to make room, clamped to 1-60 s."
             ),
             "headers": retry_after,
