@@ -51,6 +51,9 @@ from shared.telemetry import FAILED_FIELD_PREFIX, JOBS_ENDED, telemetry_key
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_SECONDS = 2
+# Queued jobs one sweep ends at most: a sweep stays well within its lock's SWEEP_INTERVAL_SECONDS
+# (each end is a few round trips), so two never work on the same job; the rest wait for the next.
+MAX_ENDS_PER_SWEEP = 200
 ORPHAN_GRACE_SECONDS = 60
 IMAGE_EXPIRED = "image_expired"
 IMAGE_MISSING = "image_missing"
@@ -165,16 +168,22 @@ def missing_image_error(job: Job, wall: float | None = None) -> InferqError:
     return InferqError("The image bytes are gone (deleted).", code=IMAGE_MISSING)
 
 
-def end_unstarted(conn: Redis, job: Job, error: InferqError, settings: Settings) -> bool:
+def end_unstarted(
+    conn: Redis, job: Job, error: InferqError, settings: Settings, *, adopt_unlisted: bool = False
+) -> bool:
     """End a queued job that no worker holds as failed with `error`, releasing its image.
 
     Removing the id from its queue list is the claim (as in `shared.jobs.cancel`): LREM returns 1
-    only if no worker has taken it, and then none can. False when a worker (or a cancel) won, unless
-    the id is in no list at all: a job left `queued` by a process that died between its claim and
-    its end (a cancel, this function) is ended too, or its hash (which has no TTL) would stay.
-    A worker that took the id holds it in the intermediate list until it starts it, atomically."""
+    only if no worker has taken it, and then none can. False when a worker (or a cancel) won.
+    `adopt_unlisted` (the sweep, long after the image expired): a job still `queued` but in no list
+    was left by a process that died between its claim and its end (a cancel, this function); it is
+    ended too, or its hash (which has no TTL) would stay. (A worker that took the id holds it in the
+    intermediate list until it starts it, atomically.) Only long after the expiry, so that it never
+    races a live claimant."""
     queue = Queue(job.origin, connection=conn, serializer=JSONSerializer)
-    if not conn.lrem(queue.key, 1, job.id) and conn.lpos(queue.intermediate_queue_key, job.id) is not None:
+    if not conn.lrem(queue.key, 1, job.id) and (
+        not adopt_unlisted or conn.lpos(queue.intermediate_queue_key, job.id) is not None
+    ):
         return False
     job.refresh()
     if job.get_status(refresh=False) != JobStatus.QUEUED:
@@ -259,10 +268,15 @@ def sweep(conn: Redis, settings: Settings, *, force: bool = False) -> SweepRepor
                 if wall - reserved_at > ORPHAN_GRACE_SECONDS:
                     to_release.append(job_id)  # its submit never completed
                 continue
-            if job.get_status(refresh=False) == JobStatus.QUEUED and end_unstarted(
-                conn, job, _unstarted_error(job), settings
-            ):
-                ended += 1
+            if job.get_status(refresh=False) == JobStatus.QUEUED:
+                if ended >= MAX_ENDS_PER_SWEEP:
+                    continue
+                expires_at = job.meta.get(META_IMAGE_EXPIRES)
+                long_gone = isinstance(expires_at, int | float) and wall - expires_at > ORPHAN_GRACE_SECONDS
+                if end_unstarted(conn, job, _unstarted_error(job), settings, adopt_unlisted=long_gone):
+                    ended += 1
+                # Else a worker holds it (its finish releases the entry), or a claimant died: the
+                # entry stays, so a later sweep can adopt the job once its image is long gone.
             else:
                 # A worker holds it (it has the bytes), or it ended: the image is no longer in Redis.
                 to_release.append(job_id)

@@ -88,12 +88,16 @@ def test_a_queued_job_whose_image_expired_reads_failed_image_expired(
 
 def test_a_job_left_queued_in_no_list_is_ended_too(redis_url: str, redis_conn: redis.Redis) -> None:
     """A cancel (or an expiry) that died between its claim (LREM) and its end leaves a `queued` hash in
-    no list; queued hashes have no TTL, so the sweep must end it once its image is gone."""
+    no list; queued hashes have no TTL, so the sweep must end it once its image is long gone."""
     settings = settings_for(redis_url, image_ttl=1)
     client = client_for(settings)
     job_id = job_id_of(submit(client))
     assert redis_conn.lrem("rq:queue:inferq", 1, job_id) == 1  # the claim of a process that then died
     time.sleep(2.2)
+    assert image_budget.sweep(redis_conn, settings, force=True).ended == 0  # type: ignore[union-attr]
+    job = Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer)
+    job.meta[image_budget.META_IMAGE_EXPIRES] = time.time() - image_budget.ORPHAN_GRACE_SECONDS - 1
+    job.save_meta()  # as if the image had expired a while ago: no claimant can still be alive
 
     report = image_budget.sweep(redis_conn, settings, force=True)
 
