@@ -254,19 +254,28 @@ def sweep(conn: Redis, settings: Settings, *, force: bool = False) -> SweepRepor
     ids = list(entries)
     ended = released = 0
     if ids:
-        with conn.pipeline(transaction=False) as pipe:
+        # One atomic snapshot of image and job hash per entry: a submit stores both in one
+        # transaction, so "job there, image not" means the image really went. (Read one after the
+        # other, a submit landing in between would look like a job that had lost its image.)
+        with conn.pipeline(transaction=True) as pipe:
             for job_id in ids:
                 pipe.exists(image_key(job_id))
-            present = pipe.execute()
-        gone = [job_id for job_id, here in zip(ids, present, strict=True) if not here]
+                pipe.exists(Job.key_for(job_id))
+            replies = pipe.execute()
         wall = time.time()
-        jobs = Job.fetch_many(gone, connection=conn, serializer=JSONSerializer) if gone else []
+        gone: list[str] = []
         to_release: list[str] = []
+        for job_id, image_here, job_here in zip(ids, replies[0::2], replies[1::2], strict=True):
+            if image_here:
+                continue
+            if job_here:
+                gone.append(job_id)
+            elif wall - float(entries[job_id].partition(" ")[2] or 0) > ORPHAN_GRACE_SECONDS:
+                to_release.append(job_id)  # its submit never completed (or the job was deleted)
+        jobs = Job.fetch_many(gone, connection=conn, serializer=JSONSerializer) if gone else []
         for job_id, job in zip(gone, jobs, strict=True):
             if job is None:
-                reserved_at = float(entries[job_id].partition(" ")[2] or 0)
-                if wall - reserved_at > ORPHAN_GRACE_SECONDS:
-                    to_release.append(job_id)  # its submit never completed
+                to_release.append(job_id)  # ended and expired, or deleted, since the snapshot
                 continue
             if job.get_status(refresh=False) == JobStatus.QUEUED:
                 if ended >= MAX_ENDS_PER_SWEEP:

@@ -31,7 +31,7 @@ from api import create_app
 from launch.redis_server import EmbeddedRedis
 from shared import image_budget, keys
 from shared.config import Settings
-from shared.jobs import LANES, lane_queue_name
+from shared.jobs import LANES, _queue_job, lane_queue_name, make_queue, new_job_id
 from shared.keys import image_key
 from shared.redis_conn import redis_from_url
 from shared.redis_policy import EvictionPolicyError
@@ -246,6 +246,42 @@ def test_cancel_and_deadline_expiry_release_their_bytes(redis_url: str, redis_co
     assert client.get(f"/v1/jobs/{late}").json["status"] == "expired"
     assert image_budget.queued_bytes(redis_conn) == 0
     assert not redis_conn.exists(image_key(late))
+
+
+def test_a_sweep_never_ends_a_job_whose_submit_lands_while_it_runs(
+    redis_url: str, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the Redis-full drill: a submit counted (reserved) but not yet stored when a sweep
+    began, and stored between the sweep's reads, was ended `image_missing` 14 ms after its 202."""
+    settings = settings_for(redis_url)
+    queue = make_queue(redis_conn, settings)
+    job_id = new_job_id()
+    image_budget.reserve(redis_conn, [(job_id, len(IMAGE))], settings)  # the submit has counted...
+
+    def land_the_submit() -> None:  # ...and its transaction lands right after the sweep's first read
+        with redis_conn.pipeline() as pipe:
+            pipe.multi()
+            _queue_job(queue, pipe, job_id, IMAGE, 5, settings, None)
+            pipe.execute()
+
+    real_execute = redis.client.Pipeline.execute
+    landed: list[bool] = []
+
+    def execute(self: redis.client.Pipeline, raise_on_error: bool = True) -> Any:
+        result = real_execute(self, raise_on_error)
+        if not landed:
+            landed.append(True)
+            land_the_submit()
+        return result
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
+    report = image_budget.sweep(redis_conn, settings, force=True)
+    monkeypatch.undo()
+
+    assert landed and report is not None and report.ended == 0
+    assert Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer).get_status() == "queued"
+    assert redis_conn.exists(image_key(job_id))
+    assert image_budget.queued_bytes(redis_conn) == len(IMAGE)
 
 
 def test_a_plain_rq_worker_releases_the_bytes_of_the_jobs_it_runs(
