@@ -102,6 +102,20 @@ if released > 0 then redis.call('DECRBY', KEYS[1], released) end
 return released
 """
 
+# KEYS: total, hash. ARGV: the ids. `_RELEASE` without the deletes. Returns bytes un-counted.
+_UNCOUNT = """
+local released = 0
+for i = 1, #ARGV do
+  local entry = redis.call('HGET', KEYS[2], ARGV[i])
+  if entry then
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    released = released + tonumber(string.match(entry, '^(%d+)'))
+  end
+end
+if released > 0 then redis.call('DECRBY', KEYS[1], released) end
+return released
+"""
+
 # KEYS: total, hash. The total, recounted from the hash (atomic with respect to every other script).
 _RECOUNT = """
 local entries = redis.call('HVALS', KEYS[2])
@@ -149,6 +163,15 @@ def release(client: Redis | Pipeline, job_ids: Sequence[str]) -> Any:
         return 0
     keys = [queued_bytes_key(), queued_images_key(), *(image_key(job_id) for job_id in job_ids)]
     return client.register_script(_RELEASE)(keys=keys, args=list(job_ids), client=client)
+
+
+def uncount(conn: Redis, job_ids: Sequence[str]) -> int:
+    """Give back the reservations of a submit whose transaction failed, without deleting anything:
+    if the transaction did land after all (its reply was lost), its job keeps its image and runs."""
+    if not job_ids:
+        return 0
+    script = conn.register_script(_UNCOUNT)
+    return int(script(keys=[queued_bytes_key(), queued_images_key()], args=list(job_ids)))
 
 
 def queued_bytes(conn: Redis) -> int:

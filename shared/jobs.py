@@ -152,9 +152,10 @@ def submit_many(
 
 def _unreserve(conn: Redis, job_ids: list[str]) -> None:
     """Give back the reservation of a submit that failed (a Redis error: best effort, the sweep
-    releases what this cannot)."""
+    releases what this cannot). Nothing is deleted: a transaction whose reply was lost may have
+    landed, and its job must keep its image."""
     try:
-        image_budget.release(conn, job_ids)
+        image_budget.uncount(conn, job_ids)
     except RedisError as exc:
         log.warning("could not release %d reservation(s) of a failed submit: %s", len(job_ids), exc)
 

@@ -231,6 +231,25 @@ def test_concurrent_submitters_cannot_overshoot_the_byte_budget(
     assert image_budget.queued_bytes(redis_conn) == 5 * len(IMAGE)
 
 
+def test_a_submit_that_fails_gives_its_bytes_back(
+    redis_url: str, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_for(redis_url, max_queued_bytes=2 * len(IMAGE))
+    client = client_for(settings)
+
+    def broken_enqueue(*args: Any, **kwargs: Any) -> None:
+        raise redis.exceptions.ResponseError("the transaction failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("rq.Queue.enqueue_call", broken_enqueue)
+        for _ in range(3):
+            assert submit(client).status_code == 500
+
+    assert image_budget.queued_bytes(redis_conn) == 0
+    assert redis_conn.hlen(keys.queued_images_key()) == 0
+    assert [submit(client).status_code for _ in range(3)] == [202, 202, 429]
+
+
 def test_cancel_and_deadline_expiry_release_their_bytes(redis_url: str, redis_conn: redis.Redis) -> None:
     settings = settings_for(redis_url)
     client = client_for(settings)
