@@ -86,26 +86,13 @@ for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1] .. ' ' .
 return {0, redis.call('INCRBY', KEYS[1], incoming)}
 """
 
-# KEYS: total, hash, then one image key per id. ARGV: the ids. Deletes first (allowed under OOM, and
-# once a script has written, its later writes are allowed too), subtracts last. Returns bytes released.
+# KEYS: total, hash, then one image key per id (none: un-count only). ARGV: the ids. Deletes first
+# (allowed under OOM, and once a script has written, its later writes are allowed too), subtracts
+# last. Returns bytes released.
 _RELEASE = """
 local released = 0
 for i = 1, #ARGV do
-  redis.call('DEL', KEYS[i + 2])
-  local entry = redis.call('HGET', KEYS[2], ARGV[i])
-  if entry then
-    redis.call('HDEL', KEYS[2], ARGV[i])
-    released = released + tonumber(string.match(entry, '^(%d+)'))
-  end
-end
-if released > 0 then redis.call('DECRBY', KEYS[1], released) end
-return released
-"""
-
-# KEYS: total, hash. ARGV: the ids. `_RELEASE` without the deletes. Returns bytes un-counted.
-_UNCOUNT = """
-local released = 0
-for i = 1, #ARGV do
+  if KEYS[i + 2] then redis.call('DEL', KEYS[i + 2]) end
   local entry = redis.call('HGET', KEYS[2], ARGV[i])
   if entry then
     redis.call('HDEL', KEYS[2], ARGV[i])
@@ -170,7 +157,7 @@ def uncount(conn: Redis, job_ids: Sequence[str]) -> int:
     if the transaction did land after all (its reply was lost), its job keeps its image and runs."""
     if not job_ids:
         return 0
-    script = conn.register_script(_UNCOUNT)
+    script = conn.register_script(_RELEASE)
     return int(script(keys=[queued_bytes_key(), queued_images_key()], args=list(job_ids)))
 
 
