@@ -20,6 +20,7 @@ from api.state import EXTENSION_KEY, ApiState
 from shared.config import Settings, get_settings
 from shared.jobs import LANES, make_queue
 from shared.redis_conn import connect_checked, redact_url, with_options
+from shared.redis_policy import check_eviction_policy
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         socket_timeout=PROBE_TIMEOUT_SECONDS,
         socket_connect_timeout=PROBE_TIMEOUT_SECONDS,
     )
+    # A Redis that may evict job keys is refused (or warned about) before the api serves anything.
+    check_eviction_policy(redis_probe, settings, service="api")
 
     app = Flask(__name__)
     # The default body limit of every route; upload routes set their own (api.validation).

@@ -6,8 +6,9 @@ from redis import Redis
 from rq import Queue
 from rq.job import Job, JobStatus
 
+from shared import image_budget
 from shared.jobs import SERIALIZER
-from shared.keys import ended_channel, image_key
+from shared.keys import ended_channel
 
 
 def cancel(conn: Redis, job: Job) -> bool:
@@ -26,11 +27,11 @@ def cancel(conn: Redis, job: Job) -> bool:
     elif status not in (JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED):
         # Started, or ended. (Deferred/scheduled jobs sit in a registry no worker reads from.)
         return False
-    # If this process dies right here the job is in no list and its hash expires with its ttl:
-    # it can no longer run, which is what the client asked for.
+    # If this process dies right here the job is in no list and can no longer run, which is what the
+    # client asked for; once its image expires, the image sweep ends it (shared.image_budget).
     with conn.pipeline() as pipe:
         job.cancel(pipeline=pipe)
-        pipe.delete(image_key(job.id))
+        image_budget.release(pipe, [job.id])  # deletes the image and un-counts its bytes
         pipe.publish(ended_channel(), job.id)
         pipe.execute()
     # RQ's cancel re-reads the status from Redis while its writes are still queued in the pipeline,

@@ -1,7 +1,13 @@
 """Backlog and throughput, read from Redis: the bounded queue's 429 and its computed `Retry-After`.
 
-Backlog = jobs waiting in every priority lane (`LLEN` of each lane's RQ queue; jobs a worker has
-taken are not waiting).
+Backlog = live jobs waiting in every priority lane (`LLEN` of each lane's RQ queue; jobs a worker has
+taken are not waiting). A queued job whose image expired is not live: it ends `image_expired`
+(`shared.image_budget`). When the count says "full", the expired ones are swept out first (at most
+once per SWEEP_INTERVAL_SECONDS over all processes) and the lanes counted again, so a 429 is never
+caused by jobs that can no longer run.
+
+The same `Retry-After` rule serves MAX_QUEUED_BYTES (429 `queued_bytes_full`): the bytes over the
+budget, divided by the mean size of a queued image, is the number of jobs that must end first.
 
 Completion rate = jobs that ENDED (finished or failed, `deadline_expired` included: each takes one
 off the backlog) in the last THROUGHPUT_WINDOW_SECONDS, divided by that window, over all lanes.
@@ -32,6 +38,8 @@ from redis import Redis
 from rq import Queue
 
 from shared.config import Settings
+from shared.errors import QueuedBytesFull
+from shared.image_budget import sweep
 
 RETRY_AFTER_MIN_SECONDS = 1
 RETRY_AFTER_MAX_SECONDS = 60
@@ -112,6 +120,10 @@ def check_capacity(
     waiting = backlog(conn, queues)
     if waiting + incoming <= limit:
         return None
+    if sweep(conn, settings) is not None:
+        waiting = backlog(conn, queues)
+        if waiting + incoming <= limit:
+            return None
     rate = completion_rate(conn, queues, settings)
     return QueueFull(
         waiting=waiting,
@@ -119,3 +131,14 @@ def check_capacity(
         rate=rate,
         retry_after=retry_after_seconds(waiting + incoming - limit, rate),
     )
+
+
+def queued_bytes_retry_after(
+    conn: Redis, queues: Sequence[Queue], settings: Settings, full: QueuedBytesFull
+) -> int:
+    """`Retry-After` of a 429 `queued_bytes_full`: how long the workers, at their recent pace, take
+    to end enough jobs (of the mean queued image size) to make room for `full.incoming` bytes."""
+    waiting = max(1, backlog(conn, queues))
+    mean_bytes = max(1.0, full.queued / waiting)
+    needed_jobs = math.ceil((full.queued + full.incoming - full.limit) / mean_bytes)
+    return retry_after_seconds(max(1, needed_jobs), completion_rate(conn, queues, settings))

@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from shared.errors import InferqError
+from shared.errors import InferqError, QueuedBytesFull, RedisFull
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,16 @@ def error_response(
     return response
 
 
+def _retry_after(exc: QueuedBytesFull | RedisFull) -> str:
+    if isinstance(exc, QueuedBytesFull) and exc.retry_after is None:
+        from api.capacity import queued_bytes_retry_after
+        from api.state import current_state
+
+        state = current_state()
+        exc.retry_after = queued_bytes_retry_after(state.redis, state.queue_list, state.settings, exc)
+    return str(exc.retry_after)
+
+
 def payload_too_large(limit: int | None) -> ApiError:
     limit_text = f" (at most {limit:,} bytes)" if limit else ""
     return ApiError(f"the request body is too large{limit_text}", code="payload_too_large", http_status=413)
@@ -81,6 +91,8 @@ def register_error_handlers(app: Flask) -> None:
     def _inferq_error(exc: InferqError) -> Response:
         if isinstance(exc, ApiError):
             return error_response(exc.code, exc.message, exc.http_status, exc.headers, exc.extra)
+        if isinstance(exc, QueuedBytesFull | RedisFull):
+            return error_response(exc.code, exc.message, exc.http_status, {"Retry-After": _retry_after(exc)})
         return error_response(exc.code, exc.message, exc.http_status)
 
     @app.errorhandler(HTTPException)
@@ -116,6 +128,13 @@ def register_error_handlers(app: Flask) -> None:
     def _redis_refused(exc: ResponseError) -> Response:
         # A server that is up but cannot take writes (maxmemory reached under noeviction, a
         # read-only replica after a failover, persistence errors) is an outage, not a bug of ours.
+        if isinstance(exc, OutOfMemoryError):
+            # maxmemory reached under noeviction: the workers free room as they end jobs.
+            log.error("Redis is full on %s %s: %s", request.method, request.path[:200], exc)
+            full = RedisFull("the job store (Redis) is full; try again later")
+            return error_response(
+                full.code, full.message, full.http_status, {"Retry-After": _retry_after(full)}
+            )
         if isinstance(exc, _UNAVAILABLE_ERRORS) or str(exc).startswith("MISCONF"):
             log.error("Redis refused a command on %s %s: %s", request.method, request.path[:200], exc)
             return error_response(

@@ -213,7 +213,10 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     }
     common_errors = {
         **unauthorized,
-        "503": {**_error("Redis is unreachable (`redis_unavailable`)."), "headers": retry_after},
+        "503": {
+            **_error("Redis is unreachable (`redis_unavailable`) or at its maxmemory (`redis_full`)."),
+            "headers": retry_after,
+        },
         "500": _error("Unexpected error (`internal_error`); details are only in the server log."),
     }
     upload_errors = {
@@ -235,7 +238,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 f"`rate_limited`: over SUBMIT_RATE_LIMIT ({settings.submit_rate_limit}) for this API key (or "
                 "client address); `key_queue_share`: this key already has its share "
                 f"({settings.queue_share_per_key:g}) of MAX_QUEUE_DEPTH waiting; `queue_full`: over "
-                f"{settings.max_queue_depth} jobs wait in all lanes together. Decided from the headers, "
+                f"{settings.max_queue_depth} jobs wait in all lanes together; `queued_bytes_full`: over "
+                f"{settings.max_queued_bytes} bytes of images wait. Decided from the headers, "
                 "before the body is read. `Retry-After`: when the limit allows the request again (for the "
                 "queue bounds, the time for the workers, at their recent pace, to make room; 1-60 s)."
             ),

@@ -32,6 +32,7 @@ from api.validation import (
     read_batch_uploads,
     read_job_upload,
 )
+from shared.image_budget import end_if_image_expired
 from shared.jobs import META_DEADLINE, META_OWNER, fetch, submit, submit_many
 from shared.keys import is_job_id, known_key
 
@@ -116,9 +117,12 @@ def _load_job(state: ApiState, job_id: str) -> tuple[Job, Any]:
         if tombstone is not None and _visible(tombstone.decode()):
             raise expired_job(job_id)
         raise _not_found(job_id)
-    if not _visible(found[0].meta.get(META_OWNER)):
+    job, result = found
+    if not _visible(job.meta.get(META_OWNER)):
         raise _not_found(job_id)
-    return found
+    # A queued job whose image expired is ended here rather than read as queued (shared.image_budget);
+    # a queued job has no result, so `job_view` reads the one its end just wrote.
+    return end_if_image_expired(state.redis, job, state.settings), result
 
 
 @bp.post("/jobs")

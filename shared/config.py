@@ -289,6 +289,28 @@ class Settings(BaseSettings):
         "open `/rq` (rq-dashboard) and `/metrics`; tenant keys do not. With API_KEYS set and no operator "
         "key, those routes are closed.",
     )
+    max_queued_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=0,
+        description="Bytes of uploaded images waiting in Redis (queued or being processed) above which "
+        "submissions get 429 `queued_bytes_full` with a `Retry-After`; counted atomically with each submit "
+        "and released when its job ends or its image expires. Keep it well under Redis' `maxmemory` "
+        "(results, job hashes and Redis itself need the rest); 0 = unbounded (still counted).",
+    )
+    redis_headroom_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=0,
+        description="The api refuses an upload with 503 `redis_full` when Redis' used memory plus the upload "
+        "would come within this many bytes of its `maxmemory` (checked in the same script that counts "
+        "MAX_QUEUED_BYTES): the room workers need to start and finish the jobs already queued. No "
+        "effect when Redis has no `maxmemory`.",
+    )
+    redis_eviction_check: Literal["refuse", "warn"] = Field(
+        default="refuse",
+        description="What api and workers do at start when Redis' `maxmemory-policy` can evict inferq's "
+        "keys (anything but `noeviction`; `volatile-*` evicts exactly the TTL'd images and jobs): `refuse` "
+        "to start, or `warn` loudly and run.",
+    )
     prometheus_multiproc_dir: Path | None = Field(
         default=None,
         description="prometheus-client's multi-process directory (PROMETHEUS_MULTIPROC_DIR). Unset under "

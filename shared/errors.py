@@ -55,3 +55,28 @@ class ArtifactError(InferqError):
     """The model artifact is missing, tampered with, or does not match what loads it."""
 
     code = "artifact_invalid"
+
+
+class QueuedBytesFull(InferqError):
+    """MAX_QUEUED_BYTES of images are already waiting in Redis: retry once workers have drained some.
+
+    `retry_after` (seconds) is filled in by whoever knows the completion rate (the api)."""
+
+    code = "queued_bytes_full"
+    http_status = 429
+
+    def __init__(self, message: str, *, queued: int, limit: int, incoming: int) -> None:
+        super().__init__(message)
+        self.queued = queued
+        self.limit = limit
+        self.incoming = incoming
+        self.retry_after: int | None = None
+
+
+class RedisFull(InferqError):
+    """Redis is at (or within REDIS_HEADROOM_BYTES of) its `maxmemory`: no new work is taken until
+    workers have freed images. Reads, long-polls and cancels keep working."""
+
+    code = "redis_full"
+    http_status = 503
+    retry_after = 5

@@ -17,18 +17,25 @@ tombstone that outlives the job, so an expired job reads 410 rather than 404.
 
 from __future__ import annotations
 
+import logging
+import math
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import RedisError
 from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from shared import image_budget
 from shared.config import Settings
 from shared.keys import image_key, known_key
+
+log = logging.getLogger(__name__)
 
 JOB_FUNC = "worker.tasks.classify"
 SERIALIZER = JSONSerializer
@@ -107,41 +114,95 @@ def submit(
 ) -> Job:
     """Store the image and enqueue its job in one round trip (one MULTI/EXEC pipeline).
 
+    The image's bytes are first counted against MAX_QUEUED_BYTES and Redis' memory
+    (`shared.image_budget.reserve`: raises `QueuedBytesFull` or `RedisFull`, nothing stored).
+
     With `pipeline` (already in MULTI mode, e.g. after a WATCH), the commands are only queued on it
     and the caller executes it: that is how the api makes an idempotency claim atomic with the enqueue.
+    If that EXEC fails, the reservation is left to the sweep (it is released ORPHAN_GRACE_SECONDS later).
     """
+    job_id = new_job_id()
+    image_budget.reserve(queue.connection, [(job_id, len(image))], settings)
     if pipeline is not None:
-        return _queue_job(queue, pipeline, image, top_k, settings, meta)
-    with queue.connection.pipeline() as pipe:
-        # MULTI before the first command: RQ's enqueue calls `pipe.multi()` itself unless the
-        # transaction is explicit, and redis-py refuses MULTI once a command (our SET) is queued.
-        pipe.multi()
-        job = _queue_job(queue, pipe, image, top_k, settings, meta)
-        pipe.execute()
+        return _queue_job(queue, pipeline, job_id, image, top_k, settings, meta)
+    try:
+        with queue.connection.pipeline() as pipe:
+            # MULTI before the first command: RQ's enqueue calls `pipe.multi()` itself unless the
+            # transaction is explicit, and redis-py refuses MULTI once a command (our SET) is queued.
+            pipe.multi()
+            job = _queue_job(queue, pipe, job_id, image, top_k, settings, meta)
+            pipe.execute()
+    except BaseException:
+        _unreserve(queue.connection, [job_id])
+        raise
     return job
 
 
 def submit_many(
     queue: Queue, items: Sequence[tuple[bytes, int]], settings: Settings, meta: dict[str, Any] | None = None
 ) -> list[Job]:
-    """`submit` for several `(image, top_k)` at once: all stored and enqueued in ONE transaction,
-    so either every job exists or none does (a batch upload is all-or-nothing)."""
-    with queue.connection.pipeline() as pipe:
-        pipe.multi()
-        jobs = [_queue_job(queue, pipe, image, top_k, settings, meta) for image, top_k in items]
-        pipe.execute()
+    """`submit` for several `(image, top_k)` at once: all counted, stored and enqueued in ONE
+    transaction, so either every job exists or none does (a batch upload is all-or-nothing)."""
+    job_ids = [new_job_id() for _ in items]
+    image_budget.reserve(
+        queue.connection,
+        [(job_id, len(image)) for job_id, (image, _) in zip(job_ids, items, strict=True)],
+        settings,
+    )
+    try:
+        with queue.connection.pipeline() as pipe:
+            pipe.multi()
+            jobs = [
+                _queue_job(queue, pipe, job_id, image, top_k, settings, meta)
+                for job_id, (image, top_k) in zip(job_ids, items, strict=True)
+            ]
+            pipe.execute()
+    except BaseException:
+        _unreserve(queue.connection, job_ids)
+        raise
     return jobs
 
 
+def _unreserve(conn: Redis, job_ids: list[str]) -> None:
+    """Give back the reservation of a submit that failed (a Redis error: best effort, the sweep
+    releases what this cannot). Nothing is deleted: a transaction whose reply was lost may have
+    landed, and its job must keep its image."""
+    try:
+        image_budget.uncount(conn, job_ids)
+    except RedisError as exc:
+        log.warning("could not release %d reservation(s) of a failed submit: %s", len(job_ids), exc)
+
+
+def image_lifetime(settings: Settings, meta: dict[str, Any] | None) -> int:
+    """Seconds the image of a new job lives: IMAGE_TTL, or longer for a deadline beyond it (a job
+    allowed to wait until its deadline must still have its image then)."""
+    deadline = (meta or {}).get(META_DEADLINE)
+    if isinstance(deadline, int | float):
+        return max(settings.image_ttl, math.ceil(deadline - time.time()) + 1)
+    return settings.image_ttl
+
+
 def _queue_job(
-    queue: Queue, pipe: Pipeline, image: bytes, top_k: int, settings: Settings, meta: dict[str, Any] | None
+    queue: Queue,
+    pipe: Pipeline,
+    job_id: str,
+    image: bytes,
+    top_k: int,
+    settings: Settings,
+    meta: dict[str, Any] | None,
 ) -> Job:
     """The one enqueue code path: queue `SET image` + RQ's enqueue commands on `pipe` (not executed)."""
-    job_id = new_job_id()
     key = image_key(job_id)
-    pipe.set(key, image, ex=settings.image_ttl)
+    lifetime = image_lifetime(settings, meta)
+    pipe.set(key, image, ex=lifetime)
     # The tombstone (410 after the job expired), owned like the job (another key must get 404).
-    pipe.set(known_key(job_id), str((meta or {}).get(META_OWNER) or ""), ex=settings.known_job_ttl)
+    pipe.set(
+        known_key(job_id),
+        str((meta or {}).get(META_OWNER) or ""),
+        ex=settings.known_job_ttl + lifetime - settings.image_ttl,
+    )
+    job_meta = dict(meta or {})  # a copy per job: batch jobs must not share one mutable dict
+    job_meta[image_budget.META_IMAGE_EXPIRES] = time.time() + lifetime
     return queue.enqueue_call(
         JOB_FUNC,
         args=(key, top_k),
@@ -149,10 +210,12 @@ def _queue_job(
         timeout=max(60, int(settings.abandoned_after_seconds * 4)),
         result_ttl=settings.result_ttl,
         failure_ttl=settings.failure_ttl,
-        ttl=settings.image_ttl,
+        # No TTL on the queued job hash: it must outlive its image, so that a job whose image expired
+        # can still end `image_expired` for its owner (shared.image_budget) instead of vanishing.
+        # It expires RESULT_TTL / FAILURE_TTL after it ends, as RQ does for every ended job.
+        ttl=None,
         description=f"classify top_k={top_k}",
-        # A copy per job: RQ keeps a reference, and batch jobs must not share one mutable dict.
-        meta=dict(meta or {}),
+        meta=job_meta,
         # Retries are spent only when a worker dies with the job (RQ's registry cleanup
         # requeues abandoned jobs while retries are left); a bad image fails at once.
         retry=Retry(max=settings.max_attempts - 1) if settings.max_attempts > 1 else None,

@@ -52,3 +52,20 @@ def at_risk_key(queue_key: str) -> str:
     being decoded or is in a forward pass right now: a worker that dies charges an attempt to these
     jobs only."""
     return f"{PREFIX}at-risk:{queue_key}"
+
+
+def queued_bytes_key() -> str:
+    """An integer: bytes of images in Redis whose job has not ended (`shared.image_budget`).
+    Always equal to the sum of `queued_images_key()`'s values (both change in one script)."""
+    return f"{PREFIX}queued_bytes"
+
+
+def queued_images_key() -> str:
+    """A hash job id -> "<bytes> <epoch seconds reserved>" of every image counted in
+    `queued_bytes_key()`: releasing is idempotent (HDEL says whether this caller releases it)."""
+    return f"{PREFIX}queued_images"
+
+
+def sweep_lock_key() -> str:
+    """Held (SET NX EX) by the one process that sweeps expired images at a time."""
+    return f"{PREFIX}lock:sweep"

@@ -633,7 +633,8 @@ def test_redis_refusing_writes_is_503(
 
     monkeypatch.setattr("api.routes.submit", full)
     response = client.post("/v1/jobs", data=photo_bytes[PNG], content_type="image/png")
-    assert_error(response, 503, "redis_unavailable")
+    assert_error(response, 503, "redis_full")  # maxmemory under noeviction: full, not down
+    assert int(response.headers["Retry-After"]) >= 1
 
 
 def test_http_errors_are_json(client: FlaskClient) -> None:

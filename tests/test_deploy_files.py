@@ -202,6 +202,11 @@ def test_compose_redis_is_durable_and_never_evicts(compose: dict[str, Any]) -> N
     command = _command(redis)
     assert command[command.index("--appendonly") + 1] == "yes"
     assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    # A memory bound that leaves room beside the default image budget (MAX_QUEUED_BYTES).
+    maxmemory = str(command[command.index("--maxmemory") + 1]).lower()
+    units = {"kb": 1024, "mb": 1024**2, "gb": 1024**3}
+    number, unit = re.fullmatch(r"(\d+)(kb|mb|gb)", maxmemory).groups()  # type: ignore[union-attr]
+    assert Settings().max_queued_bytes <= 0.75 * int(number) * units[unit]
     assert any(str(v).endswith(":/data") or ":/data:" in str(v) for v in redis["volumes"]) or any(
         isinstance(v, dict) and v.get("target") == "/data" for v in redis["volumes"]
     )

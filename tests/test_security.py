@@ -662,6 +662,10 @@ def test_a_job_really_expiring_turns_410(
     job_id = submit(client, photo_bytes, headers=None)
     assert client.get(f"/v1/jobs/{job_id}").status_code == 200
     assert 60 <= redis_conn.ttl(known_key(job_id)) <= 62
+    # A queued job never expires unseen: once its image is gone it ends `image_expired` (never a 410
+    # for a job that never ran); it is the ended job that expires after FAILURE_TTL.
+    wait_until(lambda: not redis_conn.exists(image_key(job_id)), 5, what="the image expired")
+    assert client.get(f"/v1/jobs/{job_id}").json["error"]["code"] == "image_expired"
     wait_until(lambda: not redis_conn.exists(Job.key_for(job_id)), 5, what="the job expired")
     assert_error(client.get(f"/v1/jobs/{job_id}"), 410, "job_expired")
 

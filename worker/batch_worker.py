@@ -35,12 +35,14 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker import SimpleWorker
 
+from shared import image_budget
 from shared.config import Settings, get_settings
 from shared.errors import InferqError
 from shared.jobs import JOB_TIMEOUT, lane_queue_names
 from shared.keys import grabbed_key
 from shared.logging_setup import configure_logging_once, set_log_context
 from shared.redis_conn import connect_checked
+from shared.redis_policy import check_eviction_policy
 from shared.telemetry import worker_info_fields
 from worker import liveness, rq_writes
 from worker.batching import BatchCollector, Lane
@@ -154,6 +156,8 @@ class BatchWorker(SimpleWorker):
         for name in ("inferq", "worker"):
             logging.getLogger(name).setLevel(level.upper() if isinstance(level, str) else level)
         set_log_context(worker=self.name)
+        # Before the model loads: a Redis that may evict job keys is refused (or warned about) at once.
+        check_eviction_policy(self.connection, self.settings, service="worker")
         if self.handler is None:
             started = time.perf_counter()
             self.handler = load_handler(self.settings)
@@ -270,6 +274,8 @@ class BatchWorker(SimpleWorker):
                     worker_registration.clean_worker_registry(queue)
                 finally:
                     queue.release_maintenance_lock()
+        # Queued jobs whose image expired end `image_expired`; MAX_QUEUED_BYTES' count is healed.
+        image_budget.sweep(self.connection, self.settings)
         self.last_cleaned_at = now()
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:

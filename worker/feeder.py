@@ -25,6 +25,7 @@ import redis
 from rq.exceptions import StopRequested
 from rq.job import Job
 
+from shared import image_budget
 from shared.errors import InferqError
 from shared.keys import image_key
 from worker import liveness, rq_writes
@@ -209,6 +210,10 @@ class Feeder:
             running.enter_risk(began)
         self.in_flight.add(started)
         decoded = self.decode_many([images.get(r.job.id) for r in started])
+        for i, running in enumerate(started):
+            if images.get(running.job.id) is None:
+                # Its image is gone: `image_expired` (or `image_missing`), not a decode error.
+                decoded[i] = image_budget.missing_image_error(running.job)
         ended = self.clock()
         for running in started:
             running.leave_risk(ended)

@@ -33,6 +33,7 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.utils import now
 
+from shared import image_budget
 from shared.errors import InferqError
 from shared.jobs import (
     DEADLINE_EXPIRED,
@@ -44,7 +45,7 @@ from shared.jobs import (
     META_TIMINGS,
     timings,
 )
-from shared.keys import at_risk_key, ended_channel, image_key
+from shared.keys import at_risk_key, ended_channel
 from shared.telemetry import count_ended, record_batch
 
 if TYPE_CHECKING:
@@ -107,7 +108,8 @@ def publish_ended(pipe: Any, job_id: str) -> None:
 
 
 def _drop_image(pipe: Any, job_id: str) -> None:
-    pipe.delete(image_key(job_id))
+    # Deletes the image and un-counts it from MAX_QUEUED_BYTES, in the caller's transaction.
+    image_budget.release(pipe, [job_id])
 
 
 def _at_risk(job: Job) -> str:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from rq import get_current_job
 
+from shared import image_budget
 from shared.config import get_settings
 from shared.errors import CorruptImage, InferqError
 from shared.jobs import META_ERROR, result_payload
@@ -48,5 +49,5 @@ def classify(key: str, top_k: int) -> dict[str, Any]:
         job.save_meta()
         raise
     finally:
-        connection.delete(key)
+        image_budget.release(connection, [job.id])  # deletes the image, un-counts MAX_QUEUED_BYTES
     return result_payload(predictions, {"name": model.manifest.name, "sha256": model.sha256})
