@@ -33,7 +33,7 @@ from api.validation import (
     read_job_upload,
 )
 from shared.image_budget import end_if_image_expired
-from shared.jobs import META_DEADLINE, META_OWNER, fetch, submit, submit_many
+from shared.jobs import META_DEADLINE, META_OWNER, fetch, submit, submit_many, unreserve
 from shared.keys import is_job_id, known_key
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
@@ -142,7 +142,11 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
                 queue, upload.data, top_k, state.settings, _job_meta(deadline_ms), pipeline=pipe
             ).id
             state.fairness.note_pending(pipe, client, [job_id])
-            pipe.execute()
+            try:
+                pipe.execute()
+            except BaseException:
+                unreserve(state.redis, [job_id])  # its bytes no longer count against MAX_QUEUED_BYTES
+                raise
         body = _created(job_id)
     else:
         job_id, replayed = submit_once(

@@ -119,13 +119,14 @@ def submit(
 
     With `pipeline` (already in MULTI mode, e.g. after a WATCH), the commands are only queued on it
     and the caller executes it: that is how the api makes an idempotency claim atomic with the enqueue.
-    If that EXEC fails, the reservation is left to the sweep (it is released ORPHAN_GRACE_SECONDS later).
+    If that EXEC fails, the caller gives the reservation back (`unreserve`); what it cannot give back
+    is left to the sweep (released ORPHAN_GRACE_SECONDS later).
     """
     job_id = new_job_id()
     image_budget.reserve(queue.connection, [(job_id, len(image))], settings)
-    if pipeline is not None:
-        return _queue_job(queue, pipeline, job_id, image, top_k, settings, meta)
     try:
+        if pipeline is not None:
+            return _queue_job(queue, pipeline, job_id, image, top_k, settings, meta)
         with queue.connection.pipeline() as pipe:
             # MULTI before the first command: RQ's enqueue calls `pipe.multi()` itself unless the
             # transaction is explicit, and redis-py refuses MULTI once a command (our SET) is queued.
@@ -133,7 +134,7 @@ def submit(
             job = _queue_job(queue, pipe, job_id, image, top_k, settings, meta)
             pipe.execute()
     except BaseException:
-        _unreserve(queue.connection, [job_id])
+        unreserve(queue.connection, [job_id])
         raise
     return job
 
@@ -158,12 +159,12 @@ def submit_many(
             ]
             pipe.execute()
     except BaseException:
-        _unreserve(queue.connection, job_ids)
+        unreserve(queue.connection, job_ids)
         raise
     return jobs
 
 
-def _unreserve(conn: Redis, job_ids: list[str]) -> None:
+def unreserve(conn: Redis, job_ids: list[str]) -> None:
     """Give back the reservation of a submit that failed (a Redis error: best effort, the sweep
     releases what this cannot). Nothing is deleted: a transaction whose reply was lost may have
     landed, and its job must keep its image."""
