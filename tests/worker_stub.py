@@ -3,17 +3,16 @@ jobs' results and errors, telemetry, logs, the worker registry."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from shared.config import Settings
 from shared.jobs import LANES, lane_queue_name
 from shared.manifest import InputSpec
+from tests.factories import png, truncated_png  # noqa: F401 - re-exported for the stub tests
 from worker.batch_worker import BatchWorker
 from worker.handler import ClassifyHandler
 
@@ -33,12 +32,6 @@ class MeanRunner:
         return [[{"label": "mean", "index": 0, "score": float(x.mean())}] for x in inputs]
 
 
-def png(value: int = 90, size: int = 40) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), (value, value, value)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def stub_handler(runner: MeanRunner | None = None) -> ClassifyHandler:
     model = SimpleNamespace(manifest=SimpleNamespace(name=STUB_MODEL, input=SPEC), sha256=STUB_SHA256)
     return ClassifyHandler(model, runner or MeanRunner(), max_pixels=1_000_000)  # type: ignore[arg-type]
@@ -47,12 +40,3 @@ def stub_handler(runner: MeanRunner | None = None) -> ClassifyHandler:
 def stub_worker(settings: Settings, name: str | None = None) -> BatchWorker:
     queues = [lane_queue_name(settings, lane) for lane in LANES]
     return BatchWorker(queues, name=name, settings=settings, handler=stub_handler())
-
-
-def truncated_png() -> bytes:
-    """A PNG whose header is intact (the api accepts it) but whose pixels are cut: the worker fails it."""
-    rng = np.random.default_rng(7)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
-    data = buf.getvalue()
-    return data[: len(data) // 2]
