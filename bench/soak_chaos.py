@@ -58,7 +58,7 @@ class Kill:
     at: float  # epoch seconds
     started: list[str]  # jobs it had started and not yet written
     grabbed: list[str]  # ids it had moved into an intermediate list but not started
-    recovery_s: float | None = None  # kill → the last of its held jobs ended (filled in afterwards)
+    recovery_s: float | None = None  # kill → every held job back in other hands (`RecoveryWatch`)
 
 
 @dataclass
@@ -158,10 +158,14 @@ def kill_mid_work(
     victim: subprocess.Popen[bytes],
     patience: float,
     settle: float = SETTLE_SECONDS,
+    orphans: frozenset[str] = frozenset(),
 ) -> Kill | None:
     """SIGKILL `victim` while it holds started jobs, preferably also grabbed-not-started ones
     (waited for up to `patience` seconds; after that, started ones suffice). None if the victim
-    never held a started job in 4 × `patience` (idle) or has not registered."""
+    never held a started job in 4 × `patience` (idle) or has not registered.
+
+    `orphans`: ids that earlier victims left in the intermediate lists; they stay there until RQ's
+    maintenance deals with them, so they are nobody's grab now."""
     name = worker_name_of(conn, victim.pid)
     if name is None:
         return None
@@ -176,7 +180,7 @@ def kill_mid_work(
         _signal_all(workers, signal.SIGSTOP)
         try:
             time.sleep(0.02)  # a command the victim sent just before the stop lands in Redis first
-            grabbed_any = intermediate_ids(conn, settings)
+            grabbed_any = intermediate_ids(conn, settings) - orphans
             _signal_all([w for w in workers if w is not victim], signal.SIGCONT)
             time.sleep(settle if grabbed_any else 0)
             grabbed = sorted(grabbed_any & intermediate_ids(conn, settings))
@@ -190,6 +194,48 @@ def kill_mid_work(
             _signal_all(workers, signal.SIGCONT)
         time.sleep(random.uniform(0.05, 0.3))  # another moment
     return None
+
+
+def recovered(conn: redis.Redis, settings: Settings, kill: Kill) -> bool:
+    """Every job the victim held is out of its hands: a started one requeued (or restarted, or
+    ended) by another worker's maintenance, a grabbed one out of the intermediate lists."""
+    held = kill.started + kill.grabbed
+    with conn.pipeline(transaction=False) as pipe:
+        for job_id in held:
+            pipe.hmget(Job.key_for(job_id), ["status", "worker_name"])
+        rows = pipe.execute()
+    stuck = intermediate_ids(conn, settings)
+    for job_id, (status, worker) in zip(held, rows, strict=True):
+        if job_id in kill.grabbed and job_id in stuck and status == b"queued":
+            return False
+        if job_id in kill.started and status == b"started" and worker == kill.victim.encode():
+            return False
+    return True
+
+
+class RecoveryWatch(threading.Thread):
+    """Fills in `Kill.recovery_s` for each watched kill, polling every 0.1 s."""
+
+    def __init__(self, conn: redis.Redis, settings: Settings) -> None:
+        super().__init__(name="recovery-watch", daemon=True)
+        self.conn = conn
+        self.settings = settings
+        self.kills: list[Kill] = []
+        self.stopped = threading.Event()
+
+    def watch(self, kill: Kill) -> None:
+        self.kills.append(kill)
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.1):
+            for kill in list(self.kills):
+                if kill.recovery_s is None and recovered(self.conn, self.settings, kill):
+                    kill.recovery_s = time.time() - kill.at
+
+    def wait_all(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(k.recovery_s is None for k in self.kills) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 # --- the drill ---------------------------------------------------------------------------------------
@@ -317,6 +363,8 @@ def run_drill(
         submitter.start()
         done: list[Kill] = []
         deadline = time.monotonic() + timeout
+        watch = RecoveryWatch(conn, settings)
+        watch.start()
 
         def ended() -> int:
             """Drill jobs ended (the calibration jobs are in the registries too)."""
@@ -333,22 +381,21 @@ def run_drill(
             if not live:
                 stack.start_worker()
                 continue
-            kill = kill_mid_work(conn, settings, live, rng.choice(live), patience)
+            orphans = frozenset(i for k in done for i in k.grabbed)
+            kill = kill_mid_work(conn, settings, live, rng.choice(live), patience, orphans=orphans)
             if kill is not None:
                 done.append(kill)
+                watch.watch(kill)
                 stack.start_worker()  # the replacement, as RQ's worker-pool would start one
         submitter.join(timeout=max(0.0, deadline - time.monotonic()))
         while ended() < len(ids) and time.monotonic() < deadline:
             time.sleep(0.5)
         seconds = time.monotonic() - began
+        watch.wait_all(timeout=10)
+        watch.stopped.set()
         peak.stopped.set()
         peak.join(2)
         report = DrillReport(outcomes(conn, ids, order[: len(ids)]), done, expected, seconds, peak.peak)
-        by_id = {j.job_id: j for j in report.jobs}
-        for kill in done:
-            ends = [by_id[i].ended_at for i in kill.started + kill.grabbed if i in by_id]
-            if ends and all(e is not None for e in ends):
-                kill.recovery_s = max(ends) - kill.at  # type: ignore[type-var]
         conn.close()
     return report
 
