@@ -210,7 +210,7 @@ def test_busy_workers_killed_mid_batch_lose_nothing_and_mix_nothing(tmp_path: Pa
         # (Fails while RQ's IntermediateQueue.cleanup is what frees a dead worker's grabbed-not-
         # started ids: it waits a minute, then fails them or spends a retry.)
         assert kill.recovery_s is not None and kill.recovery_s <= RECOVERY_BOUND_S, (
-            f"held jobs back in other hands {kill.recovery_s} s after the kill (bound {RECOVERY_BOUND_S} s): {kill}"
+            f"held jobs back {kill.recovery_s} s after the kill (bound {RECOVERY_BOUND_S} s): {kill}"
         )
     # And the whole run: every job finished once, with the right label, none failed.
     assert summary["finished"] == summary["jobs_submitted"] == len(report.jobs) >= jobs, summary
