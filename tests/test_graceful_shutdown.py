@@ -22,7 +22,7 @@ from tests.service import post_image, service_stack
 pytestmark = pytest.mark.slow
 GRACEFUL_TIMEOUT_S = 10
 WAITERS = 8
-WAIT_S = 20  # each long-poll's own wait, longer than the graceful timeout
+WAIT_S = 25  # each long-poll's own wait, well beyond the graceful timeout
 
 
 def outcome(call: Callable[[], requests.Response]) -> str:

@@ -35,6 +35,7 @@ from tests.service import (
 )
 
 pytestmark = pytest.mark.slow
+API_BACK_AFTER_S = 10.0
 
 
 def test_a_poison_job_fails_as_worker_crashed_and_spares_its_neighbours(
@@ -139,7 +140,10 @@ def test_no_accepted_job_is_lost_or_doubled_when_redis_restarts_under_traffic(
                 future.result()
         recovered_after = time.monotonic() - restarted_at
         assert answers.count(503) >= 8, answers
-        assert time.monotonic() - killed_at > 5 and recovered_after < 30, recovered_after
+        assert time.monotonic() - killed_at > 5
+        # Submits are accepted again within one redis-py retry cycle of the restart (about 2.5 s,
+        # shared.redis_conn) plus the client's pause, with a margin for a loaded machine.
+        assert recovered_after < API_BACK_AFTER_S, f"submits accepted again {recovered_after:.1f} s after"
         for i in range(48, 60):  # after
             post_until_accepted(i)
 

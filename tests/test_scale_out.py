@@ -24,13 +24,13 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.results import Result
 
-from bench.soak_chaos import kill_mid_work
+from bench.soak_chaos import RecoveryWatch, kill_mid_work
 from launch.redis_server import EmbeddedRedis
 from shared.config import Settings
 from shared.jobs import SERIALIZER
 from shared.manifest import Manifest
 from tests.factories import jpegs
-from tests.service import free_port, http_ok, service_env, start_api, stop, wait_until
+from tests.service import RECOVERY_BOUND_S, free_port, http_ok, service_env, start_api, stop, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -174,6 +174,9 @@ def test_three_workers_two_apis_600_jobs_one_worker_killed(artifact_dir: Path, t
             # It died holding work of both kinds: jobs started, and ids grabbed but not started.
             assert kill.started, kill
             assert kill.grabbed, kill
+            watch = RecoveryWatch(redis.Redis.from_url(server.url), Settings())  # checked at the end
+            watch.watch(kill)
+            watch.start()
 
             # --- every job finishes, survivors included the victim's share ------------------------------
             def ended() -> int:
@@ -245,6 +248,10 @@ def test_three_workers_two_apis_600_jobs_one_worker_killed(artifact_dir: Path, t
         ran_here = {job_id for job_id, row in zip(ids, rows, strict=True) if row[1].decode() == name}
         # The victim may die between writing a batch and logging it: its lines are a subset.
         assert logged <= ran_here if name == VICTIM else logged == ran_here, name
+    # All the victim held was back in the survivors' hands within the promised window.
+    watch.wait_all(timeout=5)
+    watch.stopped.set()
+    assert kill.recovery_s is not None and kill.recovery_s <= RECOVERY_BOUND_S, kill
     print(
         f"\n600 jobs in {elapsed:.1f} s over 2 apis; per worker {dict(by_worker)}; "
         f"{len(batches)} batches; {len(retried)} jobs re-run after the kill"
