@@ -20,7 +20,7 @@ from rq.job import Job
 from rq.results import Result
 
 from shared.config import PROJECT_ROOT, Settings
-from shared.jobs import SERIALIZER, TERMINAL_STATUSES, job_view, make_queue, submit
+from shared.jobs import LANES, SERIALIZER, TERMINAL_STATUSES, job_view, lane_queue_name, make_queue, submit
 
 
 def free_port() -> int:
@@ -60,6 +60,27 @@ def start_worker(
         [sys.executable, "-m", "worker"],
         env=env,
         cwd=cwd or PROJECT_ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def start_pool(env: dict[str, str], workers: int, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """RQ's worker-pool with `workers` BatchWorkers: the Procfile's `worker` line, as honcho runs it."""
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+    settings = Settings()
+    lanes = [lane_queue_name(settings, lane) for lane in LANES]
+    args = ["worker-pool", "--path", ".", "--num-workers", str(workers)]
+    args += [
+        "--worker-class",
+        "worker.batch_worker.BatchWorker",
+        "--serializer",
+        "rq.serializers.JSONSerializer",
+    ]
+    return subprocess.Popen(
+        [sys.executable, "-m", "rq.cli", *args, *lanes],
+        env={**env, "RQ_REDIS_URL": env["REDIS_URL"]},
+        cwd=PROJECT_ROOT,
         stdout=out,
         stderr=subprocess.STDOUT,
     )

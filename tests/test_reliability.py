@@ -17,9 +17,8 @@ from rq.registry import StartedJobRegistry
 
 from bench.soak_chaos import run_drill
 from launch.redis_server import EmbeddedRedis
-from shared.config import Settings
-from shared.jobs import META_DEADLINE, make_queue, submit
-from tests.conftest import PHOTO_LABELS
+from shared.jobs import META_DEADLINE, submit
+from tests.conftest import PHOTO_LABELS, JobStore
 from tests.service import (
     RECOVERY_BOUND_S,
     TEST_SETTINGS,
@@ -39,16 +38,14 @@ API_BACK_AFTER_S = 10.0
 
 
 def test_a_poison_job_fails_as_worker_crashed_and_spares_its_neighbours(
-    fresh_redis_server: Callable[..., EmbeddedRedis],
+    job_store: Callable[..., JobStore],
     photo_bytes: dict[str, bytes],
     artifact_dir: Path,
     tmp_path: Path,
 ) -> None:
     """The test plays the OOM killer: whichever worker starts the poison job dies at once."""
-    server = fresh_redis_server()
-    conn = redis.Redis.from_url(server.url)
-    settings = Settings(redis_url=server.url, max_attempts=3)
-    queue = make_queue(conn, settings)
+    store = job_store(max_attempts=3)
+    server, conn, settings, queue = store.server, store.conn, store.settings, store.queue
     names = list(photo_bytes)
     normal = [submit(queue, photo_bytes[names[i % 5]], 1, settings).id for i in range(6)]
     poison = submit(queue, photo_bytes["coffee.png"], 1, settings).id
@@ -160,15 +157,13 @@ def test_no_accepted_job_is_lost_or_doubled_when_redis_restarts_under_traffic(
 
 
 def test_deadline_passed_before_start_ends_expired(
-    fresh_redis_server: Callable[..., EmbeddedRedis],
+    job_store: Callable[..., JobStore],
     photo_bytes: dict[str, bytes],
     artifact_dir: Path,
     tmp_path: Path,
 ) -> None:
-    server = fresh_redis_server()
-    conn = redis.Redis.from_url(server.url)
-    settings = Settings(redis_url=server.url)
-    queue = make_queue(conn, settings)
+    store = job_store()
+    server, conn, settings, queue = store.server, store.conn, store.settings, store.queue
     late = submit(queue, photo_bytes["coffee.png"], 1, settings, meta={META_DEADLINE: time.time() + 0.2}).id
     in_time = submit(
         queue, photo_bytes["coffee.png"], 1, settings, meta={META_DEADLINE: time.time() + 600}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,17 +21,21 @@ from launch.redis_server import EmbeddedRedis
 from shared.config import Settings
 from shared.jobs import META_BATCH_ID, SERIALIZER, make_queue
 from shared.manifest import Manifest
-from tests.conftest import PHOTO_LABELS
+from tests.conftest import PHOTO_LABELS, JobStore
 from tests.factories import truncated_png
 from tests.service import (
     RECOVERY_BOUND_S,
     Stack,
+    all_ended,
     enqueue_photos,
     post_image,
+    results_of,
     service_env,
     service_stack,
+    start_pool,
     start_worker,
     stop,
+    views,
     wait_job,
     wait_until,
 )
@@ -168,54 +172,67 @@ def test_a_long_poll_wakes_when_a_real_worker_ends_its_job(
         assert -0.5 < late < WAKE_UP_BOUND_S, f"answered {late:.2f} s after the job ended"
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis(tmp_path / "redis") as server:
-        yield server
-
-
 def statuses(conn: redis.Redis, ids: list[str]) -> list[str]:
     return [Job.fetch(i, connection=conn, serializer=SERIALIZER).get_status().value for i in ids]
 
 
-def test_sigterm_finishes_the_batch_and_leaves_the_rest_queued(
-    own_redis: EmbeddedRedis, photo_bytes: dict[str, bytes], artifact_dir: Path, tmp_path: Path
-):
-    conn = redis.Redis.from_url(own_redis.url)
-    settings = Settings(redis_url=own_redis.url)
-    ids = enqueue_photos(conn, settings, photo_bytes, 60)
-    env = service_env(own_redis.url, MAX_BATCH_SIZE=4)
-    worker = start_worker(env, log=tmp_path / "worker1.log")
-    queue = make_queue(conn, settings)
+@pytest.mark.parametrize(
+    "workers", [pytest.param(0, id="python -m worker"), pytest.param(2, id="rq worker-pool")]
+)
+def test_sigterm_finishes_the_batches_in_flight_and_leaves_the_rest_queued(
+    workers: int,
+    job_store: Callable[..., JobStore],
+    photo_bytes: dict[str, bytes],
+    artifact_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM to one worker process, or to RQ's worker-pool (the Procfile's worker process, which
+    passes the stop to each of its workers) while batches are in flight."""
+    store = job_store()
+    conn, settings, queue = store.conn, store.settings, store.queue
+    ids = enqueue_photos(conn, settings, photo_bytes, 80)
+    env = service_env(store.url, MAX_BATCH_SIZE=4)
+    log = tmp_path / "stopped.log"
+    proc = start_pool(env, workers, log) if workers else start_worker(env, log=log)
     started = StartedJobRegistry(queue=queue)
     try:
-        wait_until(lambda: started.count > 0, 120, 0.005, "a batch in flight")
-        worker.send_signal(signal.SIGTERM)
-        assert worker.wait(60) == 0
+        wait_until(lambda: Worker.count(connection=conn) == max(workers, 1), 180, 0.2, "workers up")
+        wait_until(lambda: started.count > 0, 60, 0.005, "a batch in flight")
+        in_flight = [
+            job_id for job_id, status in zip(ids, statuses(conn, ids), strict=True) if status == "started"
+        ]
+        assert in_flight
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0, log.read_text()[-3000:]
     finally:
-        stop(worker)
-    after = statuses(conn, ids)
-    assert "started" not in after and "failed" not in after, after
-    assert 1 <= after.count("finished") < len(ids), after
-    assert after.count("queued") == len(ids) - after.count("finished")
+        stop(proc)
+    after = dict(zip(ids, statuses(conn, ids), strict=True))
+    assert all(after[job_id] == "finished" for job_id in in_flight), "a batch in flight was not finished"
+    assert set(after.values()) <= {"finished", "queued"}, after
+    assert list(after.values()).count("queued") > 0, "everything was drained: no stop was tested"
     assert started.count == 0
     assert conn.llen(queue.intermediate_queue_key) == 0
-    assert Worker.count(connection=conn, queue=queue) == 0, "the stopped worker deregistered"
+    assert Worker.count(connection=conn, queue=queue) == 0, "the stopped workers deregistered"
 
-    successor = start_worker(env, log=tmp_path / "worker2.log")
+    successor = start_worker(env, log=tmp_path / "successor.log")
     try:
-        wait_until(lambda: statuses(conn, ids).count("finished") == len(ids), 180, 0.5, "all jobs finished")
+        wait_until(lambda: all_ended(conn, ids), 240, 0.5, "all jobs ended")
     finally:
         stop(successor)
+    names = list(photo_bytes)
+    for i, (job_id, view) in enumerate(zip(ids, views(conn, ids), strict=True)):
+        assert view["status"] == "finished", view
+        assert view["result"]["predictions"][0]["label"] in PHOTO_LABELS[names[i % len(names)]]
+        assert len(results_of(conn, job_id)) == 1, job_id
 
 
 def test_a_sigkilled_worker_does_not_strand_its_jobs(
-    own_redis: EmbeddedRedis, photo_bytes: dict[str, bytes], artifact_dir: Path, tmp_path: Path
+    job_store: Callable[..., JobStore], photo_bytes: dict[str, bytes], artifact_dir: Path, tmp_path: Path
 ) -> None:
-    conn = redis.Redis.from_url(own_redis.url)
-    settings = Settings(redis_url=own_redis.url)
+    store = job_store()
+    conn, settings = store.conn, store.settings
     ids = enqueue_photos(conn, settings, photo_bytes, 60)
-    env = service_env(own_redis.url, MAX_BATCH_SIZE=8)
+    env = service_env(store.url, MAX_BATCH_SIZE=8)
     # The rescuer is up before the kill: the time measured is the recovery, not a model load.
     rescuer = start_worker(env, log=tmp_path / "rescuer.log")
     victim = start_worker(env, log=tmp_path / "victim.log")
