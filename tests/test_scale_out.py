@@ -248,10 +248,13 @@ def test_three_workers_two_apis_600_jobs_one_worker_killed(artifact_dir: Path, t
         ran_here = {job_id for job_id, row in zip(ids, rows, strict=True) if row[1].decode() == name}
         # The victim may die between writing a batch and logging it: its lines are a subset.
         assert logged <= ran_here if name == VICTIM else logged == ran_here, name
-    # All the victim held was back in the survivors' hands within the promised window.
+    # All the victim held was back in the survivors' hands within the promised window. (Fails while
+    # RQ's IntermediateQueue.cleanup is what frees a dead worker's grabbed-not-started ids: a minute.)
     watch.wait_all(timeout=5)
     watch.stopped.set()
-    assert kill.recovery_s is not None and kill.recovery_s <= RECOVERY_BOUND_S, kill
+    assert kill.recovery_s is not None and kill.recovery_s <= RECOVERY_BOUND_S, (
+        f"the victim's jobs back {kill.recovery_s} s after the kill (bound {RECOVERY_BOUND_S} s): {kill}"
+    )
     print(
         f"\n600 jobs in {elapsed:.1f} s over 2 apis; per worker {dict(by_worker)}; "
         f"{len(batches)} batches; {len(retried)} jobs re-run after the kill"
