@@ -348,23 +348,29 @@ def run_drill(
         )
         peak.start()
         began = time.monotonic()
-        order = [i % len(images) for i in range(jobs)]
-        rng.shuffle(order)
+        deadline = began + timeout
+        done: list[Kill] = []
+        order: list[int] = []  # image index of each submitted job, in `ids` order
         ids: list[str] = []
         submitting = threading.Event()
         submitting.set()
+        pick = random.Random(seed + 1)  # the submitter's own: the kill loop uses `rng`
 
         def submit_all() -> None:
+            """At least `jobs`, and on in small chunks until every kill has happened (a kill needs
+            work in progress to hit, and a replacement worker takes a while to load its model)."""
             try:
                 with ThreadPoolExecutor(8) as pool:
-                    ids.extend(pool.map(lambda i: _post(stack.base, images[i]), order))
+                    while len(ids) < jobs or (len(done) < kills and time.monotonic() < deadline):
+                        size = min(200, jobs - len(ids)) if len(ids) < jobs else 50
+                        chunk = [pick.randrange(len(images)) for _ in range(size)]
+                        ids.extend(pool.map(lambda i: _post(stack.base, images[i]), chunk))
+                        order.extend(chunk)
             finally:
                 submitting.clear()
 
         submitter = threading.Thread(target=submit_all, name="submitter", daemon=True)
         submitter.start()
-        done: list[Kill] = []
-        deadline = time.monotonic() + timeout
         watch = RecoveryWatch(conn, settings)
         watch.start()
 
@@ -377,7 +383,9 @@ def run_drill(
             ) - len(images)
 
         # Kills spread over the run: a random pause, then the next busy moment of a random worker.
-        while len(done) < kills and time.monotonic() < deadline and (submitting.is_set() or ended() < jobs):
+        while (
+            len(done) < kills and time.monotonic() < deadline and (submitting.is_set() or ended() < len(ids))
+        ):
             time.sleep(rng.uniform(0.2, 2.0))
             live = [p for p in stack.worker_procs if p.poll() is None]
             if not live:
@@ -401,7 +409,7 @@ def run_drill(
         watch.stopped.set()
         peak.stopped.set()
         peak.join(2)
-        report = DrillReport(outcomes(conn, ids, order[: len(ids)]), done, expected, seconds, peak.peak)
+        report = DrillReport(outcomes(conn, ids, order), done, expected, seconds, peak.peak)
         conn.close()
     return report
 
@@ -418,11 +426,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="inferq-soak-"))
     report = run_drill(args.workers, args.jobs, args.kills, workdir, seed=args.seed)
-    summary = {"workers": args.workers, **report.summary(), "kills_detail": [asdict(k) for k in report.kills]}
+    summary = {
+        "workers": args.workers,
+        "kills_requested": args.kills,
+        **report.summary(),
+        "kills_detail": [asdict(k) for k in report.kills],
+    }
     summary["workdir"] = str(workdir)
     print(json.dumps(summary))
     ok = summary["finished"] == summary["jobs_submitted"] and summary["results_not_exactly_one"] == 0
-    return 0 if ok and summary["wrong_label"] == 0 else 1
+    return 0 if ok and summary["wrong_label"] == 0 and summary["kills"] == args.kills else 1
 
 
 if __name__ == "__main__":
