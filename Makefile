@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 ARTIFACT_DIR ?= artifacts/efficientnet_lite0
 IMAGES ?=
 
-.PHONY: venv artifact test lint up classify bench clean
+.PHONY: venv artifact test lint up classify bench soak clean
 
 # `.venv` in the clone points at the cached environment; the editable install puts the `inferq`
 # CLI on it (the environment is shared by clones with the same pins: the last one installed wins).
@@ -48,6 +48,10 @@ up: venv artifact
 
 bench: venv artifact
 	$(PY) -m bench
+
+# The long drills (bench/soak_*.py: worker deaths, a full Redis, decode bombs) → SOAK.md.
+soak: venv artifact
+	$(PY) -m bench.soak
 
 clean:
 	rm -rf $(ARTIFACT_DIR) .inferq .pytest_cache .ruff_cache

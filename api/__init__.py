@@ -1,4 +1,4 @@
-"""The inferq HTTP api: a Flask application factory (DESIGN 1-2).
+"""The inferq HTTP api: a Flask application factory.
 
 The api validates uploads, stores them and enqueues RQ jobs (shared.jobs), and reads jobs back.
 It keeps no job state in process: any number of api processes may serve one Redis.
@@ -7,7 +7,6 @@ It keeps no job state in process: any number of api processes may serve one Redi
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from flask import Flask
 from redis import Redis
@@ -18,7 +17,7 @@ from api.auth import KeyRing
 from api.state import EXTENSION_KEY, ApiState
 from shared.config import Settings, get_settings
 from shared.jobs import LANES, make_queue
-from shared.redis_conn import BLOCKING_MARGIN_SECONDS, redact_url, redis_from_url
+from shared.redis_conn import blocking_socket_timeout, connect_checked, redact_url, with_options
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +37,15 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     from api.validation import MULTIPART_OVERHEAD_BYTES
 
     settings = settings or get_settings()
-    blocking_timeout = settings.max_wait_seconds + BLOCKING_MARGIN_SECONDS
     if redis is None:
-        redis = redis_from_url(settings.redis_url, client_name="inferq-api")
+        # The server's version is checked now if Redis answers; if not, /readyz says so.
+        redis = connect_checked(settings, client_name="inferq-api", require_reachable=False)
     # Long-polls: a socket_timeout longer than the longest XREAD BLOCK (shared.redis_conn).
-    redis_blocking = _clone(redis, socket_timeout=blocking_timeout)
+    redis_blocking = with_options(redis, socket_timeout=blocking_socket_timeout(settings))
     # /readyz and /metrics answer probes and scrapers that have short deadlines of their own:
     # one attempt with short timeouts, instead of the ~2.5 s of retries /v1 routes ride out
     # a Redis restart with.
-    redis_probe = _clone(
+    redis_probe = with_options(
         redis,
         retry=Retry(NoBackoff(), 0),
         socket_timeout=PROBE_TIMEOUT_SECONDS,
@@ -78,14 +77,3 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         f"required ({len(settings.api_keys)} configured)" if settings.auth_enabled else "disabled",
     )
     return app
-
-
-def _clone(redis: Redis, **overrides: Any) -> Redis:
-    """A client with its own pool on the same server as `redis`, with some connection options changed."""
-    pool = redis.connection_pool
-    try:
-        kwargs = {**pool.connection_kwargs, **overrides}
-        return Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
-    except Exception:  # an exotic pool (sentinel, cluster): share the client, whose timeouts still hold
-        log.warning("cannot clone the Redis connection pool; sharing it", exc_info=True)
-        return redis

@@ -1,4 +1,4 @@
-"""Every error leaves the api as `{"error": {"code", "message"}}` JSON (DESIGN 2).
+"""Every error leaves the api as `{"error": {"code", "message"}}` JSON (the contract: api/openapi.py).
 
 That includes Werkzeug's own 404/405/413, Redis outages (503, never a 500 or a hang) and
 unexpected exceptions (500 with a generic message: tracebacks, URLs and secrets stay in the log).

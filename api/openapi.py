@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document of the HTTP contract (DESIGN 2), written by hand: the contract is small
+"""The OpenAPI 3.1 document of the HTTP contract, written by hand: the contract is small
 and stable, and limits are filled in from the running settings so the document never lies."""
 
 from __future__ import annotations

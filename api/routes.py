@@ -1,4 +1,4 @@
-"""The v1 job routes (DESIGN 2): submit one image or a batch, read (long-poll) and cancel a job.
+"""The v1 job routes (contract: api/openapi.py): submit an image or a batch, read (long-poll), cancel.
 
 Every route needs an API key when keys are configured (`api.auth`, a `before_request` of this
 blueprint: nothing of the request, not even its body, is read first), and a job is visible to the key

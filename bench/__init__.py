@@ -2,7 +2,7 @@
 
 Everything runs in one session on one machine, against one embedded Valkey, so the ratios (inferq
 vs the in-process limit, vs the naive RQ baselines) are computed inside one run: single figures
-drift by up to ±20 % between processes on the shared 2-core machines (DESIGN §7).
+drift between processes on a shared machine far more than their ratios do.
 
 Layout: `common` (images, statistics, processes), `limit` (raw in-process pipeline),
 `baselines` (stock RQ workers), `loadgen` (closed- and open-loop HTTP clients), `service`

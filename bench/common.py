@@ -7,19 +7,20 @@ import io
 import json
 import math
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from launch.processes import TCMALLOC, descendants, free_port, rss_mb, stop_process, wait_until
 from shared.config import PROJECT_ROOT
 
+# Re-exported: the bench's modules take their process helpers from here.
+__all__ = ["TCMALLOC", "free_port", "rss_mb", "wait_until"]
+
 PY = sys.executable
-TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 ALLOCATORS = ("glibc", "tcmalloc")
 
 # Photos scikit-image ships (the five the tests classify first, then four more real photos).
@@ -131,10 +132,13 @@ def span_rate(ends: Sequence[float], trim: float = 0.1) -> float:
 # --- processes -----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it."""
+    return [pid, *descendants(pid)]
+
+
+def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 20) -> None:
+    stop_process(proc, timeout)
 
 
 def base_env(redis_url: str | None = None, allocator: str = "glibc", **overrides: Any) -> dict[str, str]:
@@ -166,17 +170,6 @@ def spawn(
             out.close()
 
 
-def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 20) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def run_json(args: Sequence[str], env: dict[str, str], timeout: float, log: Path | None = None) -> Any:
     """Run a bench child that prints one JSON document as its last stdout line."""
     err: Any = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
@@ -193,27 +186,6 @@ def run_json(args: Sequence[str], env: dict[str, str], timeout: float, log: Path
     return json.loads(lines[-1])
 
 
-def wait_until(
-    predicate: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = ""
-) -> float:
-    """Poll until `predicate()`; returns the seconds it took, raises TimeoutError after `timeout`."""
-    started = time.monotonic()
-    while True:
-        if predicate():
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise TimeoutError(f"{what or 'condition'} not reached within {timeout:.0f} s")
-        time.sleep(interval)
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size of a process, MiB (VmRSS from /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return math.nan
-
-
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -224,20 +196,6 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def descendants(pid: int) -> list[int]:
-    """`pid` and every process below it (from /proc/<pid>/task/*/children)."""
-    out, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        out.append(current)
-        try:
-            for task in Path(f"/proc/{current}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return out
 
 
 def machine_busy_seconds() -> float:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launch.processes import rss_mb
 from worker.batching import BatchCollector
 
 _FAKE_TOP5 = [{"label": f"class {i}", "index": i, "score": 0.2} for i in range(5)]
@@ -50,14 +50,6 @@ class NoopHandler:
             NoopOutcome(result={"predictions": _FAKE_TOP5[:k], "model": dict(self.model_info)})
             for _, k in zip(images, top_ks, strict=True)
         ], 0.0
-
-
-def rss_mb() -> float:
-    with open(f"/proc/{os.getpid()}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class CountingHandler:

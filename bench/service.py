@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.common import PY, CpuMeter, base_env, descendants, free_port, spawn, stop, wait_until
+from bench.common import PY, CpuMeter, base_env, free_port, process_tree, spawn, stop, wait_until
 from bench.loadgen import InferqTarget
 
 
@@ -125,8 +125,8 @@ class Stack:
     def cpu_meter(self, redis_pid: int | None) -> CpuMeter:
         """CPU of the worker(s), the api (master + workers), Redis and this (client) process."""
         groups = {
-            "worker": [p for proc in self.worker_procs for p in descendants(proc.pid)],
-            "api": descendants(self.api_proc.pid) if self.api_proc is not None else [],
+            "worker": [p for proc in self.worker_procs for p in process_tree(proc.pid)],
+            "api": process_tree(self.api_proc.pid) if self.api_proc is not None else [],
             "redis": [redis_pid] if redis_pid else [],
             "client": [os.getpid()],
         }

@@ -1,6 +1,6 @@
 """Typed client errors: every failure a caller can see is a `ClientError` with `.status`, `.code`
 and `.message`, so one `except ClientError` handles them all and `.code` is the stable thing to
-branch on (the api's snake_case codes, DESIGN 2, plus a few client-side ones listed below).
+branch on (the api's snake_case codes in api/openapi.py, plus a few client-side ones listed below).
 
 Client-side codes (no HTTP reply behind them, `.status` is None): `connection_error`,
 `read_timeout`, `timeout` (JobTimeout), `file_not_found`, `is_a_directory`, `permission_denied`,

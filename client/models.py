@@ -1,4 +1,4 @@
-"""Typed views of the api's JSON (DESIGN 2). Plain frozen dataclasses: the client package needs
+"""Typed views of the api's JSON (api/openapi.py). Plain frozen dataclasses: the client package needs
 nothing but `requests`, and parsing is lenient (a missing field is None) so a server that adds
 fields, or omits an optional one, does not break old clients. `JobResult.raw` keeps the reply."""
 

@@ -1,4 +1,4 @@
-"""`Client`: the inferq HTTP api (DESIGN 2) as typed Python calls, over one `requests.Session`.
+"""`Client`: the inferq HTTP api (api/openapi.py) as typed Python calls, over one `requests.Session`.
 
 Retries: 429 and 502/503/504 (and connection failures) are retried up to `max_retries` times,
 honouring `Retry-After` (else capped, jittered backoff). A submission always carries an

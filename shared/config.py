@@ -32,6 +32,10 @@ class Settings(BaseSettings):
         "starts an embedded Valkey server and exports its URL to the processes it runs.",
     )
     embedded_redis_port: int = Field(default=0, description="Port of the embedded server; 0 = a free port.")
+    embedded_redis_maxmemory: str | None = Field(
+        default=None,
+        description="`maxmemory` of the embedded server (e.g. `512mb`; Valkey's units); unset: no limit.",
+    )
     data_dir: Path = Field(
         default=PROJECT_ROOT / ".inferq",
         description="Where the embedded server keeps its data and logs (gitignored).",
@@ -49,14 +53,14 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default=1,
         ge=0,
-        description="Intra-op threads of torch per worker; 0 = torch's default (one per core). 1 measured "
-        "best here: with 2 threads on 2 shared cores a worker served 20-30 % fewer images/s with a higher "
-        "p99 (OpenMP's spinning threads lose whenever the api or the decoder needs a core; BENCHMARKS.md).",
+        description="Intra-op threads of torch per worker; 0 = torch's default (one per core). Keep it at 1 "
+        "when the api, the decoder and other workers share the cores: OpenMP's spinning threads lose "
+        "whenever another process needs a core (BENCHMARKS.md has the figures).",
     )
     preload_tcmalloc: bool = Field(
         default=True,
         description="`make up` preloads tcmalloc (Debian's libtcmalloc-minimal4) when it is installed: "
-        "measured up to 1.8x the model's throughput and flat worker memory versus glibc's allocator.",
+        "higher model throughput and flat worker memory versus glibc's allocator (BENCHMARKS.md).",
     )
 
     # --- Batching ----------------------------------------------------------------------------
@@ -72,8 +76,8 @@ class Settings(BaseSettings):
         default=True,
         description="At warm-up, time the forward pass at batch sizes up to MAX_BATCH_SIZE and cap "
         "batches where images/s stops rising (the best size; a smaller one within 2 % of it wins): a "
-        "larger batch that is not faster per image only makes its jobs wait (on this project's 2-core "
-        "CPU, one thread: 2-4; on a GPU the curve keeps rising and the cap is MAX_BATCH_SIZE). false: "
+        "larger batch that is not faster per image only makes its jobs wait (on a GPU the curve keeps "
+        "rising and the cap is MAX_BATCH_SIZE; BENCHMARKS.md shows the curve measured here). false: "
         "always MAX_BATCH_SIZE.",
     )
 
@@ -104,6 +108,28 @@ class Settings(BaseSettings):
         default=5, ge=1, le=20, description="Predictions returned when `top_k` is absent."
     )
     max_top_k: int = Field(default=20, ge=1, description="Largest `top_k` a client may ask for (422 above).")
+
+    # --- Decoding (worker) ------------------------------------------------------------------------
+    decoders: int | None = Field(
+        default=None,
+        ge=0,
+        description="Decoder processes per worker: each image is decoded and preprocessed in one of them, "
+        "in parallel, sandboxed (DECODE_TIMEOUT_MS, DECODER_MEMORY_MB). Unset: one per core the worker "
+        "may run on. 0: decode in the worker's feeder thread, without limits.",
+    )
+    decode_timeout_ms: float = Field(
+        default=10_000.0,
+        gt=0,
+        description="Wall-clock time one image may take to decode + preprocess in a decoder process; past "
+        "it the decoder is killed and replaced and the job fails `decode_timeout`.",
+    )
+    decoder_memory_mb: int = Field(
+        default=1024,
+        ge=64,
+        description="Address space each decoder process may add to what it maps once started (RLIMIT_AS): "
+        "an image that needs more fails `decode_out_of_memory` and the decoder is replaced. A 40 Mpx "
+        "RGBA image needs about 500 MB.",
+    )
 
     # --- Lifetimes ------------------------------------------------------------------------------
     image_ttl: int = Field(

@@ -193,7 +193,7 @@ def job_error(job: Job, status: str, result: Result | None) -> dict[str, str] | 
 
 
 def job_view(job: Job, result: Result | None = None) -> dict[str, Any]:
-    """The body of `GET /v1/jobs/<id>` (DESIGN 2)."""
+    """The body of `GET /v1/jobs/<id>` (the contract: api/openapi.py)."""
     status = client_status(job)
     if result is None and status in ("finished", "failed", "expired"):
         result = job.latest_result()
@@ -224,7 +224,7 @@ def wait_for_end(conn: Redis, job_id: str, timeout: float) -> None:
     cancel stream. XREAD from the stream start returns at once if either already has an entry, so
     there is no window between checking the status and starting to wait.
 
-    Use a blocking connection (`redis_from_url(blocking=True)`). On any other, the wait is cut into
+    Use a blocking connection (`shared.redis_conn.with_options`). On any other, the wait is cut into
     blocks shorter than its socket_timeout: a block longer than that would raise TimeoutError and
     redis-py would retry it, so the wait would never end in a reply.
     """

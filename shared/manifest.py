@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
@@ -33,6 +33,21 @@ class InputSpec(BaseModel):
     alpha: Literal["composite_white"] = Field(
         default="composite_white", description="Transparent pixels are composited on white."
     )
+    jpeg_draft: bool = Field(
+        default=False,
+        description="JPEGs at least twice `resize` on their shorter side are decoded DCT-scaled "
+        "(1/2, 1/4 or 1/8, never below the resized size) before the resize. False (manifests that "
+        "predate the field): every JPEG is decoded at full size.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_jpeg_draft_when_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Off, the recipe is the one manifests described before the field existed: leaving it out
+        # keeps those manifests (and artifacts built since, without it) byte-identical.
+        data = handler(self)
+        if not self.jpeg_draft:
+            data.pop("jpeg_draft", None)
+        return data
 
 
 class Manifest(BaseModel):

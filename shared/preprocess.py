@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import io
 import logging
+import math
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,12 +116,11 @@ _FTYP_BRANDS: dict[bytes, str] = {
 
 @dataclass(frozen=True, slots=True)
 class ImageInfo:
-    """What the header says. `frames` is None when the frame count could not be read without decoding."""
+    """What the header says: the sniffed format and the declared size of the first frame."""
 
     format: str
     width: int
     height: int
-    frames: int | None
 
     @property
     def pixels(self) -> int:
@@ -215,18 +216,191 @@ def _describe_text(data: bytes) -> str | None:
     return "text"
 
 
+# --- structure caps (O(header), before PIL parses anything) -----------------------------------------
+# PIL's header parsers are pure Python and walk whatever structure precedes the first pixels (every
+# PNG chunk, every JPEG marker segment, every value of every TIFF tag), and some decoders cost far
+# more than the upload's size suggests (Pillow's RLE BMP decoder runs per pixel in Python; libjpeg
+# walks every block of the image once per progressive scan). These caps are far above what real
+# photos carry and keep both the api's inspection and the worker's decode bounded; an image over one
+# is refused as `image_too_complex` (422). Every walk below jumps from length field to length field,
+# so it reads at most a few bytes per structure, never the pixel data.
+
+# PNG: libpng writes 8 KiB IDAT chunks (1,280 for a 10 MB file); ancillary chunks are a handful.
+_MAX_PNG_CHUNKS = 16_384
+_MAX_PNG_ANCILLARY_CHUNKS = 512
+# JPEG: marker segments before the first scan (APPn, DQT, DHT, SOF, COM: tens in real files, a few
+# hundred with a chunked ICC profile), and scans in the whole file (libjpeg's progressive default
+# is 10; optimisers reach a few dozen). Each scan costs a pass over every block of the image.
+_MAX_JPEG_SEGMENTS = 1_024
+_MAX_JPEG_SCANS = 128
+# GIF: extension sub-blocks before the first image descriptor (comments, XMP, NETSCAPE loop).
+_MAX_GIF_SUB_BLOCKS = 4_096
+# TIFF: entries of the first IFD, values of one strip/tile offset or byte-count tag (each becomes a
+# Python int at open, and an uncompressed strip is one decoder call at load), values of any tag.
+_MAX_TIFF_ENTRIES = 1_024
+_MAX_TIFF_STRIPS = 16_384
+_MAX_TIFF_VALUES = 262_144
+_TIFF_STRIP_TAGS = frozenset({273, 279, 324, 325})  # StripOffsets/ByteCounts, TileOffsets/ByteCounts
+_TIFF_BYTE_TYPES = frozenset({1, 2, 6, 7})  # BYTE, ASCII, SBYTE, UNDEFINED: read as bytes, no ints
+# BMP: Pillow decodes RLE4/RLE8 in Python, per pixel and per opcode: bounded in pixels and bytes.
+_MAX_RLE_BMP_PIXELS = 2_000_000
+_MAX_RLE_BMP_BYTES = 2 * 1024 * 1024
+
+
+def image_too_complex(message: str) -> ImageError:
+    """The refusal of a structure cap: the image may be valid, but costs too much to decode."""
+    return ImageError(message, code="image_too_complex", http_status=422)
+
+
+def check_structure(data: bytes, fmt: str, max_pixels: int) -> None:
+    """Refuse containers whose structure would make PIL's parser or decoder run far past the upload.
+
+    Also checks the declared size where PIL would allocate before we can (an animated WebP's canvas).
+    Malformed structure is left for PIL to report as `corrupt_image`: only the caps refuse here.
+    """
+    try:
+        _STRUCTURE_CHECKS[fmt](data, max_pixels)
+    except (struct.error, IndexError):
+        return  # truncated header: PIL says what is wrong with it
+
+
+def _check_png(data: bytes, max_pixels: int) -> None:
+    pos, chunks, ancillary = 8, 0, 0
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        chunks += 1
+        if kind[0] & 0x20:  # lowercase first letter: an ancillary chunk
+            ancillary += 1
+        if chunks > _MAX_PNG_CHUNKS or ancillary > _MAX_PNG_ANCILLARY_CHUNKS:
+            raise image_too_complex(
+                f"the png image has more than {_MAX_PNG_CHUNKS:,} chunks or {_MAX_PNG_ANCILLARY_CHUNKS:,} "
+                "ancillary (metadata) chunks"
+            )
+        if kind == b"IEND":
+            return
+        pos += 12 + length
+
+
+def _check_jpeg(data: bytes, max_pixels: int) -> None:
+    pos, segments = 2, 0
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return  # not a marker: corrupt, PIL reports it
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        segments += 1
+        if segments > _MAX_JPEG_SEGMENTS:
+            raise image_too_complex(f"the jpeg image has more than {_MAX_JPEG_SEGMENTS:,} marker segments")
+        if marker == 0xDA:
+            break
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # standalone markers: no length field
+            pos += 2
+            continue
+        pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+    # Inside entropy-coded data a 0xFF is always followed by 0x00 or a restart marker, so every
+    # FF DA is a scan header (or sits in metadata, e.g. an EXIF thumbnail: counted, harmlessly).
+    scans = data.count(b"\xff\xda")
+    if scans > _MAX_JPEG_SCANS:
+        raise image_too_complex(f"the jpeg image has {scans:,} scans; at most {_MAX_JPEG_SCANS} are decoded")
+
+
+def _check_gif(data: bytes, max_pixels: int) -> None:
+    pos = 13
+    if data[10] & 0x80:  # global colour table
+        pos += 3 << ((data[10] & 0x07) + 1)
+    sub_blocks = 0
+    while pos < len(data) and data[pos] == 0x21:  # extension blocks before the first image
+        pos += 2
+        while pos < len(data) and data[pos]:
+            sub_blocks += 1
+            if sub_blocks > _MAX_GIF_SUB_BLOCKS:
+                raise image_too_complex(
+                    f"the gif image has more than {_MAX_GIF_SUB_BLOCKS:,} extension blocks before its first "
+                    "frame"
+                )
+            pos += 1 + data[pos]
+        pos += 1
+
+
+def _check_tiff(data: bytes, max_pixels: int) -> None:
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    # Classic: 2-byte entry count, 12-byte entries (4-byte count); BigTIFF: 8, 20 (8-byte count).
+    head_fmt, count_fmt, entry_size = ("Q", "Q", 20) if big else ("H", "I", 12)
+    ifd = struct.unpack_from(order + ("Q" if big else "I"), data, 8 if big else 4)[0]
+    entries = struct.unpack_from(order + head_fmt, data, ifd)[0]
+    if entries > _MAX_TIFF_ENTRIES:
+        raise image_too_complex(f"the tiff image's first directory has {entries:,} entries")
+    first = ifd + (8 if big else 2)
+    for i in range(min(entries, (len(data) - first) // entry_size)):
+        tag, kind, count = struct.unpack_from(f"{order}HH{count_fmt}", data, first + i * entry_size)
+        if kind in _TIFF_BYTE_TYPES:
+            continue
+        limit = _MAX_TIFF_STRIPS if tag in _TIFF_STRIP_TAGS else _MAX_TIFF_VALUES
+        if count > limit:
+            what = "strips or tiles" if tag in _TIFF_STRIP_TAGS else f"values in tag {tag}"
+            raise image_too_complex(f"the tiff image has {count:,} {what}; at most {limit:,} are accepted")
+
+
+def _check_webp(data: bytes, max_pixels: int) -> None:
+    # libwebp's animation decoder allocates the canvas (4 bytes a pixel, twice) as PIL opens the
+    # file: check the size the container declares first.
+    kind = data[12:16]
+    if kind == b"VP8X":
+        width = 1 + int.from_bytes(data[24:27], "little")
+        height = 1 + int.from_bytes(data[27:30], "little")
+    elif kind == b"VP8L":
+        bits = int.from_bytes(data[21:25], "little")
+        width, height = 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    elif kind == b"VP8 ":
+        width, height = (v & 0x3FFF for v in struct.unpack_from("<HH", data, 26))
+    else:
+        return
+    if len(data) >= 30:
+        check_pixels(width, height, max_pixels)
+
+
+def _check_bmp(data: bytes, max_pixels: int) -> None:
+    if int.from_bytes(data[14:18], "little") < 40:
+        return  # OS/2 core header: no compression field
+    width, height, _, _, compression = struct.unpack_from("<iiHHI", data, 18)
+    if compression in (1, 2):  # RLE8, RLE4
+        pixels = abs(width) * abs(height)
+        if pixels > _MAX_RLE_BMP_PIXELS or len(data) > _MAX_RLE_BMP_BYTES:
+            raise image_too_complex(
+                f"the bmp image is run-length encoded at {abs(width)}x{abs(height)}, {len(data):,} bytes; "
+                f"RLE is decoded up to {_MAX_RLE_BMP_PIXELS:,} pixels and {_MAX_RLE_BMP_BYTES:,} bytes"
+            )
+
+
+_STRUCTURE_CHECKS = {
+    "png": _check_png,
+    "jpeg": _check_jpeg,
+    "gif": _check_gif,
+    "tiff": _check_tiff,
+    "webp": _check_webp,
+    "bmp": _check_bmp,
+}
+
+
 # --- header-only inspection -------------------------------------------------------------------------
 
 
 def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
-    """Sniff and parse the header only (no pixel is decoded); refuse images above `max_pixels`."""
+    """Sniff and parse the header only (no pixel is decoded); refuse images above `max_pixels`.
+
+    O(header) in time and memory: the container structure is checked against the caps of
+    `check_structure` before PIL parses anything, and later frames/pages are never visited.
+    """
     _require_positive(max_pixels)
     fmt = sniff_format(data)
+    check_structure(data, fmt, max_pixels)
     with _decoder_errors(fmt), _open(data, fmt) as image:
         width, height = image.size
         check_pixels(width, height, max_pixels)
-        frames = _frame_count(image)
-    return ImageInfo(format=fmt, width=width, height=height, frames=frames)
+    return ImageInfo(format=fmt, width=width, height=height)
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -253,18 +427,6 @@ def _open(data: bytes, fmt: str) -> Iterator[ImageFile.ImageFile]:
     # loaded stay usable after the block, so the opened image itself can be returned.
     with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]]) as image:
         yield image
-
-
-def _frame_count(image: ImageFile.ImageFile) -> int | None:
-    """Frames/pages from the container structure (GIF block walk, TIFF IFD chain, APNG/WebP header).
-
-    Best effort: only the first frame is ever decoded, so a damaged later frame is not a refusal.
-    """
-    try:
-        return int(getattr(image, "n_frames", 1))
-    except Exception:  # any parse failure past frame 0: unknown, not fatal
-        logger.debug("could not count the frames of a %s image", image.format, exc_info=True)
-        return None
 
 
 @contextmanager
@@ -296,12 +458,23 @@ def _decoder_errors(fmt: str) -> Iterator[None]:
 # --- full decode ------------------------------------------------------------------------------------
 
 
-def decode_rgb(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode the first frame to 8-bit RGB: EXIF orientation applied, transparency composited on white."""
+def decode_rgb(data: bytes, max_pixels: int, draft_short_side: int | None = None) -> Image.Image:
+    """Decode the first frame to 8-bit RGB: EXIF orientation applied, transparency composited on white.
+
+    `draft_short_side`: for a JPEG at least twice that size on its shorter side, let libjpeg scale
+    it down by 1/2, 1/4 or 1/8 in the DCT domain (never below that many pixels on either side of
+    the image resized to that short side): a fraction of the decode work, and the later resize then
+    starts from a smaller image. Other formats ignore it.
+    """
     _require_positive(max_pixels)
     fmt = sniff_format(data)
+    check_structure(data, fmt, max_pixels)
     with _decoder_errors(fmt), _open(data, fmt) as image:
         check_pixels(*image.size, max_pixels)
+        if draft_short_side is not None and fmt == "jpeg":
+            # draft() picks the largest scale 1/s that keeps both sides >= the requested size, so
+            # the image resized to `draft_short_side` is never upsampled from the scaled decode.
+            image.draft(None, resized_size(*image.size, draft_short_side))
         image.load()  # the first pixel decode happens here, after the size check
         _apply_exif_orientation(image)
         return _to_rgb(image, fmt)
@@ -342,38 +515,55 @@ def _composite_on_white(rgba: Image.Image) -> Image.Image:
     return background
 
 
+# High-depth images are converted in bands of rows of about this many pixels: a 40 Mpx float32
+# image is 160 MB as decoded, and converting it whole in float64 would need several times that.
+_BAND_PIXELS = 1 << 20
+
+
 def _high_depth_to_l(image: Image.Image) -> Image.Image:
     """16-bit / int32 / float grayscale -> 8-bit L by scaling, never by clipping at 255."""
-    raw = np.asarray(image)
-    if image.mode.startswith("I;16"):
-        # Keep the high byte (v >> 8: 0->0, 32768->128, 65535->255). That is exactly how PIL itself
-        # reduces 16-bit RGB/RGBA/LA PNGs and TIFFs, so the same picture stored as 16-bit gray or
-        # 16-bit colour gives the same input.
-        out = (raw >> 8).astype(np.uint8)
-    elif image.mode == "I":
-        # 32-bit ints have no declared range. Values that fit 16 bits are read as 16-bit data (what
-        # older PIL produced for 16-bit files); anything else is stretched from its own min..max.
-        out = (raw >> 8).astype(np.uint8) if raw.min() >= 0 and raw.max() <= 0xFFFF else _stretch(raw)
-    else:  # "F": float samples, conventionally 0..1; otherwise stretched from their own range
-        values = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        if values.min() >= 0.0 and values.max() <= 1.0:
-            out = np.rint(values * 255.0).astype(np.uint8)
-        else:
-            out = _stretch(values)
-    transparency = image.info.get("transparency")
-    if isinstance(transparency, int) and image.mode != "F":
-        # Gray tRNS: that one sample value is fully transparent -> white.
-        out[raw == transparency] = 255
-    return Image.fromarray(np.ascontiguousarray(out))
+    width, height = image.size
+    rows = max(1, _BAND_PIXELS // width)
+    bands = [(top, min(height, top + rows)) for top in range(0, height, rows)]
+
+    def band(top: int, bottom: int) -> np.ndarray:
+        raw = np.asarray(image.crop((0, top, width, bottom)))
+        return _finite(raw) if image.mode == "F" else raw
+
+    low, high = math.inf, -math.inf
+    if not image.mode.startswith("I;16"):  # I and F need the range of the whole image first
+        for top, bottom in bands:
+            raw = band(top, bottom)
+            low, high = min(low, float(raw.min())), max(high, float(raw.max()))
+    out = np.empty((height, width), np.uint8)
+    for top, bottom in bands:
+        raw = band(top, bottom)
+        if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 0xFFFF):
+            # Keep the high byte (v >> 8: 0->0, 32768->128, 65535->255). That is exactly how PIL
+            # itself reduces 16-bit RGB/RGBA/LA PNGs and TIFFs, so the same picture stored as 16-bit
+            # gray or 16-bit colour gives the same input. 32-bit ints that fit 16 bits are read as
+            # 16-bit data (what older PIL produced for 16-bit files).
+            out[top:bottom] = raw >> 8
+        elif image.mode == "F" and low >= 0.0 and high <= 1.0:  # float samples, conventionally 0..1
+            out[top:bottom] = np.rint(raw * 255.0)
+        else:  # anything else is stretched from its own min..max
+            out[top:bottom] = _stretch(raw, low, high)
+        transparency = image.info.get("transparency")
+        if isinstance(transparency, int) and image.mode != "F":
+            # Gray tRNS: that one sample value is fully transparent -> white.
+            out[top:bottom][raw == transparency] = 255
+    return Image.fromarray(out)
 
 
-def _stretch(values: np.ndarray) -> np.ndarray:
-    """Linear map of the array's own [min, max] onto [0, 255] (a constant image becomes black)."""
-    values = values.astype(np.float64)
-    low, high = float(values.min()), float(values.max())
+def _finite(raw: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Linear map of [low, high] (the image's own range) onto [0, 255]; a constant image is black."""
     if high <= low:
         return np.zeros(values.shape, np.uint8)
-    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+    return np.rint((values.astype(np.float64) - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
 # --- model input ------------------------------------------------------------------------------------
@@ -424,5 +614,10 @@ def _resize_and_crop(
 
 
 def preprocess(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
-    """Raw upload bytes -> one model input (float32 CHW); typed ImageError for anything unusable."""
-    return to_model_input(decode_rgb(data, max_pixels), spec)
+    """Raw upload bytes -> one model input (float32 CHW); typed ImageError for anything unusable.
+
+    The one code path of the worker, its decoder processes and the reference classifier: a spec with
+    `jpeg_draft` decodes large JPEGs DCT-scaled (see `decode_rgb`), the same way everywhere.
+    """
+    draft = max(spec.resize, spec.crop) if spec.jpeg_draft else None
+    return to_model_input(decode_rgb(data, max_pixels, draft), spec)

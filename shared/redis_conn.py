@@ -1,23 +1,31 @@
-"""The one way inferq opens a Redis connection, so API, worker and tools share the same policy.
+"""The one way inferq opens a Redis connection, so api, worker, launcher, bench and tests share it.
+
+- `connect_checked(settings, ...)`: what a process calls once at start. A client with the policy
+  below, after checking the server's version (`RedisVersionError`, with a clear message, when it is
+  older than `MIN_REDIS_VERSION`).
+- `redis_from_url(url)`: the same client without the check (tools, tests).
+- `with_options(conn, ...)`: a client on the same server (same URL, TLS and unix-socket options)
+  with some options changed; `connect_checked(..., base=conn)` puts the policy on a client someone
+  else built (RQ's CLI hands the worker one).
 
 Timeouts, and why there are two kinds of connection:
 - `socket_timeout` bounds how long a client waits for a reply. For ordinary commands a few
   seconds is plenty (they take well under a millisecond) and detects a hung or half-open server.
-- Blocking commands (the worker's BLMOVE waits a few seconds for a job, the API long-polls a job
-  for up to `MAX_WAIT_SECONDS`, 30 s by default) legitimately keep the reply back for their own
-  server-side timeout. On a connection whose `socket_timeout` is shorter, redis-py would raise
-  TimeoutError and then *retry the command*, so the wait would never complete. Hence
-  `redis_from_url(blocking=True)`: `socket_timeout = MAX_WAIT_SECONDS + BLOCKING_MARGIN_SECONDS`.
+- Blocking commands (the worker's BLMOVE waits a few seconds for a job, the api long-polls a job
+  for up to `MAX_WAIT_SECONDS`) legitimately keep the reply back for their own server-side
+  timeout. On a connection whose `socket_timeout` is shorter, redis-py would raise TimeoutError
+  and then *retry the command*, so the wait would never complete. Hence a blocking client,
+  `with_options(conn, socket_timeout=blocking_socket_timeout(settings))`.
   Rule: every blocking command issued on a blocking connection must use a server-side timeout
   of at most `MAX_WAIT_SECONDS`; never issue one on the default connection.
-  Note: an RQ `Worker` raises its connection's socket_timeout to `worker_ttl - 5` (415 s by
-  default) in its constructor (`BaseWorker._set_connection`), whatever we set here.
+  Note: an RQ `Worker` raises its connection's socket_timeout to `worker_ttl - 5` in its
+  constructor (`BaseWorker._set_connection`), whatever we set here.
 
 Retries: ConnectionError/TimeoutError (including "server still loading its AOF") are retried with
-exponential backoff for about `sum(backoff) ≈ 2.5 s`, enough to ride out a restart of a local
-server, short enough that the API answers 503 promptly when Redis is really gone. A retried
-command may run twice if the first reply was lost (e.g. LMOVE/INCR); inferq's bookkeeping has to
-tolerate that, as it has to tolerate a worker dying between two commands anyway.
+exponential backoff for a few seconds in all (`RETRY_BACKOFF_*`), enough to ride out a restart of
+a local server, short enough that the api answers 503 promptly when Redis is really gone. A
+retried command may run twice if the first reply was lost (e.g. LMOVE/INCR); inferq's bookkeeping
+has to tolerate that, as it has to tolerate a worker dying between two commands anyway.
 
 Responses stay bytes (`decode_responses=False`): RQ stores pickled/binary data and requires it.
 The wire protocol is pinned to RESP2: redis-py 8 would otherwise negotiate RESP3, which RQ 2.12
@@ -27,6 +35,7 @@ push-based "maintenance notifications" we have no use for.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -39,7 +48,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from shared.config import get_settings
+from shared.config import Settings, get_settings
 
 # BLMOVE (RQ's reliable dequeue, and the batch worker's grab) appeared in Redis 6.2.
 MIN_REDIS_VERSION: tuple[int, int] = (6, 2)
@@ -57,8 +66,25 @@ RETRY_BACKOFF_CAP_SECONDS = 1.0
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 _SCHEMES = ("redis://", "rediss://", "unix://")
 _SECRET_QUERY_RE = re.compile(r"(?i)((?:^|&)[^=&]*(?:pass|secret|token)[^=&]*=)[^&]*")
+
+
+# Connection kwargs a redis-py 8 pool adds by itself when it is built (RESP3 maintenance
+# notifications, the original address and timeouts they restore): a new pool makes its own, and
+# passing RESP3's on to a RESP2 pool is refused.
+_POOL_MADE_KWARGS = frozenset(
+    {
+        "maint_notifications_pool_handler",
+        "maint_notifications_config",
+        "orig_host_address",
+        "orig_socket_timeout",
+        "orig_socket_connect_timeout",
+        "himport_registry",
+    }
+)
 
 
 class RedisConfigError(RuntimeError):
@@ -69,9 +95,9 @@ class RedisVersionError(RuntimeError):
     """The server is too old for inferq, or does not say which version it is."""
 
 
-def blocking_socket_timeout() -> float:
+def blocking_socket_timeout(settings: Settings | None = None) -> float:
     """socket_timeout of blocking connections: the longest long-poll plus a margin."""
-    return get_settings().max_wait_seconds + BLOCKING_MARGIN_SECONDS
+    return (settings or get_settings()).max_wait_seconds + BLOCKING_MARGIN_SECONDS
 
 
 class _TransientRetry(Retry):
@@ -79,7 +105,7 @@ class _TransientRetry(Retry):
 
     redis-py makes AuthenticationError/AuthorizationError subclasses of ConnectionError, so a plain
     Retry retries a wrong or missing password with backoff, and nested retries (command, then
-    reconnect) multiply: measured 17 s before a NOAUTH surfaced. These fail at once instead.
+    reconnect) multiply into many seconds before a NOAUTH surfaces. These fail at once instead.
     """
 
     PERMANENT: tuple[type[Exception], ...] = (AuthenticationError, AuthorizationError)
@@ -109,17 +135,31 @@ def default_retry(retries: int = RETRIES) -> Retry:
     )
 
 
+def policy_options(retries: int = RETRIES, *, unix_socket: bool = False) -> dict[str, Any]:
+    """The connection options of inferq's policy (module docstring), as redis-py keyword arguments."""
+    options: dict[str, Any] = {
+        "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT_SECONDS,
+        "socket_timeout": SOCKET_TIMEOUT_SECONDS,
+        "health_check_interval": HEALTH_CHECK_INTERVAL_SECONDS,
+        "retry": default_retry(retries),
+        "decode_responses": False,
+        "protocol": 2,
+    }
+    if not unix_socket:  # a TCP option: redis-py's unix-socket connection refuses it
+        # TCP keepalive notices a peer that vanished without a FIN (redis-py's default is on; say so).
+        options["socket_keepalive"] = True
+    return options
+
+
 def redis_from_url(
     url: str | None = None,
     *,
-    blocking: bool = False,
     client_name: str | None = None,
     retries: int = RETRIES,
     **overrides: Any,
 ) -> redis.Redis:
     """A client for `url` (default: `REDIS_URL`) with inferq's timeouts and retry policy.
 
-    `blocking=True` gives the long socket_timeout that blocking commands need (module docstring).
     Works with redis://, rediss:// (TLS; `ssl_*` options may go in the query string) and unix://,
     with `user:password@` (ACL) or `:password@`. Options in the URL's query string take precedence
     over these defaults (redis-py's `from_url` semantics); `overrides` are passed to redis-py.
@@ -135,16 +175,7 @@ def redis_from_url(
     if not url.startswith(_SCHEMES):
         raise RedisConfigError(f"Redis URL must start with redis://, rediss:// or unix://: {redact_url(url)}")
 
-    options: dict[str, Any] = {
-        "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT_SECONDS,
-        "socket_timeout": blocking_socket_timeout() if blocking else SOCKET_TIMEOUT_SECONDS,
-        # TCP keepalive notices a peer that vanished without a FIN (redis-py's default is on; say so).
-        "socket_keepalive": True,
-        "health_check_interval": HEALTH_CHECK_INTERVAL_SECONDS,
-        "retry": default_retry(retries),
-        "decode_responses": False,
-        "protocol": 2,
-    }
+    options = policy_options(retries, unix_socket=url.startswith("unix://"))
     if client_name is not None:
         options["client_name"] = client_name
     options.update(overrides)
@@ -216,3 +247,52 @@ def check_redis_version(conn: redis.Redis, minimum: tuple[int, ...] = MIN_REDIS_
             f"Redis/Valkey {found} is too old: inferq needs >= {needed} (BLMOVE, RQ's reliable dequeue)"
         )
     return version
+
+
+def with_options(
+    conn: redis.Redis, pool_class: type[redis.ConnectionPool] | None = None, **overrides: Any
+) -> redis.Redis:
+    """A client with its own pool on the same server as `conn` (its URL's host, TLS and unix-socket
+    options kept: the connection class is reused, and the pool's class unless `pool_class` is given,
+    e.g. redis' BlockingConnectionPool with `max_connections`), some options changed."""
+    pool = conn.connection_pool
+    kept = {k: v for k, v in pool.connection_kwargs.items() if k not in _POOL_MADE_KWARGS}
+    kwargs = {**kept, **overrides}
+    try:
+        cls = pool_class or type(pool)
+        return redis.Redis(connection_pool=cls(connection_class=pool.connection_class, **kwargs))
+    except Exception:  # an exotic pool (sentinel, cluster): share the client, whose timeouts still hold
+        log.warning("cannot copy the Redis connection pool of %r; sharing it", pool, exc_info=True)
+        return conn
+
+
+def connect_checked(
+    settings: Settings,
+    *,
+    client_name: str,
+    base: redis.Redis | None = None,
+    require_reachable: bool = True,
+) -> redis.Redis:
+    """The client a process starts with: inferq's policy, and the server's version checked.
+
+    The client is built from `settings.redis_url`, or, when that is unset and `base` is given, from
+    `base`'s connection (e.g. the client RQ's CLI built from `--url`), with the policy on top.
+    Raises `RedisConfigError` (no or bad URL) and `RedisVersionError` (server too old, or it hides
+    its version). If the server cannot be reached: raises redis' ConnectionError, or with
+    `require_reachable=False` (the api, whose /readyz reports Redis) returns the client unchecked.
+    """
+    if settings.redis_url or base is None:
+        conn = redis_from_url(settings.redis_url, client_name=client_name)
+    else:
+        unix = issubclass(base.connection_pool.connection_class, redis.UnixDomainSocketConnection)
+        conn = with_options(base, **policy_options(unix_socket=unix), client_name=client_name)
+    try:
+        check_redis_version(conn)
+    except (RedisConnectionError, RedisTimeoutError):
+        if require_reachable:
+            conn.close()
+            raise
+    except RedisVersionError:
+        conn.close()
+        raise
+    return conn

@@ -284,23 +284,23 @@ def fake_results() -> dict:
 
 
 def test_targets_are_judged_on_the_medians():
-    rows = {r["target"]: r for r in evaluate(fake_results())}
+    rows = {r.target: r for r in evaluate(fake_results())}
     limit_row = rows["saturation / limit (best one-process pipeline: any allocator, threads, batch)"]
-    assert limit_row["value"] == pytest.approx(50 / 56.5)
-    assert limit_row["pass"] is False  # 0.885 < 0.90
-    assert rows["saturation / naive forking RQ"]["pass"] is True
-    assert rows["saturation / preloaded SimpleWorker b1"]["pass"] is True  # 50 / 30 = 1.67
-    assert rows["p99 at 50 % of saturation"]["pass"] is True  # 40 ms
-    assert rows["p99 at 80 % of saturation"]["pass"] is False  # 400 ms
-    assert rows["API accepted submits/s (no worker)"]["pass"] is True
-    assert rows["cold start → first prediction"]["pass"] is False
-    memory = [r for r in rows.values() if r["target"].startswith("RSS")]
-    assert memory and all(r["pass"] is None for r in memory)  # the phase failed: not measured
-    other = {r["target"]: r for r in evaluate(fake_results(), "2w×1t glibc")}
+    assert limit_row.value == pytest.approx(50 / 56.5)
+    assert limit_row.passed is False  # 0.885 < 0.90
+    assert rows["saturation / naive forking RQ"].passed is True
+    assert rows["saturation / preloaded SimpleWorker b1"].passed is True  # 50 / 30 = 1.67
+    assert rows["p99 at 50 % of saturation"].passed is True  # 40 ms
+    assert rows["p99 at 80 % of saturation"].passed is False  # 400 ms
+    assert rows["API accepted submits/s (no worker)"].passed is True
+    assert rows["cold start → first prediction"].passed is False
+    memory = [r for r in rows.values() if r.target.startswith("RSS")]
+    assert memory and all(r.passed is None for r in memory)  # the phase failed: not measured
+    other = {r.target: r for r in evaluate(fake_results(), "2w×1t glibc")}
     assert (
-        other["saturation / limit (best one-process pipeline: any allocator, threads, batch)"]["pass"] is True
+        other["saturation / limit (best one-process pipeline: any allocator, threads, batch)"].passed is True
     )  # 60 / 56.5
-    assert other["p99 at 50 % of saturation"]["pass"] is True and other["p99 at 80 % of saturation"]["pass"]
+    assert other["p99 at 50 % of saturation"].passed is True and other["p99 at 80 % of saturation"].passed
 
 
 def test_the_limit_is_the_best_one_process_figure_of_any_configuration():
@@ -309,9 +309,9 @@ def test_the_limit_is_the_best_one_process_figure_of_any_configuration():
     results["limit"]["tcmalloc 1t"] = {**glibc, "best": {**glibc["best"], "median": 62.5}, "best_size": 2}
     results["limit"]["tcmalloc 2×1t"] = {**glibc, "best": {**glibc["best"], "median": 100.0}, "best_size": 4}
     h = headline(results)  # the deployed layout runs glibc: 1-process tcmalloc still counts
-    assert (h["limit"], h["limit_config"], h["limit_best_size"]) == (62.5, "tcmalloc 1t", 2)
-    assert h["limit_same_allocator"] == pytest.approx(56.5)
-    assert h["limit_two_processes"] == 100.0
+    assert (h.limit, h.limit_config, h.limit_best_size) == (62.5, "tcmalloc 1t", 2)
+    assert h.limit_same_allocator == pytest.approx(56.5)
+    assert h.limit_two_processes == 100.0
 
 
 def test_knee_is_the_highest_rate_kept_up_with():

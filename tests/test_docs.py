@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from launch.settings_doc import render
 from shared.config import PROJECT_ROOT, Settings
 
@@ -21,3 +23,33 @@ def test_the_two_commands_come_first() -> None:
     text = readme()
     first_block = text[: text.index("## How it works")]
     assert "make up" in first_block and "make test" in first_block
+
+
+def test_the_architecture_doc_names_files_that_exist() -> None:
+    """docs/architecture.md walks a job through the code file by file: every path it names exists."""
+    import re
+
+    text = (PROJECT_ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`((?:api|worker|shared|launch|bench|client|artifacts)/[\w/]+(?:\.py)?)`", text))
+    assert len(named) > 20
+    missing = sorted(path for path in named if not (PROJECT_ROOT / path).exists())
+    assert not missing, f"docs/architecture.md names files that do not exist: {missing}"
+
+
+def test_nothing_points_to_an_outside_design_document() -> None:
+    import subprocess
+
+    tracked = subprocess.run(
+        ["git", "ls-files", "*.py", "*.md", "Makefile", "Procfile"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    offenders = [
+        path
+        for path in tracked
+        if (PROJECT_ROOT / path).exists()
+        and re.search(r"DESIGN\s*§?\d", (PROJECT_ROOT / path).read_text(errors="replace"))
+    ]
+    assert not offenders, offenders

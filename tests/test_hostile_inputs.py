@@ -25,6 +25,7 @@ from PIL import Image
 from rq import Worker
 from rq.serializers import JSONSerializer
 
+from bench import decode_bombs
 from launch.redis_server import EmbeddedRedis
 from tests.conftest import PHOTO_LABELS
 from tests.factories import png_declaring
@@ -221,6 +222,39 @@ SUBMIT_CASES = [
             "headers": {"Content-Type": "image/png", "Idempotency-Key": "a b"},
         },
         (400, "invalid_idempotency_key"),
+    ),
+    # --- decode bombs (bench/decode_bombs.py): refused from their structure, in O(header)
+    Case("bmp-rle8-40000x1000", raw(lambda p: decode_bombs.rle8_bmp()), (422, "image_too_complex")),
+    Case(
+        "png-200k-empty-text-chunks",
+        raw(lambda p: decode_bombs.png_with_text_chunks(200_000)),
+        (422, "image_too_complex"),
+    ),
+    Case(
+        "tiff-300k-strips", raw(lambda p: decode_bombs.tiff_many_strips(300_000)), (422, "image_too_complex")
+    ),
+    Case(
+        "webp-animated-10000x10000-canvas",
+        raw(lambda p: decode_bombs.webp_huge_canvas()),
+        (413, "image_too_large"),
+    ),
+    Case(
+        "jpeg-progressive-5000-scans",
+        raw(lambda p: decode_bombs.progressive_jpeg_scans(photo(p))),
+        (422, "image_too_complex"),
+    ),
+    Case(
+        "jpeg-100k-markers",
+        raw(lambda p: decode_bombs.jpeg_many_markers(photo(p))),
+        (422, "image_too_complex"),
+    ),
+    # --- decode bombs that are accepted: only the first frame/page is read, samples in bands
+    Case("gif-50000-frames", raw(lambda p: decode_bombs.gif_frames()), ("finished", ANY_LABEL)),
+    Case("tiff-5000-pages", raw(lambda p: decode_bombs.tiff_pages()), ("finished", ANY_LABEL)),
+    Case(
+        "tiff-40mpx-float32-deflate",
+        raw(lambda p: decode_bombs.tiff_float_deflate()),
+        ("finished", ANY_LABEL),
     ),
     # --- accepted, then the job fails in the worker with its reason
     Case(

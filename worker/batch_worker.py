@@ -1,12 +1,12 @@
 """`BatchWorker`: an RQ worker that runs its jobs in micro-batches, in its own process.
 
 It is RQ's `SimpleWorker` (no fork: the model stays loaded, and a CUDA context is never inherited
-across a fork) with the dequeue/execute loop replaced (DESIGN 5) by three stages on three threads:
+across a fork) with the dequeue/execute loop replaced (docs/architecture.md) by three stages on three threads:
 - the feeder grabs ids reliably (`worker.batching`), fetches jobs and images in one round trip,
   starts them in one pipeline (RQ `Execution`, started registry, job status) and preprocesses each
   (PIL/numpy release the GIL), parking it in `worker.pipeline.ReadyItems`;
 - the model thread (the only one that runs torch ops: a second thread would start a second OpenMP
-  pool, DESIGN 7) takes everything ready, up to the batch cap, as one batch: one forward pass;
+  pool: docs/architecture.md) takes everything ready, up to the batch cap, as one batch: one forward pass;
 - the writer finishes every job of a batch through RQ in one pipeline (results, registries,
   counters) while the next forward pass runs.
 Every job stays an ordinary RQ job: `Job.fetch(id).return_value()`, the registries, rq-dashboard
@@ -56,6 +56,7 @@ from shared.jobs import (
 )
 from shared.keys import image_key
 from shared.logging_setup import configure_logging_once, set_log_context
+from shared.redis_conn import connect_checked
 from shared.telemetry import record_batch, worker_info_fields
 from worker.batching import BatchCollector, Grabbed, Lane
 from worker.pipeline import ReadyItems
@@ -102,18 +103,6 @@ def load_handler(settings: Settings) -> ClassifyHandler:
             ", ".join(f"b{size}={ms:.1f}" for size, ms in curve.items()),
         )
     return ClassifyHandler(model, runner, settings.max_image_pixels, batch_cap=batch_cap)
-
-
-def _url_of(connection: redis.Redis) -> str:
-    """Rebuild a URL from a client RQ handed us (only used when REDIS_URL is unset)."""
-    kw = connection.connection_pool.connection_kwargs
-    scheme = "rediss" if kw.get("ssl") or "SSL" in type(connection.connection_pool).__name__ else "redis"
-    auth = ""
-    if kw.get("password"):
-        from urllib.parse import quote
-
-        auth = f"{quote(kw.get('username') or '')}:{quote(kw['password'])}@"
-    return f"{scheme}://{auth}{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
 
 @dataclass
@@ -170,12 +159,11 @@ class BatchWorker(SimpleWorker):
             "maintenance_interval", max(1, math.ceil(self.settings.abandoned_after_seconds / 2))
         )
         kwargs.setdefault("worker_ttl", max(10, math.ceil(self.settings.abandoned_after_seconds * 2)))
-        if kwargs.get("connection") is None or self.settings.redis_url:
-            # inferq's connection policy (RESP2 for RQ, timeouts, retries with backoff) even when
-            # RQ's CLI or worker-pool built a plain client from the same URL.
-            from shared.redis_conn import redis_from_url
-
-            kwargs["connection"] = redis_from_url(self.settings.redis_url or _url_of(kwargs["connection"]))
+        # inferq's connection policy (RESP2 for RQ, timeouts, retries with backoff) even when RQ's
+        # CLI or worker-pool built a plain client; the server's version is checked here, at start.
+        kwargs["connection"] = connect_checked(
+            self.settings, client_name="inferq-worker", base=kwargs.get("connection")
+        )
         super().__init__(queues, *args, **kwargs)
         self.handler = handler
         self.execution_ttl = math.ceil(self.settings.abandoned_after_seconds)
@@ -227,15 +215,14 @@ class BatchWorker(SimpleWorker):
         set_log_context(model_sha256=self.handler.model_info["sha256"])
         self.bootstrap(level, date_format, log_format)
         self._install_signal_handlers()
-        # Three busy threads share the GIL here; at CPython's default 5 ms switch interval the model
-        # thread, back from a forward pass (which runs without the GIL), waited up to 5 ms per
-        # hand-over behind the writer's and feeder's Python code: p99 at 66 req/s fell from 285 to
-        # 149 ms with 0.5 ms (BENCHMARKS.md). Process-wide, like the worker process itself.
+        # Three busy threads share the GIL here; at CPython's default switch interval the model
+        # thread, back from a forward pass (which runs without the GIL), waits a whole interval per
+        # hand-over behind the writer's and feeder's Python code, which shows in the p99 under load
+        # (BENCHMARKS.md). A shorter interval hands it back sooner. Process-wide, like the worker.
         sys.setswitchinterval(_GIL_SWITCH_SECONDS)
-        # torch and the model leave ~350,000 objects behind; a full collection walks them all in
-        # ~180 ms with the GIL held, stalling all three stages: that was the p99 at 10 req/s
-        # (136 ms against a 21 ms p50). Frozen, they are never walked again (only objects made
-        # from here on are collected).
+        # torch and the model leave hundreds of thousands of objects behind; a full collection
+        # walks them all with the GIL held, stalling all three stages (it showed as the p99 at low
+        # load). Frozen, they are never walked again (only objects made from here on are collected).
         gc.collect()
         gc.freeze()
         batch_cap = min(
@@ -254,8 +241,8 @@ class BatchWorker(SimpleWorker):
         heartbeat = _Heartbeat(self, self.settings.heartbeat_seconds)
         heartbeat.start()
         # Up to two batches ready while one is computed, so a hiccup of the feeder (a slow decode, a
-        # Redis round trip) does not leave the model idle (+5 % saturation throughput measured over
-        # one batch); the feeder starts no more jobs than that, the rest stay queued for others.
+        # Redis round trip) does not leave the model idle (saturation throughput: BENCHMARKS.md);
+        # the feeder starts no more jobs than that, the rest stay queued for others.
         ready: ReadyItems[_Item] = ReadyItems(2 * batch_cap)
         finished: Queue[tuple[list[_Item], list[ItemOutcome], float] | None] = Queue(maxsize=2)
         feeder = threading.Thread(

@@ -34,8 +34,8 @@ def calibration_sizes(max_batch_size: int) -> tuple[int, ...]:
 def choose_batch_cap(ms_per_image: dict[int, float], tolerance: float = 0.02) -> int:
     """Where throughput stops rising: the size with the best images/s, or a smaller one within
     `tolerance` of it (a bigger batch that is not faster per image only makes its first jobs wait).
-    Not a wider tolerance: on a shared CPU batch 1 measured within 10 % of batch 2 at some starts,
-    and a worker capped at 1 served 70 img/s at saturation where cap 2 served 82 (BENCHMARKS.md)."""
+    Not a wider tolerance: on a shared CPU the warm-up timings are noisy enough that a wide
+    tolerance picks a too-small cap at some starts, which costs saturation throughput (BENCHMARKS.md)."""
     if not ms_per_image:
         raise ValueError("no timings")
     best = min(ms_per_image.values())
@@ -56,8 +56,8 @@ def default_warm_up_sizes(max_batch_size: int) -> tuple[int, ...]:
 class InferenceRunner:
     """Runs a `LoadedModel` on batches; create it in the thread that will call `predict`.
 
-    Torch ops from a second thread start a second OpenMP pool (DESIGN §7), so the runner is meant to be
-    used from the one thread that created it; it keeps no locks.
+    Torch ops from a second thread start a second OpenMP pool (docs/architecture.md, "Threads"), so
+    the runner is meant to be used from the one thread that created it; it keeps no locks.
     """
 
     def __init__(self, model: LoadedModel, threads: int = 0, max_batch_size: int = 16) -> None:

@@ -1,0 +1,272 @@
+"""The targets `make bench` judges, and the figures they are judged on, from one run's results.
+
+Pure functions of the results dict that `python -m bench` writes (`results.json`): `headline`
+(the figures of one service layout), `evaluate` (one `TargetRow` per target), plus the analysis
+helpers the run itself uses (`knee`, `rss_growth`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+SAT_VS_LIMIT = 0.90
+SAT_VS_FORKING = 4.0
+SAT_VS_PRELOADED = 1.5
+P99_AT_50_MS = 50.0
+P99_AT_80_MS = 150.0
+QUEUE_JOBS_PER_S = 5000.0
+API_SUBMITS_PER_S = 1000.0
+COLD_START_S = 5.0
+RSS_NOISE_MB = 5.0
+RSS_NOISE_FRACTION = 0.02
+# Saturation runs during which processes outside the bench used more than this many cores are flagged.
+CONTAMINATED_CORES = 0.3
+
+# One run's results, as `python -m bench` writes them to results.json (nested dicts and lists).
+Results = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TargetRow:
+    """One target: what was measured, the threshold, and the verdict (None: not measured)."""
+
+    target: str
+    value: float
+    unit: str
+    threshold: str
+    passed: bool | None
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The figures the targets are judged on, for one service layout (medians over runs)."""
+
+    limit: float
+    limit_config: str
+    limit_best_size: int
+    limit_same_allocator: float
+    limit_two_processes: float
+    forking: float
+    preloaded: float
+    saturation: float
+    p99_at_50: float
+    p99_at_80: float
+
+
+def med(summary: Any) -> float:
+    """The median of a `summarize` dict (or a plain number); nan when missing."""
+    if isinstance(summary, dict):
+        value = summary.get("median", math.nan)
+    elif summary is None:
+        value = math.nan
+    else:
+        value = summary
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def rate_at(rates: list[dict[str, Any]], fraction: float, tolerance: float = 0.03) -> dict[str, Any] | None:
+    """The open-loop run whose offered rate was closest to `fraction` × saturation (within tolerance)."""
+    best, gap = None, tolerance
+    for r in rates:
+        f = r.get("fraction_of_saturation", r.get("fraction", math.nan))
+        if abs(f - fraction) <= gap:
+            best, gap = r, abs(f - fraction)
+    return best
+
+
+def layouts(results: Results) -> dict[str, dict[str, Any]]:
+    """The service layouts of this run (key → label, allocator, workers, threads), "deployed" first."""
+    return results.get("service", {}).get("layouts", {})
+
+
+def layout_label(results: Results, layout: str) -> str:
+    return layouts(results).get(layout, {}).get("label", layout)
+
+
+def layout_rates(results: Results, layout: str) -> list[dict[str, Any]]:
+    return results.get("service", {}).get("rates", {}).get(layout, [])
+
+
+def best_limit(results: Results, configs: tuple[str, ...]) -> tuple[float, str, int]:
+    """The ceiling: the best median images/s over the given in-process configurations."""
+    best = (math.nan, "", 0)
+    for name in configs:
+        data = results.get("limit", {}).get(name)
+        if data and (math.isnan(best[0]) or med(data["best"]) > best[0]):
+            best = (med(data["best"]), name, int(data["best_size"]))
+    return best
+
+
+def headline(results: Results, layout: str = "deployed") -> Headline:
+    """The figures the targets are judged on, for one service layout (medians over runs)."""
+    allocator = layouts(results).get(layout, {}).get("allocator", "glibc")
+    base = results.get("baselines", {})
+    service = results.get("service", {})
+    sat = med(service.get("saturation", {}).get(layout, {}).get("images_per_s"))
+    rates = layout_rates(results, layout)
+    at50, at80 = rate_at(rates, 0.5), rate_at(rates, 0.8)
+    # The target's ceiling is the model's own limit in ONE process (the service runs one worker
+    # process): the best of every one-process configuration, whatever its allocator or threads.
+    configs = list(results.get("limit", {}))
+    limit, limit_config, limit_size = best_limit(results, tuple(c for c in configs if "2×" not in c))
+    same_alloc = best_limit(results, tuple(c for c in configs if "2×" not in c and c.split()[0] == allocator))
+    two_procs = best_limit(results, tuple(c for c in configs if "2×" in c))
+    return Headline(
+        limit=limit,
+        limit_config=limit_config,
+        limit_best_size=limit_size,
+        limit_same_allocator=same_alloc[0],
+        limit_two_processes=two_procs[0],
+        forking=med(base.get("forking", {}).get("images_per_s")),
+        preloaded=med(base.get("preloaded", {}).get("images_per_s")),
+        saturation=sat,
+        p99_at_50=at50["pooled_latency_ms"]["p99"] if at50 else math.nan,
+        p99_at_80=at80["pooled_latency_ms"]["p99"] if at80 else math.nan,
+    )
+
+
+def _row(name: str, value: float, threshold: str, ok: bool, unit: str = "") -> TargetRow:
+    return TargetRow(name, value, unit, threshold, None if math.isnan(value) else ok)
+
+
+def service_targets(results: Results, layout: str = "deployed") -> list[TargetRow]:
+    h = headline(results, layout)
+    r1 = ratio(h.saturation, h.limit)
+    r2 = ratio(h.saturation, h.forking)
+    r3 = ratio(h.saturation, h.preloaded)
+    return [
+        _row(
+            "saturation / limit (best one-process pipeline: any allocator, threads, batch)",
+            r1,
+            f"≥ {SAT_VS_LIMIT:.2f}",
+            r1 >= SAT_VS_LIMIT,
+            "×",
+        ),
+        _row("saturation / naive forking RQ", r2, f"≥ {SAT_VS_FORKING:.0f}", r2 >= SAT_VS_FORKING, "×"),
+        _row(
+            "saturation / preloaded SimpleWorker b1", r3, f"≥ {SAT_VS_PRELOADED}", r3 >= SAT_VS_PRELOADED, "×"
+        ),
+        _row(
+            "p99 at 50 % of saturation",
+            h.p99_at_50,
+            f"≤ {P99_AT_50_MS:.0f} ms",
+            h.p99_at_50 <= P99_AT_50_MS,
+            "ms",
+        ),
+        _row(
+            "p99 at 80 % of saturation",
+            h.p99_at_80,
+            f"≤ {P99_AT_80_MS:.0f} ms",
+            h.p99_at_80 <= P99_AT_80_MS,
+            "ms",
+        ),
+    ]
+
+
+def evaluate(results: Results, layout: str = "deployed") -> list[TargetRow]:
+    """One row per target: what was measured, the threshold, pass/fail (None when not measured)."""
+    rows = service_targets(results, layout)
+    queue = results.get("queue", {})
+    sustained = med((queue.get("sustained") or {}).get("jobs_per_s"))
+    rows.append(
+        _row(
+            "queue layer sustained (enqueue + no-op workers)",
+            sustained,
+            f"≥ {QUEUE_JOBS_PER_S:,.0f} jobs/s",
+            sustained >= QUEUE_JOBS_PER_S,
+            "jobs/s",
+        )
+    )
+    api = med(results.get("api", {}).get("submits_per_s"))
+    rows.append(
+        _row(
+            "API accepted submits/s (no worker)",
+            api,
+            f"≥ {API_SUBMITS_PER_S:,.0f}/s",
+            api >= API_SUBMITS_PER_S,
+            "/s",
+        )
+    )
+    for key, label in (
+        ("noop", "no-op model, glibc"),
+        ("real", "real model, glibc"),
+        ("real_tcmalloc", "real model, tcmalloc"),
+    ):
+        mem = results.get("memory", {}).get(key)
+        if not mem:
+            if key != "real_tcmalloc":
+                rows.append(_row(f"RSS growth ({label})", math.nan, "", False, "MiB"))
+            continue
+        growth = mem.get("growth_after_warm_mb", math.nan)
+        noise = max(RSS_NOISE_MB, RSS_NOISE_FRACTION * mem.get("rss_warm_mb", 0))
+        rows.append(
+            _row(
+                f"RSS growth after warm-up, {label} ({mem.get('jobs_done', 0):,} jobs)",
+                growth,
+                f"≤ {noise:.1f} MiB (noise)",
+                growth <= noise,
+                "MiB",
+            )
+        )
+    cold = med(results.get("cold_start", {}).get("api_and_worker_s"))
+    rows.append(
+        _row("cold start → first prediction", cold, f"≤ {COLD_START_S:.0f} s", cold <= COLD_START_S, "s")
+    )
+    return rows
+
+
+def knee(rates: list[dict[str, Any]]) -> float | None:
+    """The highest offered rate the service kept up with: ≥ 97 % achieved, nothing lost, p99 < 1 s."""
+    kept = [
+        r["offered_rate"]
+        for r in rates
+        if r["achieved_rate"]["median"] >= 0.97 * r["offered_rate"]
+        and r["lost"] == 0
+        and r["errors"] == 0
+        and r["pooled_latency_ms"]["p99"] < 1000
+    ]
+    return max(kept) if kept else None
+
+
+def rss_growth(samples: list[list[float]]) -> dict[str, float]:
+    """RSS at start (model loaded and warmed up), early (mean of the samples in 10–35 % of the jobs)
+    and late (mean of the last 25 %); growth = late − early (windows, not single samples: glibc's
+    heap wanders with the batch-size mix), and the least-squares slope after 10 % (MiB / 10k jobs).
+    A dict: it goes into results.json as it is."""
+    if not samples:
+        return {}
+    start = samples[0][1]
+    end_jobs, end = samples[-1]
+
+    def window(lo: float, hi: float) -> float:
+        vals = [r for j, r in samples if lo * end_jobs <= j <= hi * end_jobs]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    early, late = window(0.1, 0.35), window(0.75, 1.0)
+    later = [(j, r) for j, r in samples if j >= end_jobs * 0.1]
+    slope = math.nan
+    if len(later) >= 3:
+        mj = sum(j for j, _ in later) / len(later)
+        mr = sum(r for _, r in later) / len(later)
+        den = sum((j - mj) ** 2 for j, _ in later)
+        if den > 0:
+            slope = sum((j - mj) * (r - mr) for j, r in later) / den * 10_000
+    return {
+        "rss_start_mb": start,
+        "rss_warm_mb": early,
+        "rss_end_mb": end,
+        "rss_late_mb": late,
+        "rss_max_mb": max(r for _, r in samples),
+        "growth_after_warm_mb": late - early,
+        "slope_mb_per_10k_jobs": slope,
+        "jobs_done": end_jobs,
+    }
