@@ -41,8 +41,9 @@ import requests
 from rq.job import Job
 from rq.results import Result
 
-from bench.common import descendants, load_images, rss_mb
+from bench.common import load_images, process_tree, rss_mb
 from bench.service import Stack
+from launch.processes import descendants
 from launch.redis_server import EmbeddedRedis
 from shared.config import Settings
 from shared.jobs import LANES, META_ATTEMPTS, SERIALIZER, TERMINAL_STATUSES, job_view, make_queue
@@ -296,7 +297,7 @@ def outcomes(conn: redis.Redis, ids: Sequence[str], images: Sequence[int]) -> li
 
 class _PeakRss(threading.Thread):
     """Peak resident memory of each part: the api (gunicorn master and its workers, summed), the
-    largest single worker, Redis."""
+    largest single worker, the largest worker's decoder processes (summed), Redis."""
 
     def __init__(self, parts: Callable[[], dict[str, list[list[int]]]], interval: float = 0.5) -> None:
         super().__init__(name="peak-rss", daemon=True)
@@ -341,8 +342,9 @@ def run_drill(
         expected = [_wait_label(stack.base, _post(stack.base, image)) for image in images]
         peak = _PeakRss(
             lambda: {
-                "api": [descendants(stack.api_proc.pid)],
+                "api": [process_tree(stack.api_proc.pid)],
                 "worker": [[p.pid] for p in stack.worker_procs if p.poll() is None],
+                "decoders": [list(descendants(p.pid)) for p in stack.worker_procs if p.poll() is None],
                 "redis": [[server.pid]] if server.pid else [],
             }
         )

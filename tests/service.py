@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,9 @@ import requests
 from rq.job import Job
 from rq.results import Result
 
+from launch.processes import free_port, wait_until
 from shared.config import PROJECT_ROOT, Settings
 from shared.jobs import LANES, SERIALIZER, TERMINAL_STATUSES, job_view, lane_queue_name, make_queue, submit
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 # Every test service: one torch thread per worker (the machine is small and shared) and a dead
 # worker's jobs back within seconds.
@@ -96,15 +89,6 @@ def start_api(env: dict[str, str], port: int, log: Path | None = None) -> subpro
         stdout=out,
         stderr=subprocess.STDOUT,
     )
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not reached within {timeout} s")
 
 
 def http_ok(url: str) -> bool:
