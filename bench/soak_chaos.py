@@ -51,6 +51,8 @@ from shared.jobs import LANES, META_ATTEMPTS, SERIALIZER, TERMINAL_STATUSES, job
 # How long the survivors run while the victim stays frozen: they start what they grabbed within a
 # round trip or two, so what is still in an intermediate list after this is the victim's.
 SETTLE_SECONDS = 1.5
+# Once `--jobs` are in and kills are still owed, more jobs go in only while fewer than this many wait.
+EXTRA_BACKLOG = 100
 
 
 @dataclass
@@ -358,12 +360,24 @@ def run_drill(
         submitting.set()
         pick = random.Random(seed + 1)  # the submitter's own: the kill loop uses `rng`
 
+        def ended() -> int:
+            """Drill jobs ended (the calibration jobs are in the registries too)."""
+            return sum(
+                make_queue(conn, settings, lane).finished_job_registry.count
+                + make_queue(conn, settings, lane).failed_job_registry.count
+                for lane in LANES
+            ) - len(images)
+
         def submit_all() -> None:
             """At least `jobs`, and on in small chunks until every kill has happened (a kill needs
-            work in progress to hit, and a replacement worker takes a while to load its model)."""
+            work in progress to hit, and a replacement worker takes a while to load its model);
+            the extra chunks only while the backlog is short, so the run does not outgrow the drill."""
             try:
                 with ThreadPoolExecutor(8) as pool:
                     while len(ids) < jobs or (len(done) < kills and time.monotonic() < deadline):
+                        if len(ids) >= jobs and len(ids) - ended() > EXTRA_BACKLOG:
+                            time.sleep(0.2)
+                            continue
                         size = min(200, jobs - len(ids)) if len(ids) < jobs else 50
                         chunk = [pick.randrange(len(images)) for _ in range(size)]
                         ids.extend(pool.map(lambda i: _post(stack.base, images[i]), chunk))
@@ -375,14 +389,6 @@ def run_drill(
         submitter.start()
         watch = RecoveryWatch(conn, settings)
         watch.start()
-
-        def ended() -> int:
-            """Drill jobs ended (the calibration jobs are in the registries too)."""
-            return sum(
-                make_queue(conn, settings, lane).finished_job_registry.count
-                + make_queue(conn, settings, lane).failed_job_registry.count
-                for lane in LANES
-            ) - len(images)
 
         # Kills spread over the run: a random pause, then the next busy moment of a random worker.
         while (
