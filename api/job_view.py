@@ -13,8 +13,6 @@ from rq.results import Result
 
 from shared.jobs import DEADLINE_EXPIRED, META_ERROR, META_TIMINGS, SERIALIZER
 
-TERMINAL_STATUSES = frozenset({"finished", "failed", "canceled", "expired"})
-
 # RQ statuses a client never needs to tell apart: a job waiting for a retry is still queued.
 _STATUS_FOR_CLIENT = {
     JobStatus.QUEUED: "queued",

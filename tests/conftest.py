@@ -6,16 +6,20 @@ import importlib.util
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from rq import Queue
 
 from launch.redis_server import AppendFsync, EmbeddedRedis
-from shared.config import PROJECT_ROOT
+from shared.config import PROJECT_ROOT, Settings
+from shared.jobs import make_queue
 from shared.manifest import MANIFEST_FILE
 from shared.redis_conn import redis_from_url
+from tests.factories import settings_for
 
 # Freely licensed photos that scikit-image ships inside its wheel (see skimage/data/README.txt),
 # with the ImageNet labels an honest top-1 may take for each.
@@ -108,3 +112,30 @@ def fresh_redis_server(tmp_path: Path) -> Iterator[Callable[..., EmbeddedRedis]]
     yield make
     for server in servers:
         server.stop()
+
+
+@dataclass
+class JobStore:
+    """A Redis server of the test's own, as the service sees it: a client, settings, the high lane."""
+
+    server: EmbeddedRedis
+    conn: redis.Redis
+    settings: Settings
+    queue: Queue
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+@pytest.fixture
+def job_store(fresh_redis_server: Callable[..., EmbeddedRedis]) -> Callable[..., JobStore]:
+    """Factory: a started durable server (see `fresh_redis_server`) with `Settings` overrides."""
+
+    def make(**overrides: Any) -> JobStore:
+        server = fresh_redis_server()
+        conn = redis.Redis.from_url(server.url)
+        settings = settings_for(server.url, **overrides)
+        return JobStore(server, conn, settings, make_queue(conn, settings))
+
+    return make

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +27,7 @@ from rq.serializers import JSONSerializer
 from api import create_app
 from shared.config import Settings
 from shared.keys import image_key
+from tests.factories import png_declaring, settings_for
 from tests.service import free_port, http_ok, service_env, start_api, stop, wait_until
 
 QUEUE_KEY = "rq:queue:inferq"
@@ -39,36 +38,14 @@ JPEG = "rocket.jpg"
 # --- fixtures and helpers -------------------------------------------------------------------------
 
 
-def make_settings(redis_url: str, **overrides: Any) -> Settings:
-    return Settings(redis_url=redis_url, **overrides)
-
-
 @pytest.fixture
 def app(redis_url: str) -> Flask:
-    return create_app(make_settings(redis_url))
+    return create_app(settings_for(redis_url))
 
 
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_bomb(width: int, height: int) -> bytes:
-    """A tiny, well-formed PNG whose IHDR declares `width` x `height` (a decompression bomb's header).
-
-    PIL reads chunks up to the first IDAT before it reports a size, so one small IDAT follows.
-    """
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + png_chunk(b"IEND", b"")
-    )
 
 
 def multipart(*files: tuple[str, bytes], **fields: str) -> dict[str, Any]:
@@ -171,7 +148,9 @@ SVG = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" 
         ),
         pytest.param(SVG, "image/png", "", 415, "unsupported_image_format", id="svg"),
         pytest.param("truncated-png", "image/png", "", 400, "corrupt_image", id="truncated-png"),
-        pytest.param(png_bomb(50_000, 50_000), "image/png", "", 413, "image_too_large", id="png-bomb-header"),
+        pytest.param(
+            png_declaring(50_000, 50_000), "image/png", "", 413, "image_too_large", id="png-bomb-header"
+        ),
         pytest.param("png", "text/plain", "", 415, "unsupported_media_type", id="text-plain"),
         pytest.param("png", "application/json", "", 415, "unsupported_media_type", id="json"),
         pytest.param("png", None, "", 415, "unsupported_media_type", id="no-content-type"),
@@ -244,7 +223,7 @@ def test_body_over_max_upload_bytes_is_413(
     redis_url: str, redis_conn: redis.Redis, photo_bytes: dict[str, bytes]
 ) -> None:
     image = photo_bytes[PNG]
-    client = create_app(make_settings(redis_url, max_upload_bytes=len(image) - 1)).test_client()
+    client = create_app(settings_for(redis_url, max_upload_bytes=len(image) - 1)).test_client()
 
     assert_error(client.post("/v1/jobs", data=image, content_type="image/png"), 413, "payload_too_large")
     assert_error(client.post("/v1/jobs", **multipart(("image", image))), 413, "payload_too_large")
@@ -290,7 +269,7 @@ def test_chunked_body_is_bounded_too(
     redis_url: str, redis_conn: redis.Redis, photo_bytes: dict[str, bytes]
 ) -> None:
     image = photo_bytes[PNG]
-    client = create_app(make_settings(redis_url, max_upload_bytes=len(image))).test_client()
+    client = create_app(settings_for(redis_url, max_upload_bytes=len(image))).test_client()
     # No Content-Length: the server (gunicorn) says it terminates the stream, as for chunked bodies.
     chunked = {"wsgi.input_terminated": True}
 
@@ -311,7 +290,7 @@ def test_chunked_body_is_bounded_too(
 def test_queue_full_is_429_with_retry_after(
     redis_url: str, redis_conn: redis.Redis, photo_bytes: dict[str, bytes]
 ) -> None:
-    client = create_app(make_settings(redis_url, max_queue_depth=1, queue_share_per_key=1)).test_client()
+    client = create_app(settings_for(redis_url, max_queue_depth=1, queue_share_per_key=1)).test_client()
     submit_png(client, photo_bytes)
 
     response = client.post("/v1/jobs", data=photo_bytes[PNG], content_type="image/png")
@@ -376,7 +355,7 @@ def test_batch_is_all_or_nothing(
 
 
 def test_batch_limits(redis_url: str, redis_conn: redis.Redis, photo_bytes: dict[str, bytes]) -> None:
-    client = create_app(make_settings(redis_url, max_batch_submit=2)).test_client()
+    client = create_app(settings_for(redis_url, max_batch_submit=2)).test_client()
     three = multipart(*[("image", photo_bytes[JPEG])] * 3)
 
     assert_error(client.post("/v1/batches", **three), 422, "too_many_images")

@@ -349,20 +349,50 @@ def test_render_survives_an_empty_run():
     assert text.startswith("# inferq benchmarks")
 
 
-# --- the whole suite, tiny counts (minutes, real processes) -------------------------------------------
+# --- the real thing: processes, Redis, report (the short run in every suite, the whole one opt-in) --------
+
+# pytest's own limit (pyproject: --timeout=600) for the short run; the whole run raises it for itself.
+SHORT_RUN_TIMEOUT_S = 240
+WHOLE_RUN_TIMEOUT_S = 1500
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("INFERQ_BENCH_SMOKE") != "1", reason="set INFERQ_BENCH_SMOKE=1 to run")
-def test_quick_bench_runs_end_to_end(tmp_path: Path):
+def run_bench(tmp_path: Path, *args: str, timeout: float) -> str:
+    """`python -m bench --quick <args>`; its report's text once it exited 0."""
     out = tmp_path / "BENCHMARKS.md"
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--workdir", str(tmp_path / "work")],
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            *args,
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
         cwd=PROJECT_ROOT,
-        timeout=900,
+        timeout=timeout,
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    text = out.read_text()
+    return out.read_text()
+
+
+@pytest.mark.slow
+def test_short_bench_runs_end_to_end(tmp_path: Path) -> None:
+    """Two phases of the real harness (queue layer with no-op workers, api submits), tiny counts:
+    the bench's plumbing (processes, Redis, results, report) cannot rot unnoticed."""
+    text = run_bench(tmp_path, "--only", "queue,api", timeout=SHORT_RUN_TIMEOUT_S)
+    assert "## Targets" in text and "Phases that failed" not in text
+    assert "## 3c. Queue layer" in text
+    assert "API accepted submits/s" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(WHOLE_RUN_TIMEOUT_S + 60)
+@pytest.mark.skipif(os.environ.get("INFERQ_BENCH_SMOKE") != "1", reason="set INFERQ_BENCH_SMOKE=1 to run")
+def test_quick_bench_runs_end_to_end(tmp_path: Path) -> None:
+    text = run_bench(tmp_path, timeout=WHOLE_RUN_TIMEOUT_S)
     assert "## Targets" in text and "Phases that failed" not in text

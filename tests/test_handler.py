@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from shared.manifest import InputSpec
+from tests.factories import png
 from worker.handler import ClassifyHandler
 
 SPEC = InputSpec(resize=32, crop=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -26,16 +27,6 @@ class PoisonAwareRunner:
         if any(float(x.min()) >= 1.0 for x in inputs):
             raise RuntimeError("kernel failure on this input")
         return [[{"label": "mean", "index": 0, "score": float(x.mean())}] for x in inputs]
-
-
-def png(value: int) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (40, 40), (value, value, value)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def make_handler(runner: PoisonAwareRunner) -> ClassifyHandler:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import struct
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from rq.serializers import JSONSerializer
 from bench import decode_bombs
 from launch.redis_server import EmbeddedRedis
 from tests.conftest import PHOTO_LABELS
+from tests.factories import png_declaring
 from tests.service import free_port, http_ok, service_env, start_api, start_worker, stop, wait_until
 
 pytestmark = pytest.mark.slow
@@ -69,21 +69,6 @@ def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A 100-byte PNG whose header declares `width` x `height` (a decompression bomb's header)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + png_chunk(b"IEND", b"")
-    )
 
 
 def jpeg_declaring(jpeg: bytes, width: int, height: int) -> bytes:

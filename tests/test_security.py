@@ -39,6 +39,7 @@ from launch.redis_server import EmbeddedRedis
 from shared.config import PROJECT_ROOT, Settings, hash_api_key
 from shared.keys import image_key, known_key
 from shared.log_redaction import REDACTED, install_redaction, redact
+from tests.factories import settings_for
 from tests.service import free_port, http_ok, service_env, start_api, stop, wait_until
 
 KEY_A = "alpha-key-0123456789abcdef"
@@ -57,10 +58,6 @@ def bearer(key: str) -> dict[str, str]:
 
 
 A, B, OPS = bearer(KEY_A), bearer(KEY_B), bearer(KEY_OPS)
-
-
-def settings_for(redis_url: str, **overrides: Any) -> Settings:
-    return Settings(redis_url=redis_url, **overrides)
 
 
 @pytest.fixture

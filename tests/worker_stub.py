@@ -5,7 +5,6 @@ every forward pass take that long), for tests that kill workers."""
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 import time
@@ -14,11 +13,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from shared.config import Settings, get_settings
 from shared.jobs import lane_queue_names
 from shared.manifest import InputSpec
+from tests.factories import png, truncated_png  # noqa: F401 - re-exported for the stub tests
 from worker.batch_worker import BatchWorker
 from worker.handler import ClassifyHandler
 
@@ -41,12 +40,6 @@ class MeanRunner:
         return [[{"label": "mean", "index": 0, "score": float(x.mean())}] for x in inputs]
 
 
-def png(value: int = 90, size: int = 40) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), (value, value, value)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def stub_handler(runner: MeanRunner | None = None) -> ClassifyHandler:
     info = {
         "name": STUB_MODEL,
@@ -63,15 +56,6 @@ def stub_handler(runner: MeanRunner | None = None) -> ClassifyHandler:
 
 def stub_worker(settings: Settings, name: str | None = None) -> BatchWorker:
     return BatchWorker(name=name, settings=settings, handler=stub_handler())
-
-
-def truncated_png() -> bytes:
-    """A PNG whose header is intact (the api accepts it) but whose pixels are cut: the worker fails it."""
-    rng = np.random.default_rng(7)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
-    data = buf.getvalue()
-    return data[: len(data) // 2]
 
 
 def main() -> int:
