@@ -20,7 +20,7 @@ from api.capacity import check_capacity
 from api.errors import ApiError
 from api.fairness import client_key
 from api.idempotency import expired_job, submit_once
-from api.job_view import TERMINAL_STATUSES, client_status, job_view, read_job
+from api.job_view import client_status, job_view, read_job
 from api.long_poll import TooManyWaiters
 from api.state import ApiState, current_state
 from api.validation import (
@@ -33,7 +33,7 @@ from api.validation import (
     read_job_upload,
 )
 from shared.image_budget import end_if_image_expired
-from shared.jobs import META_DEADLINE, META_OWNER, fetch, submit, submit_many, unreserve
+from shared.jobs import META_DEADLINE, META_OWNER, TERMINAL_STATUSES, fetch, submit, submit_many, unreserve
 from shared.keys import is_job_id, known_key
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")

@@ -21,6 +21,7 @@ import redis
 from rq.job import Job
 from rq.results import Result
 
+from api.job_view import job_view
 from launch.redis_server import EmbeddedRedis
 from shared.config import PROJECT_ROOT, Settings
 from shared.jobs import (
@@ -28,7 +29,6 @@ from shared.jobs import (
     META_CRASHES,
     META_DEADLINE,
     SERIALIZER,
-    job_view,
     make_queue,
     submit,
 )
