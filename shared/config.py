@@ -31,8 +31,10 @@ class Settings(BaseSettings):
     )
     embedded_redis_port: int = Field(default=0, description="Port of the embedded server; 0 = a free port.")
     embedded_redis_maxmemory: str | None = Field(
-        default=None,
-        description="`maxmemory` of the embedded server (e.g. `512mb`; Valkey's units); unset: no limit.",
+        default="2gb",
+        description="`maxmemory` of the embedded server `make up` starts (Valkey's units): room for "
+        "MAX_QUEUED_BYTES of waiting images (at most 3/4 of it) plus results and job hashes; a full "
+        "server answers 503 `redis_full` instead of growing until the machine runs out of memory.",
     )
     data_dir: Path = Field(
         default=PROJECT_ROOT / ".inferq",
