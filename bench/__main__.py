@@ -100,7 +100,7 @@ class Plan:
             sat_seconds=5.0,
             sat_warmup=1.0,
             rates=(10, 25),
-            rate_fractions=(0.5,),
+            rate_fractions=(0.25, 0.8),
             rate_seconds=3.0,
             enqueue_jobs=300,
             producers=(1,),
