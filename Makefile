@@ -51,8 +51,9 @@ bench: venv artifact
 	$(PY) -m bench
 
 # The long drills (bench/soak_*.py: worker deaths, a full Redis, decode bombs) → SOAK.md.
+# `make soak SOAK_ARGS=--quick`: small counts, a smoke run of every drill.
 soak: venv artifact
-	$(PY) -m bench.soak
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(ARTIFACT_DIR) .inferq .pytest_cache .ruff_cache

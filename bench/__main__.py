@@ -4,13 +4,18 @@ Phases (each a child process or a set of them, on one embedded Valkey; a phase t
 reported as failed and the others still run):
  1. limit       raw in-process pipeline per batch size, glibc and tcmalloc (bench.limit)
  2. baselines   stock `rq worker` (forking) and `rq worker -w SimpleWorker` at batch 1
- 3. service     inferq over HTTP: closed-loop saturation, open-loop Poisson rates, with glibc
-                (as deployed) and saturation + 80 % load with tcmalloc
+ 3. service     inferq over HTTP: closed-loop saturation, open-loop Poisson rates, as deployed;
+                saturation + 25 % / 80 % load for the other layouts, BACKEND=torchscript among them
  4. queue       no-op model: enqueue path, drain with 1/2/4/8 workers, sustained
  5. memory      worker RSS over 20,000 no-op jobs and a smaller real-model count
  6. cold start  api + worker processes started → first prediction; worker alone
  7. api         accepted submits/s with no worker
  8. batching    adaptive rule vs fixed max delay vs batch 1 (+ 2 workers × 1 thread, batch cap)
+ 9. backends    forward ms/img and the in-process pipeline per backend × threads × batch (bench.backends)
+10. decode      decode throughput in-thread vs 1/2/4 decoder processes, JPEG draft (bench.decode)
+11. front_door  stalled connections, long-polls, api CPU per submit + long-poll (bench.front_door)
+Phases 9-11 each run their module as one child process and parse the JSON it prints, so a crash in
+one of them fails that phase only.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from bench.common import (
     run_json,
     summarize,
 )
-from bench.targets import knee, rss_growth
+from bench.targets import LATENCY_FRACTIONS, knee, rss_growth
 from shared.config import PROJECT_ROOT
 
 
@@ -54,7 +59,7 @@ class Plan:
     sat_seconds: float = 20.0
     sat_warmup: float = 4.0
     rates: tuple[float, ...] = (10, 25, 50, 75, 100)
-    rate_fractions: tuple[float, ...] = (0.5, 0.8, 0.9)
+    rate_fractions: tuple[float, ...] = (0.25, 0.5, 0.8, 0.9)
     rate_seconds: float = 8.0
     enqueue_jobs: int = 3000
     producers: tuple[int, ...] = (1, 2)
@@ -72,6 +77,15 @@ class Plan:
     variant_low_seconds: float = 10.0
     variant_sat_seconds: float = 10.0
     variant_runs: int = 2
+    # The TorchScript-backend service the default one is compared with: fewer rates than the default.
+    torchscript_fractions: tuple[float, ...] = (0.25, 0.8)
+    backends_seconds: float = 1.5
+    decode_seconds: float = 3.0
+    decode_rounds: int = 3
+    front_stalled: int = 1000
+    front_trickling: int = 100
+    front_waiters: int = 10_000
+    front_pairs: int = 300
 
     @classmethod
     def quick(cls) -> Plan:
@@ -86,7 +100,7 @@ class Plan:
             sat_seconds=5.0,
             sat_warmup=1.0,
             rates=(10, 25),
-            rate_fractions=(0.5,),
+            rate_fractions=(0.25, 0.8),
             rate_seconds=3.0,
             enqueue_jobs=300,
             producers=(1,),
@@ -104,6 +118,14 @@ class Plan:
             variant_low_seconds=3.0,
             variant_sat_seconds=3.0,
             variant_runs=1,
+            torchscript_fractions=(0.25,),
+            backends_seconds=0.2,
+            decode_seconds=0.3,
+            decode_rounds=1,
+            front_stalled=50,
+            front_trickling=5,
+            front_waiters=200,
+            front_pairs=30,
         )
 
 
@@ -317,10 +339,18 @@ class Bench:
                 "workers": workers,
                 "threads": threads,
             }
+        # The throughput target is also a ratio to this service: the deployed layout on TorchScript.
+        layouts["torchscript"] = {
+            "allocator": alloc,
+            "workers": workers,
+            "threads": threads,
+            "backend": "torchscript",
+        }
         for key, spec in layouts.items():
             t = "torch threads = cores" if not spec["threads"] else f"TORCH_THREADS={spec['threads']}"
             prefix = "as deployed: " if key == "deployed" else ""
-            spec["label"] = f"{prefix}{spec['workers']} worker(s) × {t}, {spec['allocator']}"
+            backend = f", BACKEND={spec['backend']}" if spec.get("backend") else ""
+            spec["label"] = f"{prefix}{spec['workers']} worker(s) × {t}, {spec['allocator']}{backend}"
         return layouts
 
     def service(self) -> dict[str, Any]:
@@ -331,6 +361,8 @@ class Bench:
         for i, (key, spec) in enumerate(out["layouts"].items()):
             self.flush()
             env = {"TORCH_THREADS": spec["threads"]}
+            if spec.get("backend"):
+                env["BACKEND"] = spec["backend"]
             name = "service-" + "".join(c for c in key if c.isalnum())
             with Stack(
                 self.redis_url, self.logs, name, allocator=spec["allocator"], workers=spec["workers"], **env
@@ -342,6 +374,10 @@ class Bench:
                 if key == "deployed":
                     out["rates"][key] = self._all_rates(stack, sat)
                     out["knee"] = knee(out["rates"][key])
+                elif key == "torchscript":
+                    out["rates"][key] = self._fraction_rates(
+                        stack, sat, seed=50 + 10 * i, fractions=p.torchscript_fractions
+                    )
                 else:
                     out["rates"][key] = self._fraction_rates(stack, sat, seed=50 + 10 * i)
         return out
@@ -366,11 +402,15 @@ class Bench:
             out.append(r)
         return out
 
-    def _fraction_rates(self, stack: Any, sat: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+    def _fraction_rates(
+        self, stack: Any, sat: dict[str, Any], seed: int, fractions: tuple[float, ...] = LATENCY_FRACTIONS
+    ) -> list[dict[str, Any]]:
+        """Open-loop runs at fractions of this layout's own saturation (default: the two the latency
+        targets are judged at)."""
         p = self.plan
         s = sat["images_per_s"]["median"]
         out = []
-        for i, f in enumerate(p.rate_fractions[:2]):
+        for i, f in enumerate(fractions):
             rate = round(f * s, 1)
             Log.say(f"service: open loop {rate} req/s × {p.runs} runs ({stack.name})")
             r = self._rate(stack, rate, p.runs, p.rate_seconds, seed=seed + i)
@@ -560,6 +600,30 @@ class Bench:
                 out.append(row)
         return {"variants": out}
 
+    # --- 9-11. standalone modules, one child process each ----------------------------------------------
+
+    def _module(self, name: str, args: list[str], timeout: float) -> Any:
+        """`python -m bench.<name> <args>` and the JSON document it prints; a crash or a hang there
+        fails this phase only."""
+        env = base_env(None, "glibc", LOG_LEVEL="WARNING")
+        return run_json([PY, "-m", f"bench.{name}", *args], env, timeout, self.logs / f"{name}.log")
+
+    def backends(self) -> dict[str, Any]:
+        return self._module("backends", ["--seconds", str(self.plan.backends_seconds)], 1800)
+
+    def decode(self) -> dict[str, Any]:
+        p = self.plan
+        return self._module(
+            "decode", ["--seconds", str(p.decode_seconds), "--rounds", str(p.decode_rounds)], 900
+        )
+
+    def front_door(self) -> dict[str, Any]:
+        p = self.plan
+        args = ["--stalled", str(p.front_stalled), "--trickling", str(p.front_trickling)]
+        args += ["--waiters", str(p.front_waiters), "--pairs", str(p.front_pairs)]
+        # Its own throwaway Valkey (the module's default): 10,000 waiters' keys stay out of the run's.
+        return self._module("front_door", args, 1200)
+
     # --- everything ------------------------------------------------------------------------------------
 
     def run(self, only: set[str] | None) -> dict[str, Any]:
@@ -582,6 +646,9 @@ class Bench:
                 ("cold_start", self.cold_start),
                 ("api", self.api),
                 ("batching", self.batching),
+                ("backends", self.backends),
+                ("decode", self.decode),
+                ("front_door", self.front_door),
             ]
             for name, fn in phases:
                 if only and name not in only:

@@ -171,7 +171,8 @@ def spawn(
 
 
 def run_json(args: Sequence[str], env: dict[str, str], timeout: float, log: Path | None = None) -> Any:
-    """Run a bench child that prints one JSON document as its last stdout line."""
+    """Run a bench child that prints one JSON document as its last stdout line (or as the whole of
+    its stdout, indented)."""
     err: Any = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     try:
         done = subprocess.run(
@@ -180,10 +181,17 @@ def run_json(args: Sequence[str], env: dict[str, str], timeout: float, log: Path
     finally:
         if log:
             err.close()
-    lines = done.stdout.decode().strip().splitlines()
+    text = done.stdout.decode().strip()
+    lines = text.splitlines()
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(args)} exited {done.returncode}; see {log}")
-    return json.loads(lines[-1])
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        # Some modules pretty-print their one document over several lines for a human reader: it
+        # starts at the last "{" in column 0 (nested objects are indented), after any log lines.
+        start = text.rfind("\n{") + 1
+        return json.loads(text[start:])
 
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.targets import P99_AT_50_MS, P99_AT_80_MS, QUEUE_JOBS_PER_S, Results, layout_rates, layouts, med
+from bench.targets import P99_AT_25_MS, P99_AT_80_MS, QUEUE_JOBS_PER_S, Results, layout_rates, layouts, med
 
 
 def _legend(ax: Any, **kwargs: Any) -> None:
@@ -60,7 +60,7 @@ def plot(results: Results, path: Path) -> bool:
         for q, style in (("p50", "-o"), ("p99", "--s")):
             y = [min(r["pooled_latency_ms"][q], 1e5) for r in rates]
             ax.plot(x, y, style, label=f"{q}, {allocator}")
-    ax.axhline(P99_AT_50_MS, color="grey", linewidth=0.8)
+    ax.axhline(P99_AT_25_MS, color="grey", linewidth=0.8)
     ax.axhline(P99_AT_80_MS, color="grey", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("offered req/s (Poisson)")

@@ -61,6 +61,8 @@ class CountingHandler:
 
     def __init__(self, inner: Any, rss_every: int) -> None:
         self.inner = inner
+        # The worker starts its decoder pool from the handler's model (its input spec).
+        self.model = getattr(inner, "model", None)
         self.model_info = inner.model_info
         self.batch_cap = inner.batch_cap
         self.rss_every = rss_every
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from worker.batch_worker import BatchWorker, load_handler
+    from worker.feeder import in_thread_decoder
 
     started = time.perf_counter()
     inner: Any = NoopHandler() if args.handler == "noop" else load_handler(settings)
@@ -144,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         settings=settings,
         handler=handler,  # type: ignore[arg-type]
         collector_class=FixedDelayCollector if args.fixed_delay else BatchCollector,
+        # No model, nothing to decode: the no-op handler's own preprocess_one, on the feeder thread,
+        # instead of a decoder pool that would decode every JPEG the queue layer is measured with.
+        decode_many=in_thread_decoder(handler) if args.handler == "noop" else None,  # type: ignore[arg-type]
     )
     try:
         worker.work(burst=args.burst, max_jobs=args.max_jobs)

@@ -163,6 +163,10 @@ def _targets(results: Results) -> dict[str, Any]:
                 "ratio_same_allocator": fmt(ratio(h.saturation, h.limit_same_allocator), 2),
                 "limit_two_processes": fmt(h.limit_two_processes),
                 "ratio_two_processes": fmt(ratio(h.saturation, h.limit_two_processes), 2),
+                "torchscript_limit": fmt(h.torchscript_limit),
+                "torchscript_limit_config": h.torchscript_limit_config or "–",
+                "torchscript_saturation": fmt(h.torchscript_saturation),
+                "p99_at_25": fmt(h.p99_at_25, 0),
                 "forking": fmt(h.forking, 2),
                 "preloaded": fmt(h.preloaded),
                 "p99_at_50": fmt(h.p99_at_50, 0),
@@ -477,6 +481,94 @@ def _decoders(results: Results) -> View:
     }
 
 
+def _flat_table(data: dict[str, Any]) -> str:
+    """A two-column table of a module's flat figures (name → value), in the order it printed them."""
+    rows = [
+        [k, str(v) if isinstance(v, int) else fmt(v, 2)]
+        for k, v in data.items()
+        if not isinstance(v, dict | list)
+    ]
+    return table(["figure", "value"], rows)
+
+
+def _backends(results: Results) -> View:
+    data = results.get("backends")
+    if not data:
+        return None
+    runs = data.get("results", [])
+    sizes = sorted({s for r in runs for s in r.get("forward_ms_per_image", {})}, key=int)
+    label = [f"{r['backend']} {r.get('version', '')} {r['threads']}t".replace("  ", " ") for r in runs]
+    forward = table(
+        ["backend, threads", "load s", *(f"batch {s}" for s in sizes)],
+        [
+            [name, fmt(r.get("load_s"), 2), *(fmt(r["forward_ms_per_image"].get(s), 2) for s in sizes)]
+            for name, r in zip(label, runs, strict=True)
+        ],
+    )
+    pipeline = table(
+        ["backend, threads", *(f"batch {s}" for s in sizes)],
+        [
+            [name, *(fmt(r["pipeline_images_per_s"].get(s)) for s in sizes)]
+            for name, r in zip(label, runs, strict=True)
+        ],
+    )
+    best = [
+        f"{backend}: {fmt(b['images_per_s'])} img/s ({b['threads']} thread(s), batch {b['batch']})"
+        for backend, b in (data.get("pipeline_best") or {}).items()
+    ]
+    limit = data.get("limit") or {}
+    h = headline(results)
+    return {
+        "allocator": data.get("allocator", "glibc"),
+        "forward": forward,
+        "pipeline": pipeline,
+        "best": best,
+        "limit": (
+            f"{fmt(limit['images_per_s'])} img/s ({limit['backend']}, {limit['threads']} thread(s), "
+            f"batch {limit['batch']})"
+            if limit
+            else "–"
+        ),
+        "torchscript_limit": fmt(h.torchscript_limit),
+        "skipped": ", ".join(f"{k} ({v[:120]})" for k, v in (data.get("skipped") or {}).items()),
+    }
+
+
+def _decode(results: Results) -> View:
+    data = results.get("decode")
+    if not data:
+        return None
+    modes = data.get("throughput", {})
+    names = {"in_thread": "in the calling thread (DECODERS=0)"}
+    rows = [
+        [
+            names.get(mode, mode.replace("pool_", "DecoderPool, ") + " process(es)"),
+            fmt(m.get("images_per_s")),
+            fmt(m.get("cpu_ms_per_image"), 2),
+            ", ".join(fmt(r) for r in m.get("rounds_images_per_s", [])),
+        ]
+        for mode, m in modes.items()
+    ]
+    draft = data.get("jpeg_draft") or {}
+    return {
+        "images": data.get("images", "?"),
+        "batch": data.get("batch", "?"),
+        "table": table(["decode + preprocess", "best img/s", "CPU ms/img", "rounds img/s"], rows),
+        "draft_size": draft.get("size", "?"),
+        "draft_full": fmt(draft.get("full_ms"), 2),
+        "draft_draft": fmt(draft.get("draft_ms"), 2),
+        "draft_speedup": fmt(draft.get("speedup"), 2),
+    }
+
+
+def _front_door(results: Results) -> View:
+    data = results.get("front_door")
+    if not data:
+        return None
+    parts = {"attack": "attack", "long_polls": "long_polls", "cpu": "cpu"}
+    return {key: _flat_table(data[name]) if data.get(name) else None for key, name in parts.items()}
+
+
 _PLAN_KEYS = (
     "runs",
     "limit_seconds",
@@ -495,6 +587,13 @@ _PLAN_KEYS = (
     "variant_low_seconds",
     "variant_low_rate",
     "variant_sat_seconds",
+    "backends_seconds",
+    "decode_seconds",
+    "decode_rounds",
+    "front_stalled",
+    "front_trickling",
+    "front_waiters",
+    "front_pairs",
 )
 
 
@@ -527,6 +626,9 @@ def render(results: Results, plot_name: str | None = None) -> str:
         api=_api(results),
         batching=_batching(results),
         decoders=_decoders(results),
+        backends=_backends(results),
+        decode=_decode(results),
+        front_door=_front_door(results),
         plan=_plan(results),
         errors=[(name, text.splitlines()[0][:300]) for name, text in errors.items()],
     )

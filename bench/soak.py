@@ -1,8 +1,8 @@
 """`python -m bench.soak` (`make soak`): run every soak drill, write SOAK.md.
 
 A drill is a module `bench/soak_<name>.py` with `main(argv) -> int` that accepts `--workdir DIR`
-(its logs and data go there), prints one JSON document as the last line of its stdout and returns 0
-when the drill passed. Each drill runs in a process
+(its logs and data go there) and `--quick` (small counts, for a smoke run), prints one JSON document
+as the last line of its stdout and returns 0 when the drill passed. Each drill runs in a process
 of its own (its servers and workers are its own, and a crash of one drill does not stop the
 others). The fields SOAK.md reports, when the drill gives them:
 
@@ -164,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated drill names (e.g. chaos); default: every drill")
     parser.add_argument("--package", default="bench", help="where the soak_*.py drills live")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, help="seconds per drill")
+    parser.add_argument("--quick", action="store_true", help="pass --quick to every drill: small counts")
     args = parser.parse_args(argv)
 
     when = datetime.datetime.now(datetime.UTC)
@@ -177,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for module in modules:
         name = module.rpartition(".")[2].removeprefix(DRILL_PREFIX)
         print(f"[soak] {name} ...", file=sys.stderr, flush=True)
-        result = run_drill(module, ["--workdir", str(workdir / name)], args.timeout, workdir / f"{name}.log")
+        drill_args = ["--workdir", str(workdir / name), *(["--quick"] if args.quick else [])]
+        result = run_drill(module, drill_args, args.timeout, workdir / f"{name}.log")
         (workdir / f"{name}.json").write_text(json.dumps(result.summary, indent=1))
         print(
             f"[soak] {name}: {'pass' if result.passed else 'FAIL'} in {result.seconds:.0f} s", file=sys.stderr

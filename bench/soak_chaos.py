@@ -439,7 +439,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workdir", type=Path, default=None, help="logs and Redis data (default: a temp dir)"
     )
+    parser.add_argument("--quick", action="store_true", help="300 jobs, 3 kills (a smoke run)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.jobs, args.kills = min(args.jobs, 300), min(args.kills, 3)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="inferq-soak-"))
     report = run_drill(args.workers, args.jobs, args.kills, workdir, seed=args.seed)
     summary = {

@@ -1,4 +1,4 @@
-"""The decode-bomb battery: `python -m bench.soak_decode` prints one JSON document.
+"""The decode-bomb battery: `python -m bench.soak_decode [--workdir DIR]` prints one JSON line.
 
 Every crafted hostile file of `bench.decode_bombs` (plus a few that stay under the structure caps but
 are expensive anyway) goes through a fresh `DecoderPool` of one decoder, twice: with the settings'
@@ -15,9 +15,11 @@ import argparse
 import io
 import json
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -120,19 +122,44 @@ def run(timeout_ms: float, memory_mb: int) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--tight-timeout-ms", type=float, default=500.0)
     parser.add_argument("--tight-memory-mb", type=int, default=128)
+    parser.add_argument("--workdir", type=Path, default=None, help="the whole report is also written there")
+    # The battery is small already: --quick is accepted so that `python -m bench.soak --quick` can pass
+    # it to every drill.
+    parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     settings = get_settings()
-    report = {
+    report: dict[str, Any] = {
         # The shipped limits, then tight ones so that the limits themselves are exercised.
         "settings_limits": run(settings.decode_timeout_ms, settings.decoder_memory_mb),
         "tight_limits": run(args.tight_timeout_ms, args.tight_memory_mb),
     }
-    print(json.dumps(report, indent=2))
+    runs = (report["settings_limits"], report["tight_limits"])
+    report["jobs_submitted"] = sum(len(r["cases"]) for r in runs)
+    report["finished"] = sum(1 for r in runs for c in r["cases"].values() if c["outcome"] == "ok")
+    failed: dict[str, int] = {}
+    for r in runs:
+        for case in r["cases"].values():
+            if case["outcome"] != "ok":
+                failed[case["outcome"]] = failed.get(case["outcome"], 0) + 1
+    report["failed_by_code"] = failed
+    # A hostile file may be refused (that is the point); the drill fails only when the pool did not
+    # come back healthy, i.e. a real photo no longer decoded to the in-thread result afterwards.
+    report["lost"] = 0
+    report["peak_rss_mb"] = {
+        "decoders": max(c["decoder_peak_rss_mb"] for r in runs for c in r["cases"].values())
+    }
+    passed = all(r["pool_healthy_after"] for r in runs)
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        (args.workdir / "soak_decode.json").write_text(json.dumps(report, indent=2))
+    # One line: `python -m bench.soak` reads the last stdout line as the drill's summary.
+    print(json.dumps(report))
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -220,12 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--maxmemory-mb", type=int, default=48)
     parser.add_argument("--submitters", type=int, default=4)
     parser.add_argument("--logs", type=Path, default=None)
+    # The soak runner's interface: --workdir is where the logs go (same as --logs).
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
     args = parser.parse_args(argv)
+    logs = args.logs or args.workdir
     report = drill(
-        phase_seconds=args.phase_seconds,
+        phase_seconds=min(args.phase_seconds, 5.0) if args.quick else args.phase_seconds,
         maxmemory_mb=args.maxmemory_mb,
         submitters=args.submitters,
-        logs=args.logs,
+        logs=logs,
     )
     print(json.dumps(report))
     return 0 if report["lost"] == 0 and report["queued_bytes_counted_at_end"] == 0 else 1
