@@ -236,13 +236,15 @@ def test_a_sigkilled_worker_does_not_strand_its_jobs(
 ) -> None:
     store = job_store()
     conn, settings = store.conn, store.settings
-    ids = enqueue_photos(conn, settings, photo_bytes, 60)
     env = service_env(store.url, MAX_BATCH_SIZE=8)
     # The rescuer is up before the kill: the time measured is the recovery, not a model load.
     rescuer = start_worker(env, log=tmp_path / "rescuer.log")
     victim = start_worker(env, log=tmp_path / "victim.log")
     try:
         wait_until(lambda: Worker.count(connection=conn) == 2, 180, 0.2, "both workers registered")
+        # Queued once both are up (a fast backend would drain a backlog before the second loads),
+        # and enough of them that the victim is still busy when it is picked.
+        ids = enqueue_photos(conn, settings, photo_bytes, 400)
         kill = kill_mid_work(conn, settings, [rescuer, victim], victim, patience=2)
         assert kill is not None and kill.started, "the victim was never seen with a job started"
         # Its started jobs are back in other hands within the promised window (the grabbed-but-not-
