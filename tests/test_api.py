@@ -658,9 +658,7 @@ def test_openapi_document(client: FlaskClient) -> None:
 @pytest.fixture
 def gunicorn_api(redis_url: str, tmp_path: Any) -> Iterator[str]:
     port = free_port()
-    env = service_env(
-        redis_url, WEB_CONCURRENCY=2, API_THREADS=4, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom")
-    )
+    env = service_env(redis_url, WEB_CONCURRENCY=2, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))
     proc = start_api(env, port, log=tmp_path / "api.log")
     base = f"http://127.0.0.1:{port}"
     try:

@@ -23,7 +23,7 @@ def test_one_key_submitted_at_once_by_many_clients_makes_one_job(
     with (
         EmbeddedRedis(tmp_path / "redis") as server,
         # Two api processes with several threads each: the racing requests really run in parallel.
-        service_stack(server.url, tmp_path, workers=0, WEB_CONCURRENCY=2, API_THREADS=8) as stack,
+        service_stack(server.url, tmp_path, workers=0, WEB_CONCURRENCY=2) as stack,
     ):
         start = threading.Barrier(CLIENTS)
         answers: list[requests.Response] = []

@@ -142,7 +142,8 @@ def test_no_accepted_job_is_lost_or_doubled_when_redis_restarts_under_traffic(
         server.kill()
         killed_at = time.monotonic()
         # During the outage: submits (answered 503, then accepted once Redis is back) and a read.
-        with ThreadPoolExecutor(4) as pool:
+        # One thread per submit: each is in flight during the outage, so each is answered 503 first.
+        with ThreadPoolExecutor(8) as pool:
             during = [pool.submit(post_until_accepted, 40 + i) for i in range(8)]
             time.sleep(5)
             read = requests.get(f"{stack.base}/v1/jobs/{before[-1]}", timeout=30)

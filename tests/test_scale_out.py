@@ -93,7 +93,9 @@ def log_lines(path: Path, tolerate_cut_last_line: bool = False) -> list[dict[str
 
 
 def test_three_workers_two_apis_600_jobs_one_worker_killed(artifact_dir: Path, tmp_path: Path) -> None:
-    sha256 = Manifest.read(artifact_dir).sha256
+    manifest = Manifest.read(artifact_dir)
+    # Each worker serves one file of the artifact, the one its backend runs (BACKEND=auto).
+    served = {manifest.sha256} | ({manifest.onnx.sha256} if manifest.onnx else set())
     with EmbeddedRedis(tmp_path / "redis", appendonly=False) as server:
         env = service_env(
             server.url,
@@ -101,7 +103,6 @@ def test_three_workers_two_apis_600_jobs_one_worker_killed(artifact_dir: Path, t
             MAX_BATCH_SIZE=8,
             LOG_FORMAT="json",
             WEB_CONCURRENCY=1,
-            API_THREADS=8,
         )
         machines = {name: start_machine(env, name, tmp_path / name) for name in WORKERS}
         ports = [free_port(), free_port()]
@@ -122,7 +123,7 @@ def test_three_workers_two_apis_600_jobs_one_worker_killed(artifact_dir: Path, t
             assert {w["name"] for w in listed} == set(WORKERS)
             assert all(w["queues"] == ["inferq", "inferq-low"] and w["state"] for w in listed)
             info = worker_info(bases[0])
-            assert {i["model_sha256"] for i in info.values()} == {sha256}
+            assert {i["model_sha256"] for i in info.values()} <= served
             assert {i["queues"] for i in info.values()} == {"inferq,inferq-low"}
 
             # --- 600 jobs over HTTP, spread over both apis and both lanes -------------------------------
@@ -243,7 +244,8 @@ def test_three_workers_two_apis_600_jobs_one_worker_killed(artifact_dir: Path, t
     for name in WORKERS:
         lines = log_lines(tmp_path / name / "worker.log", tolerate_cut_last_line=name == VICTIM)
         ended_here = [line for line in lines if line["message"] == "job ended"]
-        assert all(line["worker"] == name and line["model_sha256"] == sha256 for line in ended_here)
+        assert all(line["worker"] == name and line["model_sha256"] in served for line in ended_here)
+        assert len({line["model_sha256"] for line in ended_here}) <= 1, "one worker serves one file"
         logged = {line["job_id"] for line in ended_here}
         ran_here = {job_id for job_id, row in zip(ids, rows, strict=True) if row[1].decode() == name}
         # The victim may die between writing a batch and logging it: its lines are a subset.

@@ -418,7 +418,6 @@ def test_gunicorn_logs_are_redacted(tmp_path: Path, photo_bytes: dict[str, bytes
             server.url,
             API_KEYS=KEY_A,
             WEB_CONCURRENCY=1,
-            API_THREADS=2,
             LOG_LEVEL="DEBUG",
             GUNICORN_CMD_ARGS="--access-logformat '%(h)s \"%(r)s\" %(s)s auth=%({authorization}i)s'",
         )
