@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,14 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from gevent.monkey import MonkeyPatchWarning  # noqa: E402
 from gunicorn.glogging import Logger as _GunicornLogger  # noqa: E402
+
+# gunicorn's gevent worker patches the standard library in each worker, after this file and what it
+# imports are loaded; `import redis` also loads redis-py's asyncio client, which binds ssl names at
+# import, and gevent warns about them on every worker start. The api never uses that client; its
+# sync client looks `ssl` up at call time, so it gets the patched module.
+warnings.filterwarnings("ignore", message=r"Monkey-patching ssl after ssl", category=MonkeyPatchWarning)
 
 from api.bind_policy import BindNotAllowed, check_bind_allowed  # noqa: E402
 from shared.config import get_settings  # noqa: E402

@@ -103,6 +103,9 @@ def test_three_workers_two_apis_600_jobs_one_worker_killed(artifact_dir: Path, t
             MAX_BATCH_SIZE=8,
             LOG_FORMAT="json",
             WEB_CONCURRENCY=1,
+            # One client submits everything at once here: the per-key limits are another test's subject.
+            SUBMIT_RATE_LIMIT="100000/second",
+            QUEUE_SHARE_PER_KEY=1,
         )
         machines = {name: start_machine(env, name, tmp_path / name) for name in WORKERS}
         ports = [free_port(), free_port()]
