@@ -94,10 +94,14 @@ class _MinRateInput:
         self._chunk = max(1, min(_CHUNK, int(min_rate)))
         self._rate = min_rate
         self._grace = grace
-        self._started = time.monotonic()
+        # From the app's first read, not from the request's arrival: time the api spends before it
+        # reads (its quota checks, a Redis outage's retries) is not the client's to make up.
+        self._started: float | None = None
         self._got = 0
 
     def _timed(self, read: Any, size: int) -> bytes:
+        if self._started is None:
+            self._started = time.monotonic()
         # The deadline for having received `size` more bytes at the minimum rate.
         remaining = self._started + self._grace + (self._got + size) / self._rate - time.monotonic()
         if remaining <= 0:
