@@ -27,6 +27,15 @@ def _json(description: str, schema: dict[str, Any], headers: dict[str, Any] | No
     return response
 
 
+def _multipart_image(image: dict[str, Any]) -> dict[str, Any]:
+    """The multipart body both upload endpoints take: one required `image` part (or several)."""
+    return {
+        "multipart/form-data": {
+            "schema": {"type": "object", "required": ["image"], "properties": {"image": image}},
+        },
+    }
+
+
 def _schemas(settings: Settings) -> dict[str, Any]:
     nullable_number = {"type": ["number", "null"]}
     nullable_time = {"type": ["string", "null"], "format": "date-time"}
@@ -271,13 +280,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         "required": True,
                         "content": {
                             **raw_bodies,
-                            "multipart/form-data": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["image"],
-                                    "properties": {"image": binary},
-                                },
-                            },
+                            **_multipart_image(binary),
                         },
                     },
                     "responses": {
@@ -296,20 +299,14 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "requestBody": {
                         "required": True,
                         "content": {
-                            "multipart/form-data": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["image"],
-                                    "properties": {
-                                        "image": {
-                                            "type": "array",
-                                            "items": binary,
-                                            "minItems": 1,
-                                            "maxItems": settings.max_batch_submit,
-                                        }
-                                    },
-                                },
-                            }
+                            **_multipart_image(
+                                {
+                                    "type": "array",
+                                    "items": binary,
+                                    "minItems": 1,
+                                    "maxItems": settings.max_batch_submit,
+                                }
+                            )
                         },
                     },
                     "responses": {
