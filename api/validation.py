@@ -6,7 +6,7 @@ decides how the body is read (raw or multipart).
 
 Budget of `check_image`, whatever the upload holds: at most 50 ms of CPU and 64 MB of memory
 (`tests/test_bounded_inspection.py` holds it to that on crafted decode bombs). Inspection never
-walks frames or pixel data; structures past the caps of `shared.preprocess.check_structure` are
+walks frames or pixel data; structures past the caps of `shared.image_structure.check_structure` are
 refused `422 image_too_complex` before PIL parses them.
 """
 

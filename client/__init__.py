@@ -10,20 +10,9 @@ from __future__ import annotations
 # Defined before the imports below: client.sdk reads it for its User-Agent.
 __version__ = "0.1.0"
 
-from client.errors import (
-    AuthenticationError,
-    ClientError,
-    Conflict,
-    FileError,
-    Gone,
-    InvalidInput,
-    JobFailed,
-    JobTimeout,
-    NotFound,
-    RateLimited,
-    ServerError,
-    Unavailable,
-)
+# Every error class, listed once in client.errors.__all__ (client.sdk imports them too).
+from client import errors as _errors
+from client.errors import *  # noqa: F403
 from client.models import (
     TERMINAL_STATUSES,
     JobError,
@@ -40,28 +29,17 @@ from client.sdk import DEFAULT_URL, Client, ImageInput, Outcome
 __all__ = [
     "DEFAULT_URL",
     "TERMINAL_STATUSES",
-    "AuthenticationError",
     "Client",
-    "ClientError",
-    "Conflict",
-    "FileError",
-    "Gone",
     "ImageInput",
-    "InvalidInput",
     "JobError",
-    "JobFailed",
     "JobRef",
     "JobResult",
     "JobStatus",
-    "JobTimeout",
     "ModelInfo",
-    "NotFound",
     "Outcome",
     "Prediction",
-    "RateLimited",
     "Readiness",
-    "ServerError",
     "Timings",
-    "Unavailable",
     "__version__",
+    *_errors.__all__,
 ]

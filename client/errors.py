@@ -14,6 +14,22 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from client.models import JobResult
 
+# The one list of the error classes: the package re-exports exactly these (client/__init__.py).
+__all__ = [
+    "AuthenticationError",
+    "ClientError",
+    "Conflict",
+    "FileError",
+    "Gone",
+    "InvalidInput",
+    "JobFailed",
+    "JobTimeout",
+    "NotFound",
+    "RateLimited",
+    "ServerError",
+    "Unavailable",
+]
+
 
 class ClientError(Exception):
     """Base of every client error."""

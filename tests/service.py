@@ -19,7 +19,7 @@ from rq.job import Job
 from rq.results import Result
 
 from api.job_view import job_view
-from launch.processes import free_port, wait_until
+from launch.processes import free_port, stop_process, wait_until
 from shared.config import PROJECT_ROOT, Settings
 from shared.jobs import LANES, SERIALIZER, TERMINAL_STATUSES, lane_queue_name, make_queue, submit
 
@@ -100,14 +100,25 @@ def http_ok(url: str) -> bool:
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
+    # The launcher's own stop, so tests stop processes the way the service does; only the longer
+    # default patience (a loaded worker drains its batch first) is the tests' own.
+    code = stop_process(proc, timeout, sig)
+    assert code is not None  # stop_process answers None only for a missing process
+    return code
+
+
+def run_module(
+    module: str, *args: str, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m module args` from the project root, to its end; its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @contextmanager

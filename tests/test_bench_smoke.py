@@ -7,8 +7,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ from bench.common import percentile, span_rate, summarize
 from bench.loadgen import latency_summary, poisson_schedule, run_closed_loop, run_open_loop
 from bench.report import evaluate, headline, knee, render, rss_growth, write_outputs
 from bench.targets import SAT_VS_LIMIT_TARGET
-from shared.config import PROJECT_ROOT
+from tests.service import run_module
 
 # --- schedule and statistics ------------------------------------------------------------------------
 
@@ -412,22 +410,8 @@ WHOLE_RUN_TIMEOUT_S = 1500
 def run_bench(tmp_path: Path, *args: str, timeout: float) -> str:
     """`python -m bench --quick <args>`; its report's text once it exited 0."""
     out = tmp_path / "BENCHMARKS.md"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            *args,
-            "--out",
-            str(out),
-            "--workdir",
-            str(tmp_path / "work"),
-        ],
-        cwd=PROJECT_ROOT,
-        timeout=timeout,
-        capture_output=True,
-        text=True,
+    done = run_module(
+        "bench", "--quick", *args, "--out", str(out), "--workdir", str(tmp_path / "work"), timeout=timeout
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return out.read_text()

@@ -22,6 +22,7 @@ import requests
 from launch.processes import alive, cmdline, descendants, free_port, port_open, proc_table, wait_until
 from shared.config import PROJECT_ROOT
 from shared.redis_conn import redis_from_url
+from tests.service import run_module
 
 READY_TIMEOUT = 180.0
 STOP_TIMEOUT = 30.0
@@ -180,14 +181,7 @@ def test_launcher_serves_respawns_a_killed_worker_and_stops_cleanly(
 
 def test_launcher_refuses_a_public_host_before_starting_anything(tmp_path: Path) -> None:
     env = launcher_env(tmp_path, HOST="0.0.0.0", PORT=str(free_port()))
-    out = subprocess.run(
-        [sys.executable, "-m", "launch.launcher"],
-        env=env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_module("launch.launcher", env=env, timeout=60)
     assert out.returncode == 2
     assert "refusing to serve the api on 0.0.0.0" in out.stderr
     assert "loopback" in out.stderr and "API_KEYS" in out.stderr
@@ -200,13 +194,8 @@ def test_a_process_that_exits_stops_everything_with_its_output(tmp_path: Path) -
     procfile.write_text("web: echo boom-from-web; sleep 1; exit 3\nworker: exec sleep 300\n")
     # REDIS_URL set: no embedded server; nothing connects to it.
     env = launcher_env(tmp_path, PORT=str(free_port()), REDIS_URL="redis://127.0.0.1:9/0")
-    out = subprocess.run(
-        [sys.executable, "-m", "launch.launcher", "--procfile", str(procfile), "--ready-timeout", "60"],
-        env=env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    out = run_module(
+        "launch.launcher", "--procfile", str(procfile), "--ready-timeout", "60", env=env, timeout=60
     )
     assert out.returncode == 1, out.stdout + out.stderr
     assert "process 'web' exited with code 3 before the service was ready" in out.stderr
@@ -224,13 +213,8 @@ def test_with_api_keys_a_public_host_is_allowed_and_readiness_times_out(tmp_path
         tmp_path, HOST="0.0.0.0", API_KEYS="k" * 32, PORT=str(port), REDIS_URL="redis://127.0.0.1:9/0"
     )
     started = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-m", "launch.launcher", "--procfile", str(procfile), "--ready-timeout", "3"],
-        env=env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    out = run_module(
+        "launch.launcher", "--procfile", str(procfile), "--ready-timeout", "3", env=env, timeout=60
     )
     assert out.returncode == 1, out.stdout + out.stderr
     assert f"http://127.0.0.1:{port}/readyz did not answer 200 within 3 s" in out.stderr

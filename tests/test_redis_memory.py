@@ -60,6 +60,13 @@ def job_id_of(response: Any) -> str:
     return str(response.json["id"])
 
 
+def submit_without_image(client: FlaskClient, conn: redis.Redis) -> str:
+    """A queued job whose image bytes are gone from Redis; its id."""
+    job_id = job_id_of(submit(client))
+    conn.delete(image_key(job_id))
+    return job_id
+
+
 def failed_counts(conn: redis.Redis, settings: Settings) -> dict[str, int]:
     return read_snapshot(conn, settings.queue_name, []).failed_by_code
 
@@ -130,10 +137,8 @@ def test_the_worker_tells_an_expired_image_from_a_deleted_one(
     """The worker's own check (a grabbed job whose image is gone), without the sweep's help."""
     settings = settings_for(redis_url)
     client = client_for(settings)
-    deleted_id = job_id_of(submit(client))
-    redis_conn.delete(image_key(deleted_id))  # gone long before its IMAGE_TTL
-    expired_id = job_id_of(submit(client))
-    redis_conn.delete(image_key(expired_id))
+    deleted_id = submit_without_image(client, redis_conn)  # gone long before its IMAGE_TTL
+    expired_id = submit_without_image(client, redis_conn)
     job = Job.fetch(expired_id, connection=redis_conn, serializer=JSONSerializer)
     job.meta[image_budget.META_IMAGE_EXPIRES] = time.time() - 5  # as if IMAGE_TTL had run out
     job.save_meta()
@@ -311,8 +316,7 @@ def test_a_plain_rq_worker_releases_the_bytes_of_the_jobs_it_runs(
     """`worker.tasks.classify` (jobs run by `rq worker` instead of the batch worker) releases too."""
     settings = settings_for(redis_url)
     client = client_for(settings)
-    job_id = job_id_of(submit(client))
-    redis_conn.delete(image_key(job_id))  # fails before any model is loaded
+    job_id = submit_without_image(client, redis_conn)  # fails before any model is loaded
 
     SimpleWorker(["inferq"], connection=redis_conn, serializer=JSONSerializer).work(burst=True)
 

@@ -28,6 +28,7 @@ from shared.redis_conn import (
     redis_version,
     with_options,
 )
+from tests.service import run_module
 
 FreshServer = Callable[..., EmbeddedRedis]
 
@@ -399,14 +400,7 @@ def test_a_server_that_hides_its_version_stops_the_worker_at_start(fresh_redis_s
 
         connect_checked(Settings(redis_url=server.url), client_name="inferq-test")
     env = {**os.environ, "REDIS_URL": server.url, "PYTHONPATH": str(PROJECT_ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-m", "worker", "--burst"],
-        env=env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_module("worker", "--burst", env=env, timeout=120)
     assert out.returncode != 0
     assert "cannot read the server version" in out.stderr
 

@@ -11,8 +11,6 @@ import base64
 import io
 import logging
 import math
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -36,11 +34,11 @@ from api import create_app
 from api.auth import enforce_api_key_or_basic, owner_id
 from api.bind_policy import BindNotAllowed, check_bind_allowed
 from launch.redis_server import EmbeddedRedis
-from shared.config import PROJECT_ROOT, Settings, hash_api_key
+from shared.config import Settings, hash_api_key
 from shared.keys import image_key, known_key
 from shared.log_redaction import REDACTED, install_redaction, redact
 from tests.factories import settings_for
-from tests.service import free_port, http_ok, service_env, start_api, stop, wait_until
+from tests.service import free_port, http_ok, run_module, service_env, start_api, stop, wait_until
 
 KEY_A = "alpha-key-0123456789abcdef"
 KEY_B = "bravo-key-0123456789abcdef"
@@ -474,14 +472,7 @@ def test_gunicorn_refuses_a_public_bind_without_keys(redis_url: str, how: str) -
         env["HOST"] = "0.0.0.0"
     else:
         env["GUNICORN_CMD_ARGS"] = f"--bind 0.0.0.0:{port}"
-    result = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "--config", "api/gunicorn_conf.py", "api.wsgi:app"],
-        env=env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_module("gunicorn", "--config", "api/gunicorn_conf.py", "api.wsgi:app", env=env, timeout=60)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "refusing to serve the api on 0.0.0.0" in output and "API_KEYS" in output, output

@@ -4,11 +4,10 @@ their summaries, a failing or silent drill reported as such."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from shared.config import PROJECT_ROOT
+from tests.service import run_module
 
 _PASSING = """
 import argparse, json, sys
@@ -41,22 +40,15 @@ def test_soak_runs_each_drill_and_writes_soak_md(tmp_path: Path) -> None:
     (package / "not_a_drill.py").write_text("raise RuntimeError('must not be imported')\n")
     out = tmp_path / "SOAK.md"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), str(tmp_path)])}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.soak",
-            "--package",
-            "drills",
-            "--out",
-            str(out),
-            "--workdir",
-            str(tmp_path / "w"),
-        ],
-        cwd=PROJECT_ROOT,
+    done = run_module(
+        "bench.soak",
+        "--package",
+        "drills",
+        "--out",
+        str(out),
+        "--workdir",
+        str(tmp_path / "w"),
         env=env,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert done.returncode == 1, done.stderr  # one drill failed

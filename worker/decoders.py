@@ -20,6 +20,10 @@ hostile file must not be able to take the worker down or stall it. So each decod
 
 `DECODERS=0` decodes in the calling thread with the same error mapping (no limits: for debugging and
 for machines where processes are not wanted).
+
+Why one module over 400 lines: the pool and the decoder child are the two ends of one private pipe
+and shared-memory protocol (its framing, slot layout and error payloads); kept together, a change to
+one end cannot miss the other.
 """
 
 from __future__ import annotations
