@@ -13,8 +13,9 @@ Timeouts, and why there are two kinds of connection:
   seconds is plenty (they take well under a millisecond) and detects a hung or half-open server.
 - Blocking commands (the worker's BLMOVE waits a few seconds for a job; the api's long-polls no
   longer block on Redis: one subscription per process wakes them, `api/long_poll.py`) legitimately
-  keep the reply back for their own server-side timeout. On a connection whose `socket_timeout` is shorter, redis-py would raise TimeoutError
-  and then *retry the command*, so the wait would never complete. Hence a blocking client,
+  keep the reply back for their own server-side timeout. On a connection whose `socket_timeout`
+  is shorter, redis-py would raise TimeoutError and then *retry the command*, so the wait would
+  never complete. Hence a blocking client,
   `with_options(conn, socket_timeout=blocking_socket_timeout(settings))`.
   Rule: every blocking command issued on a blocking connection must use a server-side timeout
   of at most `MAX_WAIT_SECONDS`; never issue one on the default connection.
