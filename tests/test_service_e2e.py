@@ -249,8 +249,9 @@ def test_a_sigkilled_worker_does_not_strand_its_jobs(
         wait_until(lambda: Worker.count(connection=conn) == 2, 180, 0.2, "both workers registered")
         # Queued once both are up (a fast backend would drain a backlog before the second loads),
         # and enough of them that the victim is still busy when it is picked.
-        ids = enqueue_photos(conn, settings, photo_bytes, 400)
-        kill = kill_mid_work(conn, settings, [rescuer, victim], victim, patience=2)
+        # Each try freezes the victim while the rescuer drains, so the backlog must outlast several.
+        ids = enqueue_photos(conn, settings, photo_bytes, 1000)
+        kill = kill_mid_work(conn, settings, [rescuer, victim], victim, patience=4)
         assert kill is not None and kill.started, "the victim was never seen with a job started"
         # Its started jobs are back in other hands within the promised window (the grabbed-but-not-
         # started ones are the chaos tests' business).
