@@ -410,7 +410,10 @@ def _cold(results: Results) -> View:
     cold = results.get("cold_start")
     if not cold:
         return None
-    return {"api_and_worker": fmt(cold["api_and_worker_s"], 2), "worker_only": fmt(cold["worker_only_s"], 2)}
+    view = {"api_and_worker": fmt(cold["api_and_worker_s"], 2), "worker_only": fmt(cold["worker_only_s"], 2)}
+    for key in ("first_start", "launcher"):  # absent from results of older runs
+        view[key] = fmt(cold[f"{key}_s"], 2) if f"{key}_s" in cold else None
+    return view
 
 
 def _api(results: Results) -> View:

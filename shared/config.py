@@ -104,6 +104,20 @@ class Settings(BaseSettings):
         "always MAX_BATCH_SIZE.",
     )
 
+    warm_up_cache: bool = Field(
+        default=True,
+        description="Reuse the backend (BACKEND=auto) and the batch cap (AUTO_BATCH_CAP) an earlier start "
+        "measured under the same conditions: the artifact, the installed runtimes' versions, the CPU model "
+        "and count, the device, the allocator, the thread and batch settings (one small JSON file per set "
+        "of conditions, under INFERQ_CACHE/warm-up). Any change measures again; the worker logs where its "
+        "choice came from. false: measure at this start and store the result for the next ones.",
+    )
+    inferq_cache: Path | None = Field(
+        default=None,
+        description="Folder of what is kept between runs: the warm-up measurements (WARM_UP_CACHE) and the "
+        "environments `make` builds. Unset: `~/.cache/inferq`.",
+    )
+
     max_batch_delay_ms: float = Field(
         default=10.0,
         ge=0,
@@ -412,6 +426,11 @@ class Settings(BaseSettings):
             "onnxruntime": self.onnxruntime_threads,
             "openvino": self.openvino_threads,
         }[backend]
+
+    @property
+    def cache_dir(self) -> Path:
+        """INFERQ_CACHE, else `~/.cache/inferq` (the Makefile's default too)."""
+        return self.inferq_cache or Path.home() / ".cache" / "inferq"
 
     @property
     def auth_enabled(self) -> bool:

@@ -64,6 +64,17 @@ def artifact_dir() -> Path:
 # server of their own from `fresh_redis_server`.
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_warm_up_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Workers (in-process and the processes tests start) keep their warm-up measurement in a cache
+    of this session's (INFERQ_CACHE), never in the user's: a test's worker measures as on a fresh
+    machine, whatever earlier runs measured."""
+    cache = tmp_path_factory.mktemp("inferq-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("INFERQ_CACHE", str(cache))
+        yield cache
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis-session"), appendonly=False)

@@ -1,5 +1,7 @@
-"""Which backend serves: the candidates of BACKEND, each loaded, warmed up and timed on the same
-batch sizes the batch cap is chosen from; the fastest per image wins."""
+"""Which backend serves, and at which batch cap: the candidates of BACKEND, each loaded, warmed up
+and timed on the same batch sizes the batch cap is chosen from; the fastest per image wins. The
+outcome is kept (`worker.warm_up_cache`): a later start under the same conditions loads only the
+backend chosen, without timing anything."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from shared.config import Settings
 from shared.errors import ArtifactError
 from worker.backends import candidates
 from worker.model import NO_ONNX_EXPORT, load_artifact
-from worker.runner import InferenceRunner
+from worker.runner import InferenceRunner, calibration_sizes, choose_batch_cap, default_warm_up_sizes
+from worker.warm_up_cache import Choice, WarmUpCache
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +27,50 @@ class _Measured:
     @property
     def best_ms(self) -> float:
         return min(self.curve.values()) if self.curve else float("inf")
+
+
+@dataclass
+class Chosen:
+    runner: InferenceRunner  # loaded and warmed up on the backend that serves
+    batch_cap: int
+    source: str  # how the choice was made, for the log
+
+
+def choose(settings: Settings) -> Chosen:
+    """The backend that serves and its batch cap: measured at this start, or as measured at an earlier
+    start under the same conditions (WARM_UP_CACHE)."""
+    auto_cap = settings.auto_batch_cap and settings.max_batch_size > 1
+    if not auto_cap and settings.backend != "auto":
+        # Nothing to choose: the named backend, warmed up at the sizes it will run.
+        runner = measure_backends(settings, default_warm_up_sizes(settings.max_batch_size), False).runner
+        return Chosen(runner, settings.max_batch_size, "settings")
+    cache = WarmUpCache.for_settings(settings)
+    if cache is not None and settings.warm_up_cache:
+        cached = cache.lookup()
+        if cached is not None:
+            try:
+                return _from_cache(settings, cache, cached)
+            except ArtifactError as exc:
+                log.warning("the cached choice (%s) does not load: %s; measuring again", cached.backend, exc)
+    best = measure_backends(settings, calibration_sizes(settings.max_batch_size), True)
+    batch_cap = choose_batch_cap(best.curve) if auto_cap else settings.max_batch_size
+    if cache is None:
+        return Chosen(best.runner, batch_cap, "measured at this start")
+    cache.store(Choice(best.runner.model.backend.name, batch_cap, best.curve))
+    why = "a new measurement" if settings.warm_up_cache else "WARM_UP_CACHE=false"
+    return Chosen(best.runner, batch_cap, f"measured at this start ({why}; stored in {cache.path})")
+
+
+def _from_cache(settings: Settings, cache: WarmUpCache, cached: Choice) -> Chosen:
+    # Loaded and warmed up like a named backend, at the sizes it will run: none above the cap.
+    chosen = settings.model_copy(update={"backend": cached.backend})
+    runner = measure_backends(chosen, default_warm_up_sizes(cached.batch_cap), False).runner
+    curve = ", ".join(f"b{size}={ms:.1f}" for size, ms in cached.curve.items())
+    return Chosen(
+        runner,
+        cached.batch_cap,
+        f"from the warm-up cache {cache.path} (measured {cached.measured_at}: forward ms per image {curve})",
+    )
 
 
 def measure_backends(settings: Settings, sizes: Sequence[int], measure: bool) -> _Measured:

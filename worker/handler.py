@@ -3,7 +3,8 @@ postprocess.
 
 `load_handler(settings)` is its `initialize`: it loads the verified artifact on the configured backend
 (or, with `BACKEND=auto`, on every installed one, keeping the fastest), warms it up and measures the
-batch cap. Everything runtime-specific is behind `worker.backends.Backend`.
+batch cap, unless an earlier start measured both under the same conditions (`worker.warm_up_cache`).
+Everything runtime-specific is behind `worker.backends.Backend`.
 
 Preprocessing errors stay per item: a bad image becomes that item's error and never touches the
 other items of its batch.
@@ -22,9 +23,9 @@ import numpy as np
 from shared.config import Settings
 from shared.errors import CorruptImage, ImageError, InferqError
 from shared.preprocess import preprocess
-from worker.backend_choice import measure_backends
+from worker.backend_choice import choose
 from worker.model import LoadedModel
-from worker.runner import InferenceRunner, calibration_sizes, choose_batch_cap, default_warm_up_sizes
+from worker.runner import InferenceRunner
 
 log = logging.getLogger(__name__)
 
@@ -146,27 +147,20 @@ class ClassifyHandler:
 
 def load_handler(settings: Settings) -> ClassifyHandler:
     """Load and verify the artifact, warm it up and choose its batch cap (and, for `BACKEND=auto`,
-    its backend): done once per worker process, before registering."""
-    auto_cap = settings.auto_batch_cap and settings.max_batch_size > 1
-    # Choosing a backend needs the same curve as choosing a cap: one measurement serves both.
-    measure = auto_cap or settings.backend == "auto"
-    sizes = (
-        calibration_sizes(settings.max_batch_size)
-        if measure
-        else default_warm_up_sizes(settings.max_batch_size)
-    )
-    best = measure_backends(settings, sizes, measure)
-    model = best.runner.model
-    batch_cap = choose_batch_cap(best.curve) if auto_cap else settings.max_batch_size
+    its backend), or take both from an earlier start's measurement under the same conditions: done
+    once per worker process, before registering."""
+    chosen = choose(settings)
+    model = chosen.runner.model
     log.info(
-        "serving %s on %s %s (%s, %s sha256 %s), batch cap %d of at most %d",
+        "serving %s on %s %s (%s, %s sha256 %s), batch cap %d of at most %d, %s",
         model.name,
         model.backend.name,
         model.backend.version,
         model.device,
         model.backend.path.name,
         model.sha256[:12],
-        batch_cap,
+        chosen.batch_cap,
         settings.max_batch_size,
+        chosen.source,
     )
-    return ClassifyHandler(model, best.runner, settings.max_image_pixels, batch_cap=batch_cap)
+    return ClassifyHandler(model, chosen.runner, settings.max_image_pixels, batch_cap=chosen.batch_cap)

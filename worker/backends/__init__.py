@@ -9,6 +9,7 @@ it. Everything above (runner, handler, reference path, selection) sees only `Bac
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 from pathlib import Path
 from types import ModuleType
@@ -21,6 +22,12 @@ if TYPE_CHECKING:
 
 # In the order `auto` tries them when timings tie; the value is the module the runtime imports as.
 BACKEND_NAMES: dict[str, str] = {"openvino": "openvino", "onnxruntime": "onnxruntime", "torchscript": "torch"}
+# The distributions that may provide each runtime (onnxruntime-gpu installs the same module).
+_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
+    "openvino": ("openvino",),
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+    "torchscript": ("torch",),
+}
 
 
 class Backend(Protocol):
@@ -45,6 +52,25 @@ def is_installed(name: str) -> bool:
 
 def installed_backends() -> list[str]:
     return [name for name in BACKEND_NAMES if is_installed(name)]
+
+
+def installed_version(name: str) -> str:
+    """`<distribution> <version>` of the runtime's installed package, read from its metadata without
+    importing it ("" when no known distribution provides it)."""
+    for dist in _DISTRIBUTIONS[name]:
+        try:
+            return f"{dist} {importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return ""
+
+
+def tcmalloc_loaded(maps: Path = Path("/proc/self/maps")) -> bool:
+    """Whether tcmalloc is this process's allocator (LD_PRELOAD, e.g. PRELOAD_TCMALLOC=true)."""
+    try:
+        return "libtcmalloc" in maps.read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def _module(name: str) -> ModuleType:

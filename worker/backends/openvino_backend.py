@@ -9,15 +9,10 @@ import openvino as ov
 
 from shared.errors import ArtifactError
 from shared.manifest import Manifest
+from worker.backends import tcmalloc_loaded
 from worker.model import verify_onnx
 
-
-def tcmalloc_loaded(maps: Path = Path("/proc/self/maps")) -> bool:
-    """Whether tcmalloc is this process's allocator (LD_PRELOAD, e.g. PRELOAD_TCMALLOC=true)."""
-    try:
-        return "libtcmalloc" in maps.read_text(errors="replace")
-    except OSError:
-        return False
+__all__ = ["OpenVinoBackend", "load", "runs_on", "tcmalloc_loaded"]
 
 
 def runs_on(device: str) -> bool:
