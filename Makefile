@@ -16,9 +16,11 @@ BACKEND ?=
 
 # `.venv` in the clone points at the cached environment; the editable install puts the `inferq`
 # CLI on it (the environment is shared by clones with the same pins: the last one installed wins).
+# It is skipped when this clone's install, from this pyproject.toml, is in place: pip takes seconds
+# even with nothing to do, and `make up` runs this step every time (launch/editable_install.py).
 venv: $(VENV)/.complete
 	@ln -sfn $(VENV) .venv
-	@$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@$(PY) -m launch.editable_install
 
 # Marked complete only after the install succeeds, so an interrupted install is wiped and redone.
 # No file prerequisites: the pins' hash is in the path, and a fresh clone's mtimes mean nothing.
