@@ -15,9 +15,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
-
 if TYPE_CHECKING:
+    import numpy as np
+
     from shared.manifest import Manifest
 
 # In the order `auto` tries them when timings tie; the value is the module the runtime imports as.
