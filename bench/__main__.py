@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import subprocess
 import time
@@ -136,6 +137,9 @@ class Bench:
         self.workdir = workdir
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        # The workers' warm-up measurements (WARM_UP_CACHE) are this run's own, inherited by every
+        # child: the first worker of each configuration measures, whatever the machine's cache holds.
+        os.environ["INFERQ_CACHE"] = str(workdir / "inferq-cache")
         self.quick = quick
         self.images_named = load_images()
         self.images = [data for _, data in self.images_named]
@@ -784,8 +788,6 @@ def environment_info(bench: Bench) -> dict[str, Any]:
                 mem_gib = int(line.split()[1]) / 1024 / 1024
     except OSError:
         pass
-
-    import os
 
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
