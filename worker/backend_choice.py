@@ -44,6 +44,8 @@ def choose(settings: Settings) -> Chosen:
         # Nothing to choose: the named backend, warmed up at the sizes it will run.
         runner = measure_backends(settings, default_warm_up_sizes(settings.max_batch_size), False).runner
         return Chosen(runner, settings.max_batch_size, "settings")
+    # Choosing a backend needs the same curve as choosing a cap: one measurement (or one cached
+    # outcome of it) serves both.
     cache = WarmUpCache.for_settings(settings)
     if cache is not None and settings.warm_up_cache:
         cached = cache.lookup()
