@@ -154,6 +154,24 @@ def install(out: Path) -> None:
     for attr in ("run_maintenance_tasks", "check_for_suspension", "beat"):
         _time_calls(batch_worker.BatchWorker, attr, out.with_suffix(".stalls.jsonl"))
     _time_calls(batching.BatchCollector, "wait_for_more", out.with_suffix(".stalls.jsonl"))
+    # CPU time of the calling thread per stage call (`<out>.cpu.jsonl`): where the worker's CPU goes.
+    from worker import decoders, writer
+
+    cpu_out = out.with_suffix(".cpu.jsonl")
+    for owner, attr in (
+        (feeder.Feeder, "_grab_and_prepare"),
+        (feeder.Feeder, "_fetch"),
+        (decoders.DecoderPool, "decode_many"),
+        (batch_worker.BatchWorker, "check_for_suspension"),
+        (batch_worker.BatchWorker, "beat"),
+        (batch_worker.BatchWorker, "run_maintenance_tasks"),
+        (writer, "write_batch"),
+        (rq_writes, "finish"),
+        (rq_writes, "start_grabbed"),
+        (rq_writes, "set_at_risk"),
+        (batch_worker, "run_batch"),
+    ):
+        _cpu_calls(owner, attr, cpu_out)
     from worker import writer
 
     writer.rq_writes = rq_writes  # (the same module object; finish is looked up on it per call)
@@ -174,6 +192,22 @@ def _time_calls(owner: Any, attr: str, out: Path) -> None:
                     fh.write(json.dumps({"call": attr, "start": began, "ms": round(ms, 3)}) + "\n")
 
     setattr(owner, attr, timed)
+
+
+def _cpu_calls(owner: Any, attr: str, out: Path) -> None:
+    original = getattr(owner, attr)
+
+    @functools.wraps(original)
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        began = time.thread_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            ms = (time.thread_time() - began) * 1000
+            with _lock, out.open("a") as fh:
+                fh.write(json.dumps({"call": attr, "cpu_ms": round(ms, 3)}) + "\n")
+
+    setattr(owner, attr, counted)
 
 
 def _flush(ids: list[str]) -> None:
