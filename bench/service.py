@@ -1,4 +1,9 @@
-"""inferq end to end: the gunicorn api and batch workers as real processes, driven over HTTP."""
+"""inferq end to end: the gunicorn api and batch workers as real processes, driven over HTTP.
+
+`python -m bench.service --variant NAME[:KEY=VALUE,...] ...` (see `--help`) compares service variants
+(settings, or another checkout of inferq with ROOT=<path>) in one interleaved run, each on its own
+Valkey, and splits every request's latency into its stages (`request_stages`); TRACE=1 runs that
+variant's worker under `bench.trace_worker` for the stages inside the worker."""
 
 from __future__ import annotations
 
@@ -400,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(args.rounds):
             for i, (kind, value) in enumerate(plan):
                 for name in order(round_ + i):
-                    svc, server, _ = stacks[name]
+                    svc, server, trace = stacks[name]
                     svc.check_alive()
                     rate = value if kind == "rate" else round(value * sat[name], 1)
                     r = run_open_loop(svc.target(images), rate, args.seconds, seed=round_ * 100 + i)
