@@ -294,11 +294,13 @@ class InferqTarget:
 
     def __call__(self, i: int) -> dict[str, Any]:
         deadline = time.monotonic() + self.timeout
+        post_sent = time.time()
         status, body = self._request(
             "POST", f"/v1/jobs?top_k={self.top_k}", self.images[i % len(self.images)]
         )
         if status != 202:
             return {"ok": False, "error": f"POST {status}: {body[:120]!r}"}
+        post_done = time.time()
         job_id = json.loads(body)["id"]
         if self.submit_only:
             return {"ok": True, "id": job_id}
@@ -313,8 +315,17 @@ class InferqTarget:
                 return {
                     "ok": view["status"] == "finished",
                     "error": view.get("error"),
+                    "id": job_id,
                     "batch_size": timings.get("batch_size"),
                     "queue_ms": timings.get("queue_ms"),
                     "inference_ms": timings.get("inference_ms"),
+                    # Wall-clock times (client and service share the machine's clock): the latency
+                    # breakdown per stage (bench.service).
+                    "post_sent": post_sent,
+                    "post_done": post_done,
+                    "done": time.time(),
+                    "enqueued_at": view.get("created_at"),
+                    "started_at": view.get("started_at"),
+                    "ended_at": view.get("ended_at"),
                 }
         return {"ok": False, "error": "timeout"}

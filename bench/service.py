@@ -1,4 +1,9 @@
-"""inferq end to end: the gunicorn api and batch workers as real processes, driven over HTTP."""
+"""inferq end to end: the gunicorn api and batch workers as real processes, driven over HTTP.
+
+`python -m bench.service --variant NAME[:KEY=VALUE,...] ...` (see `--help`) compares service variants
+(settings, or another checkout of inferq with ROOT=<path>) in one interleaved run, each on its own
+Valkey, and splits every request's latency into its stages (`request_stages`); TRACE=1 runs that
+variant's worker under `bench.trace_worker` for the stages inside the worker."""
 
 from __future__ import annotations
 
@@ -9,11 +14,13 @@ import re
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import PY, CpuMeter, base_env, free_port, process_tree, spawn, stop, wait_until
+from bench.common import PY, CpuMeter, base_env, free_port, percentile, process_tree, spawn, stop, wait_until
 from bench.loadgen import InferqTarget
+from shared.config import get_settings
 
 
 def http_status(url: str, timeout: float = 2.0) -> int | None:
@@ -54,6 +61,7 @@ class Stack:
         worker_cmd: list[str] | None = None,
         api: bool = True,
         ready: bool = True,
+        root: Path | None = None,
         **overrides: Any,
     ) -> None:
         self.redis_url = redis_url
@@ -64,6 +72,10 @@ class Stack:
         self.with_api = api
         self.ready = ready
         self.port = free_port()
+        # `root`: another checkout of inferq to run api and worker from (an A/B of two commits).
+        self.root = root
+        if root is not None:
+            overrides.setdefault("PYTHONPATH", str(root))
         self.env = base_env(redis_url, allocator, **overrides)
         self.api_proc: Any = None
         self.worker_procs: list[Any] = []
@@ -81,10 +93,12 @@ class Stack:
             [PY, "-m", "gunicorn", "--config", "api/gunicorn_conf.py", "api.wsgi:app"],
             env,
             self.logs / f"{self.name}-api.log",
+            cwd=self.root,
         )
 
     def start_worker(self) -> Any:
-        proc = spawn(self.worker_cmd, self.env, self.logs / f"{self.name}-worker{len(self.worker_procs)}.log")
+        log = self.logs / f"{self.name}-worker{len(self.worker_procs)}.log"
+        proc = spawn(self.worker_cmd, self.env, log, cwd=self.root)
         self.worker_procs.append(proc)
         return proc
 
@@ -201,3 +215,220 @@ def first_prediction_s(base: str, image: bytes, started: float, timeout: float =
 
 def dump(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1, default=str))
+
+
+# --- A/B runs of service layouts or commits: `python -m bench.service` -------------------------------
+
+
+def _stamp(iso: str | None) -> float | None:
+    return datetime.fromisoformat(iso).timestamp() if iso else None
+
+
+def _preprocess_ms(redis_url: str, ids: list[str]) -> dict[str, float]:
+    """Each job's decode share (`timings.preprocess_ms` in its meta; the HTTP view omits it)."""
+    from shared.redis_conn import redis_from_url
+
+    conn = redis_from_url(redis_url)
+    try:
+        with conn.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(f"rq:job:{job_id}", "meta")
+            metas = pipe.execute()
+    finally:
+        conn.close()
+    out = {}
+    for job_id, meta in zip(ids, metas, strict=True):
+        with contextlib.suppress(TypeError, ValueError, KeyError):
+            out[job_id] = float(json.loads(meta)["timings"]["preprocess_ms"])
+    return out
+
+
+def read_trace(path: Path | None) -> dict[str, dict[str, float]]:
+    """The per-job stage times `bench.trace_worker` wrote (empty without a trace)."""
+    if path is None or not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError):
+            record = json.loads(line)
+            out[record.pop("id")] = record
+    return out
+
+
+# (stage, from mark, to mark) of a traced job; marks from `bench.trace_worker` and the client.
+TRACED_STAGES = (
+    ("t_queue_wait", "enqueued", "grabbed"),
+    ("t_fetch", "grabbed", "fetched"),
+    ("t_start", "fetched", "started"),
+    ("t_decode", "decode_in", "decode_out"),
+    ("t_to_ready", "decode_out", "ready"),
+    ("t_ready_wait", "ready", "taken"),
+    ("t_to_forward", "taken", "forward_in"),
+    ("t_forward", "forward_in", "forward_out"),
+    ("t_to_writer", "forward_out", "write_in"),
+    ("t_write", "write_in", "write_out"),
+    ("t_to_client", "write_out", "done"),
+)
+
+
+def request_stages(
+    extras: list[dict[str, Any]],
+    preprocess: dict[str, float],
+    trace: dict[str, dict[str, float]] | None = None,
+) -> list[dict[str, float]]:
+    """Each request's stages (ms), from the client's and the job's own wall-clock times: submit (POST
+    round trip), api→enqueue, queue (enqueue → started by a feeder: queue wait, grab, fetch, start),
+    decode (the job's share of its decode step), forward (its batch's pass), rest (started → ended
+    minus decode and forward: waiting ready, risk marks, hand-over to the writer), end→client (the
+    end's transaction, publish, long-poll wake-up, read, response), total; with a trace, the
+    `TRACED_STAGES` too."""
+    rows: list[dict[str, float]] = []
+    for e in extras:
+        enqueued, started, ended = (_stamp(e.get(k)) for k in ("enqueued_at", "started_at", "ended_at"))
+        if enqueued is None or started is None or ended is None or "post_sent" not in e:
+            continue
+        decode_ms = preprocess.get(e["id"], 0.0)
+        forward_ms = float(e.get("inference_ms") or 0.0)
+        row = {
+            "submit": e["post_done"] - e["post_sent"],
+            "api_to_enqueue": enqueued - e["post_sent"],
+            "queue": started - enqueued,
+            "decode": decode_ms / 1000,
+            "forward": forward_ms / 1000,
+            "rest": ended - started - (decode_ms + forward_ms) / 1000,
+            "end_to_client": e["done"] - ended,
+            "total": e["done"] - e["post_sent"],
+        }
+        marks = (trace or {}).get(e["id"])
+        if marks:
+            marks = {**marks, "enqueued": enqueued, "done": e["done"]}
+            row.update(
+                {stage: marks[b] - marks[a] for stage, a, b in TRACED_STAGES if a in marks and b in marks}
+            )
+        rows.append({k: round(v * 1000, 3) for k, v in row.items()})
+    return rows
+
+
+def breakdown(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """p50/p99 of each stage over the requests (the parts' percentiles do not add up to the total's)."""
+    stages: dict[str, list[float]] = {}
+    for row in rows:
+        for name, ms in row.items():
+            stages.setdefault(name, []).append(ms)
+    return {k: {"p50": percentile(v, 50), "p99": percentile(v, 99)} for k, v in stages.items()}
+
+
+def _variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, settings = text.partition(":")
+    env = dict(item.split("=", 1) for item in settings.split(",") if item)
+    return name, env
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from bench.common import Log, load_images, summarize
+    from bench.loadgen import run_closed_loop, run_open_loop
+    from launch.redis_server import EmbeddedRedis
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.service",
+        description="A/B of service variants (settings, or another checkout via ROOT=path), all up at "
+        "once on their own Valkey, driven one at a time and interleaved: saturation (closed loop), "
+        "then open-loop rates, with a per-stage latency breakdown.",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        required=True,
+        help="NAME[:KEY=VALUE,...] environment of api and worker; ROOT=<checkout> runs that code",
+    )
+    parser.add_argument("--rates", default="", help="absolute req/s, comma-separated")
+    parser.add_argument("--fractions", default="", help="fractions of each variant's own saturation")
+    parser.add_argument("--seconds", type=float, default=20.0, help="per open-loop run")
+    parser.add_argument("--sat-seconds", type=float, default=15.0, help="per saturation run (0: none)")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/inferq-bench-service"))
+    parser.add_argument("--out", type=Path, help="JSON results")
+    args = parser.parse_args(argv)
+
+    images = [data for _, data in load_images()]
+    variants = [_variant(v) for v in args.variant]
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"variants": dict(variants), "saturation": {}, "rates": {}}
+    with contextlib.ExitStack() as stack:
+        stacks = {}
+        for name, env in variants:
+            server = stack.enter_context(EmbeddedRedis(args.workdir / f"redis-{name}", appendonly=False))
+            root = Path(env.pop("ROOT")) if "ROOT" in env else None
+            trace = args.workdir / f"trace-{name}.jsonl" if env.pop("TRACE", "") else None
+            worker_cmd = [PY, "-m", "bench.trace_worker", "--out", str(trace)] if trace else None
+            if root is not None:
+                env.setdefault("ARTIFACT_DIR", str(get_settings().artifact_dir))
+            Log.say(f"starting {name} {env} {root or ''}")
+            svc = stack.enter_context(
+                Stack(server.url, args.workdir, name, root=root, worker_cmd=worker_cmd, **env)
+            )
+            stacks[name] = (svc, server, trace)
+            Log.say(f"{name} ready; batch cap {svc.batch_caps()}")
+
+        def order(round_: int) -> list[str]:
+            names = list(stacks)
+            shift = round_ % len(names)
+            return names[shift:] + names[:shift]
+
+        for round_ in range(args.rounds if args.sat_seconds > 0 else 0):
+            for name in order(round_):
+                svc, server, _ = stacks[name]
+                svc.check_alive()
+                meter = svc.cpu_meter(server.pid)
+                meter.start()
+                r = run_closed_loop(svc.target(images), args.clients, args.sat_seconds, warmup=2.0)
+                used = meter.stop()
+                s = r.summary()
+                per_img = {k: used[k] / max(r.ok, 1) * 1000 for k in ("worker", "api", "redis", "client")}
+                results["saturation"].setdefault(name, []).append(
+                    {
+                        "images_per_s": s["achieved_rate"],
+                        "p99_ms": s["latency_ms"]["p99"],
+                        "cpu_ms_per_img": per_img,
+                    }
+                )
+                Log.say(
+                    f"{name} saturation {s['achieved_rate']:.1f} img/s, batch mean {s['batch_size_mean']:.2f}"
+                )
+                settle(server.url)
+        sat = {n: summarize(x["images_per_s"] for x in v)["median"] for n, v in results["saturation"].items()}
+        plan = [("rate", float(x)) for x in args.rates.split(",") if x]
+        plan += [("fraction", float(x)) for x in args.fractions.split(",") if x]
+        for round_ in range(args.rounds):
+            for i, (kind, value) in enumerate(plan):
+                for name in order(round_ + i):
+                    svc, server, trace = stacks[name]
+                    svc.check_alive()
+                    rate = value if kind == "rate" else round(value * sat[name], 1)
+                    r = run_open_loop(svc.target(images), rate, args.seconds, seed=round_ * 100 + i)
+                    s = r.summary()
+                    ids = [e["id"] for e in r.extras]
+                    rows = request_stages(r.extras, _preprocess_ms(server.url, ids), read_trace(trace))
+                    parts = breakdown(rows)
+                    key = f"{kind} {value:g}"
+                    results["rates"].setdefault(key, {}).setdefault(name, []).append(
+                        {"rate": rate, **s, "breakdown": parts, "requests": rows}
+                    )
+                    Log.say(
+                        f"{name} {key} ({rate} req/s): p50 {s['latency_ms']['p50']:.1f} p99 "
+                        f"{s['latency_ms']['p99']:.1f} ms, lost {s['lost']} errors {s['errors']}; "
+                        + " ".join(f"{k} {v['p50']:.1f}/{v['p99']:.1f}" for k, v in parts.items())
+                    )
+                    settle(server.url)
+    text = json.dumps(results, indent=1, default=str)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

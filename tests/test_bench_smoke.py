@@ -9,6 +9,7 @@ import math
 import os
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,33 @@ def _single_server(service_s: float):
         return {"ok": True, "batch_size": 1}
 
     return target
+
+
+def test_latency_breakdown_splits_a_request_into_its_stages():
+    from bench.service import breakdown, request_stages
+
+    t0 = 1_700_000_000.0
+
+    def iso(seconds: float) -> str:
+        return datetime.fromtimestamp(t0 + seconds, tz=UTC).isoformat().replace("+00:00", "Z")
+
+    request = {
+        "id": "j1",
+        "post_sent": t0,
+        "post_done": t0 + 0.008,
+        "enqueued_at": iso(0.005),
+        "started_at": iso(0.008),
+        "ended_at": iso(0.030),
+        "done": t0 + 0.033,
+        "inference_ms": 10.0,
+    }
+    trace = {"j1": {"grabbed": t0 + 0.006, "forward_in": t0 + 0.015, "forward_out": t0 + 0.025}}
+    (row,) = request_stages([request], {"j1": 4.0}, trace)
+    expected = {"api_to_enqueue": 5, "queue": 3, "decode": 4, "forward": 10, "rest": 8, "end_to_client": 3}
+    assert {k: round(row[k], 3) for k in expected} == expected
+    assert round(row["total"], 3) == 33 and round(row["t_queue_wait"], 3) == 1
+    assert round(row["t_forward"], 3) == 10
+    assert breakdown([row, row])["total"] == {"p50": row["total"], "p99": row["total"]}
 
 
 def test_open_loop_latency_counts_from_the_scheduled_time():

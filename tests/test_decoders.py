@@ -26,7 +26,7 @@ from shared.config import PROJECT_ROOT
 from shared.errors import ImageError
 from shared.manifest import InputSpec
 from shared.preprocess import preprocess
-from worker.decoders import DecoderPool
+from worker.decoders import DECODER_NICENESS, DecoderPool
 
 SPEC = InputSpec(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 MAX_PIXELS = 40_000_000
@@ -113,6 +113,13 @@ def test_work_is_spread_over_every_decoder(pool: DecoderPool, photos: list[bytes
     images = [photos[1]] * 40
     assert_same_as_in_thread(pool.decode_many(images), images)
     assert all(cpu_ticks(pid) > before[pid] for pid in pool.pids()), "a decoder did no work"
+
+
+def test_decoders_run_below_the_worker_in_the_scheduler(pool: DecoderPool) -> None:
+    # A decode must not preempt the worker's forward pass, writer or the api on a busy machine.
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pool.pids()] == [ours + DECODER_NICENESS] * 2
+    assert DECODER_NICENESS > 0
 
 
 def test_decoders_do_not_load_torch(pool: DecoderPool) -> None:

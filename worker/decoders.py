@@ -9,6 +9,7 @@ hostile file must not be able to take the worker down or stall it. So each decod
   parent's `__main__`, which in a worker imports torch; a decoder imports PIL and numpy only);
 * has an address-space limit (`RLIMIT_AS`, `DECODER_MEMORY_MB` above what it uses once started): an
   allocation past it fails inside the decoder as a MemoryError, the item fails `decode_out_of_memory`;
+* runs at a lower scheduling priority than the worker (`DECODER_NICENESS`);
 * gets `DECODE_TIMEOUT_MS` of wall-clock time per image, after which it is killed and the item fails
   `decode_timeout`; a decoder that dies any other way fails its item `decoder_crashed`. Either way a
   fresh decoder takes its place while the other items carry on;
@@ -59,6 +60,8 @@ _OK, _ERROR, _OUT_OF_MEMORY, _READY = 0, 1, 2, 3
 _REQUEST = struct.Struct(">Q")  # length of the image written at the start of the input memfd
 _RESPONSE = struct.Struct(">BI")  # status, length of the JSON payload that follows
 _STARTUP_TIMEOUT_S = 120.0  # imports on a loaded 2-core machine can take seconds
+# How much lower than the worker a decoder runs (nice(2) increment; any user may lower its own).
+DECODER_NICENESS = 5
 
 
 class DecodeTimeout(InferqError):
@@ -457,6 +460,12 @@ def _respond(out: IO[bytes], status: int, payload: dict[str, Any] | None = None)
 def _child_main(config: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(int(config["parent"]))
+    # Below the worker in the scheduler: on a machine with few cores, a decode that preempts the
+    # forward pass, the writer or the api delays jobs that are further along for the sake of one
+    # that would wait for the model anyway; the pool decodes only a few jobs ahead of the model, so
+    # it catches up whenever the cores are free.
+    with contextlib.suppress(OSError):
+        os.nice(DECODER_NICENESS)
     spec = InputSpec.model_validate(config["spec"])
     max_pixels = int(config["max_pixels"])
     shape = (3, spec.crop, spec.crop)
