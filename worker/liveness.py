@@ -34,13 +34,14 @@ from rq.worker import SimpleWorker
 from shared.errors import InferqError
 from shared.jobs import WORKER_CRASHED
 from shared.keys import at_risk_key, grabbed_key, grabbers_key
-from worker import rq_writes
+from worker import past_maxmemory, rq_writes
 
 log = logging.getLogger("inferq.worker")
 
 # KEYS: grabbed list, queue list, grabbers set; ARGV: worker name, now. Hands a dead worker's grabbed
 # ids back to the head of their queue in their original order, unless it heartbeat meanwhile.
-_HAND_BACK = """
+# `allow-oom`: moving ids between lists must work past maxmemory too (worker.past_maxmemory).
+_HAND_BACK = """#!lua flags=allow-oom
 local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if score and tonumber(score) > tonumber(ARGV[2]) then return -1 end
 local n = 0
@@ -96,9 +97,9 @@ def hand_back_own(
         # An owner "dead" far in the future: its own score never stops the hand-back.
         moved += max(0, hand_back(keys=keys, args=[worker_name, _FOREVER]))
     if rejoin_ttl is not None:
-        with connection.pipeline() as pipe:
-            keep_grabbing_alive(pipe, queues, worker_name, rejoin_ttl)
-            pipe.execute()
+        recorded = past_maxmemory.recorder(connection)
+        keep_grabbing_alive(recorded, queues, worker_name, rejoin_ttl)
+        past_maxmemory.execute(connection, recorded, what="rejoining the grabbers")
     return moved
 
 
