@@ -41,7 +41,15 @@ from shared.keys import image_key
 from shared.redis_conn import redis_from_url
 from shared.redis_policy import EvictionPolicyError
 from shared.telemetry import read_snapshot
-from tests.service import all_ended, post_image, results_of, service_stack, views
+from tests.service import (
+    all_ended,
+    post_image,
+    results_of,
+    running,
+    service_stack,
+    start_worker,
+    views,
+)
 from tests.worker_stub import MeanRunner, png, stub_handler, stub_worker
 from worker.batch_worker import BatchWorker
 
@@ -481,19 +489,19 @@ def test_a_real_worker_drains_a_redis_held_past_maxmemory(
     fresh_redis_server: Callable[..., EmbeddedRedis], tmp_path: Path
 ) -> None:
     """The drill in small (bench.soak_redis_full): the gunicorn api over HTTP and a real worker
-    process with the model. Jobs wait (workers suspended) while Redis is pushed past maxmemory by
-    far more than a worker holds in flight; then the worker alone must bring it back: grab, start,
-    heartbeat and end past maxmemory, every end freeing an image. Meanwhile the api answers 503
-    `redis_full`, never 500; at the end every job has finished once and nothing is counted."""
+    process with the model. Jobs wait while Redis is pushed past maxmemory by far more than a worker
+    holds in flight; a worker started then (workers suspended until it is up) must bring it back
+    alone: register, grab, start, heartbeat and end past maxmemory, every end freeing an image.
+    Meanwhile the api answers 503 `redis_full`, never 500; at the end every job has finished once
+    and nothing is counted."""
     server = fresh_redis_server(appendonly=False, maxmemory="64mb")
     images = [noise_png(seed) for seed in range(40)]
     with service_stack(
-        server.url, tmp_path, MAX_QUEUED_BYTES=0, REDIS_HEADROOM_BYTES=0, LOG_FORMAT="text"
+        server.url, tmp_path, workers=0, MAX_QUEUED_BYTES=0, REDIS_HEADROOM_BYTES=0, LOG_FORMAT="text"
     ) as stack:
         conn = stack.conn
-        suspend(conn)
-        wait_until(lambda: worker_states(conn) == {b"suspended"}, 30, 0.1, "the worker suspended")
         ids = [job_id_of_http(post_image(stack.base, data)) for data in images]
+        suspend(conn)
         used = int(conn.info("memory")["used_memory"])
         conn.config_set("maxmemory", used - 20 * len(images[0]))  # 20 images over
         with pytest.raises(redis.exceptions.OutOfMemoryError):
@@ -501,17 +509,19 @@ def test_a_real_worker_drains_a_redis_held_past_maxmemory(
         refused = post_image(stack.base, images[0])
         assert refused.status_code == 503, refused.text
         assert refused.json()["error"]["code"] == "redis_full"
+        worker = start_worker(stack.env, log=tmp_path / "worker0.log")
+        with running(worker):
+            wait_until(lambda: worker_states(conn) == {b"suspended"}, 120, 0.2, "the worker up, suspended")
+            resume(conn)
+            wait_until(lambda: all_ended(conn, ids), 120, 0.5, "every job ended")
 
-        resume(conn)
-        wait_until(lambda: all_ended(conn, ids), 120, 0.5, "every job ended")
-
-        assert [v["status"] for v in views(conn, ids)] == ["finished"] * len(ids)
-        assert all(len(results_of(conn, job_id)) == 1 for job_id in ids)
-        assert not any(conn.exists(image_key(job_id)) for job_id in ids)
-        assert image_budget.queued_bytes(conn) == 0
-        info = conn.info("memory")
-        assert info["used_memory"] < info["maxmemory"]  # drained below the limit by the worker
-        assert post_image(stack.base, images[1]).status_code == 202  # accepting again
+            assert [v["status"] for v in views(conn, ids)] == ["finished"] * len(ids)
+            assert all(len(results_of(conn, job_id)) == 1 for job_id in ids)
+            assert not any(conn.exists(image_key(job_id)) for job_id in ids)
+            assert image_budget.queued_bytes(conn) == 0
+            info = conn.info("memory")
+            assert info["used_memory"] < info["maxmemory"]  # drained below the limit by the worker
+            assert post_image(stack.base, images[1]).status_code == 202  # accepting again
     worker_log = (tmp_path / "worker0.log").read_text()
     assert "past maxmemory" in worker_log
     assert "Traceback" not in worker_log

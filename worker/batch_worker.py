@@ -253,6 +253,30 @@ class BatchWorker(SimpleWorker):
         log.info("%d decoder processes started (pids %s)", pool.size, ", ".join(map(str, pool.pids())))
         return pool
 
+    def register_birth(self) -> None:
+        """RQ's; past maxmemory (a worker started or restarted while Redis is full must be able to
+        drain it) the same writes as RQ's, through `worker.past_maxmemory`."""
+        try:
+            super().register_birth()
+        except redis.exceptions.OutOfMemoryError as exc:
+            past_maxmemory.refused("registering", exc)
+            recorded = past_maxmemory.recorder(self.connection)
+            recorded.delete(self.key)
+            self.birth_date = self.last_heartbeat = now()
+            recorded.hset(self.key, mapping=self.serialize())
+            worker_registration.register(self, recorded)
+            recorded.expire(self.key, self.worker_ttl + 60)
+            past_maxmemory.execute(self.connection, recorded, what="registering")
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        """RQ's; when written on its own, past maxmemory too (`worker.past_maxmemory`)."""
+        if pipeline is not None:
+            super().set_state(state, pipeline)
+            return
+        recorded = past_maxmemory.recorder(self.connection)
+        super().set_state(state, recorded)
+        past_maxmemory.execute(self.connection, recorded, what="setting the worker state", transaction=False)
+
     def clean_registries(self) -> None:
         """Registry maintenance, run every few seconds: dead workers' jobs given back
         (`worker.liveness.recover`, instead of RQ's abandoned-job cleanup), stale workers, and RQ's

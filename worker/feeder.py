@@ -25,6 +25,7 @@ import redis
 from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.suspension import is_suspended
+from rq.worker import WorkerStatus
 
 from shared import image_budget
 from shared.errors import InferqError
@@ -116,6 +117,7 @@ class Feeder:
         self.in_flight = in_flight
         self.grabbed_keys = list(grabbed_keys)
         self.clock = clock
+        self._state_before_suspension: str | None = None  # suspended past maxmemory (see there)
 
     def run(self, burst: bool) -> None:
         """Until a stop is requested (or, in burst mode, the queues are empty), grab jobs as there is
@@ -176,16 +178,23 @@ class Feeder:
         """RQ's suspension check (it waits while the workers are suspended). It also heartbeats the
         worker key, an HSET that a Redis past maxmemory refuses: then the suspension is read on its
         own (the heartbeat thread proves liveness there), and True means: suspended, wait."""
+        worker = self.worker
         try:
-            self.worker.check_for_suspension(burst)
-            return False
+            worker.check_for_suspension(burst)
         except redis.exceptions.OutOfMemoryError:
-            if not is_suspended(self.worker.connection):
-                return False
-            if burst:
-                raise StopRequested() from None
-            time.sleep(IDLE_BLOCK_SECONDS)
-            return True
+            if is_suspended(worker.connection):
+                if burst:
+                    raise StopRequested() from None
+                if self._state_before_suspension is None:
+                    log.info("suspended (Redis past maxmemory), run `rq resume` to resume")
+                    self._state_before_suspension = worker.get_state()
+                    worker.set_state(WorkerStatus.SUSPENDED)
+                time.sleep(IDLE_BLOCK_SECONDS)
+                return True
+        if self._state_before_suspension is not None:  # resumed
+            worker.set_state(self._state_before_suspension)
+            self._state_before_suspension = None
+        return False
 
     def _grab(self, room: int) -> list[Grabbed]:
         """Up to `room` ids (blocking a short while for the first). Past maxmemory, where the grab's

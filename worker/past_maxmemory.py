@@ -20,6 +20,7 @@ that watches nothing.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,8 +107,21 @@ def execute(conn: Redis, recorded: Pipeline, *, what: str, transaction: bool = T
     raise AssertionError("unreachable")
 
 
+# One warning per kind of write in this many seconds (a heartbeat past maxmemory comes every second).
+_WARN_EVERY_SECONDS = 10.0
+_warned: dict[str, float] = {}
+
+
 def refused(what: str, exc: Exception) -> None:
-    log.warning("Redis is full (%s); %s past maxmemory", exc, what)
+    clock = time.monotonic()
+    level = (
+        logging.DEBUG
+        if clock - _warned.get(what, -_WARN_EVERY_SECONDS) < _WARN_EVERY_SECONDS
+        else logging.WARNING
+    )
+    if level == logging.WARNING:
+        _warned[what] = clock
+    log.log(level, "Redis is full (%s); %s past maxmemory", exc, what)
 
 
 def grab(

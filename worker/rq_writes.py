@@ -174,7 +174,7 @@ def start_grabbed(
             except redis.exceptions.OutOfMemoryError as exc:
                 if allow_oom:
                     raise
-                past_maxmemory.refused(f"starting {len(started)} job(s)", exc)
+                past_maxmemory.refused("starting jobs", exc)
             except redis.WatchError:
                 log.warning(
                     "%d grabbed job(s) were handed back to their queue meanwhile; not starting them",
@@ -268,7 +268,7 @@ def finish(
                 if allow_oom:
                     raise
                 allow_oom = True
-                past_maxmemory.refused(f"ending {len(endings)} job(s)", exc)
+                past_maxmemory.refused("ending jobs", exc)
                 pipe.reset()
     if len(owned) < len(endings):
         log.warning(
