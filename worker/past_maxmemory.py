@@ -12,9 +12,9 @@ past maxmemory. Only the worker's writes take this path, and each is small or fr
 writes (over a job's life: its image freed against its result written); new work is still refused
 at the door (503 `redis_full`).
 
-Usage: record the commands on a `recorder` pipeline (never executed itself), then `replay` them on
-the pipeline that runs them, as they are or wrapped (`allow_oom`); `execute` does both for a write
-that watches nothing.
+Usage: `snapshot` what a pipeline has queued before it runs (or record the commands on a
+`recorder` pipeline, never executed itself), then `replay` them on the pipeline that runs them, as
+they are or wrapped (`allow_oom`); `execute` does both for a write that watches nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
@@ -50,15 +51,28 @@ return replies
 _SCRIPT_CALLS = {"EVALSHA", "EVAL"}
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """The commands queued on a pipeline, and the scripts they call."""
+
+    commands: list[tuple[tuple[Any, ...], dict[str, Any]]]
+    scripts: list[Any]
+
+
 def recorder(conn: Redis) -> Pipeline:
     """A pipeline to record commands on: RQ's helpers write to it as to any pipeline."""
     return conn.pipeline(transaction=False)
 
 
-def replay(pipe: Pipeline, recorded: Pipeline, *, allow_oom: bool) -> list[int | None]:
-    """Queue `recorded`'s commands on `pipe`; with `allow_oom`, each run of plain commands as one
+def snapshot(pipe: Pipeline) -> Recorded:
+    """What `pipe` has queued (before its `execute`, which forgets it)."""
+    return Recorded(list(pipe.command_stack), list(pipe.scripts))
+
+
+def replay(pipe: Pipeline, recorded: Recorded, *, allow_oom: bool) -> list[int | None]:
+    """Queue the recorded commands on `pipe`; with `allow_oom`, each run of plain commands as one
     call of the allow-oom script. Returns the layout `unwrap` needs to give one reply per command."""
-    for script in recorded.scripts:  # loaded by `pipe` before it runs (what `recorded` would do)
+    for script in recorded.scripts:  # loaded by `pipe` before it runs
         pipe.scripts.add(script)
     layout: list[int | None] = []
     run: list[Any] = []
@@ -72,7 +86,7 @@ def replay(pipe: Pipeline, recorded: Pipeline, *, allow_oom: bool) -> list[int |
             run.clear()
             count = 0
 
-    for args, options in recorded.command_stack:
+    for args, options in recorded.commands:
         if allow_oom and str(args[0]).upper() not in _SCRIPT_CALLS:
             run.extend((len(args), *args))
             count += 1
@@ -97,7 +111,7 @@ def execute(conn: Redis, recorded: Pipeline, *, what: str, transaction: bool = T
     maxmemory, once more through the allow-oom script. `what` names the write in the log."""
     for allow_oom in (False, True):
         with conn.pipeline(transaction=transaction) as pipe:
-            layout = replay(pipe, recorded, allow_oom=allow_oom)
+            layout = replay(pipe, snapshot(recorded), allow_oom=allow_oom)
             try:
                 return unwrap(pipe.execute(), layout)
             except OutOfMemoryError as exc:

@@ -138,49 +138,47 @@ def start_grabbed(
     started: list[Running] = []
     wall = time.time()
     lists = sorted({grabbed_keys[g.lane] for g in grabbed})
-    # Recorded once (the jobs' attempts are counted here), run once: as a plain transaction, or past
-    # maxmemory through the allow-oom script (`worker.past_maxmemory`).
-    recorded = past_maxmemory.recorder(worker.connection)
-    for item in grabbed:
-        recorded.lrem(grabbed_keys[item.lane], 1, item.job_id)
-        job = jobs.get(item.job_id)
-        if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
-            continue
-        deadline = job.meta.get(META_DEADLINE)
-        if isinstance(deadline, int | float) and wall > deadline:
-            _end_expired(recorded, worker, job, wall)
-            continue
-        job.meta[META_ATTEMPTS] = int(job.meta.get(META_ATTEMPTS, 0)) + 1
-        recorded.hset(job.key, "meta", job.serializer.dumps(job.meta))
-        execution = Execution.create(job, execution_ttl, pipeline=recorded, worker_name=worker.name)
-        job.prepare_for_execution(worker.name, pipeline=recorded)
-        recorded.sadd(_at_risk(job), execution.composite_key)
-        started.append(Running(job, execution, top_k_of(job)))
-    if started:
-        worker.set_state(rq.worker.WorkerStatus.BUSY, pipeline=recorded)
-        worker.set_current_job_id(started[0].job.id, pipeline=recorded)
     with worker.connection.pipeline() as pipe:
-        for allow_oom in (False, True):
+        try:
+            pipe.watch(*lists)
+            pipe.multi()
+            for item in grabbed:
+                pipe.lrem(grabbed_keys[item.lane], 1, item.job_id)
+                job = jobs.get(item.job_id)
+                if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
+                    continue
+                deadline = job.meta.get(META_DEADLINE)
+                if isinstance(deadline, int | float) and wall > deadline:
+                    _end_expired(pipe, worker, job, wall)
+                    continue
+                job.meta[META_ATTEMPTS] = int(job.meta.get(META_ATTEMPTS, 0)) + 1
+                pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+                execution = Execution.create(job, execution_ttl, pipeline=pipe, worker_name=worker.name)
+                job.prepare_for_execution(worker.name, pipeline=pipe)
+                pipe.sadd(_at_risk(job), execution.composite_key)
+                started.append(Running(job, execution, top_k_of(job)))
+            if started:
+                worker.set_state(rq.worker.WorkerStatus.BUSY, pipeline=pipe)
+                worker.set_current_job_id(started[0].job.id, pipeline=pipe)
+            recorded = past_maxmemory.snapshot(pipe)
             try:
-                pipe.watch(*lists)
-                # The refused try watched nothing after its end: the ids must still be where the
-                # grab put them (a hand-back moves them all out).
-                if allow_oom and not _still_grabbed(pipe, grabbed, grabbed_keys):
-                    raise redis.WatchError
-                pipe.multi()
-                past_maxmemory.replay(pipe, recorded, allow_oom=allow_oom)
                 pipe.execute()
-                break
             except redis.exceptions.OutOfMemoryError as exc:
-                if allow_oom:
-                    raise
+                # Past maxmemory: the same commands (the attempts are counted once) through the
+                # allow-oom script. The refused try watched nothing after its end: the ids must
+                # still be where the grab put them (a hand-back moves them all out).
                 past_maxmemory.refused("starting jobs", exc)
-            except redis.WatchError:
-                log.warning(
-                    "%d grabbed job(s) were handed back to their queue meanwhile; not starting them",
-                    len(grabbed),
-                )
-                return None
+                pipe.watch(*lists)
+                if not _still_grabbed(pipe, grabbed, grabbed_keys):
+                    raise redis.WatchError from None
+                pipe.multi()
+                past_maxmemory.replay(pipe, recorded, allow_oom=True)
+                pipe.execute()
+        except redis.WatchError:
+            log.warning(
+                "%d grabbed job(s) were handed back to their queue meanwhile; not starting them", len(grabbed)
+            )
+            return None
     return started
 
 
@@ -249,15 +247,17 @@ def finish(
             try:
                 pipe.watch(*[e.running.job.key for e in endings])
                 owned = _still_owned(worker.connection, endings)
-                recorded = past_maxmemory.recorder(worker.connection)
-                _write_endings(recorded, worker, owned, inference_ms, batch_id, result_ttl)
+                pipe.multi()
+                # Past maxmemory the commands are recorded, then queued through the allow-oom script.
+                target = past_maxmemory.recorder(worker.connection) if allow_oom else pipe
+                _write_endings(target, worker, owned, inference_ms, batch_id, result_ttl)
                 if owned:
                     if as_batch:  # (a job ended from outside the batch leaves the worker busy)
-                        worker.set_current_job_id(None, pipeline=recorded)
-                        worker.set_state(rq.worker.WorkerStatus.IDLE, pipeline=recorded)
-                    _record(recorded, owned, inference_ms, namespace, as_batch)
-                pipe.multi()
-                past_maxmemory.replay(pipe, recorded, allow_oom=allow_oom)
+                        worker.set_current_job_id(None, pipeline=target)
+                        worker.set_state(rq.worker.WorkerStatus.IDLE, pipeline=target)
+                    _record(target, owned, inference_ms, namespace, as_batch)
+                if allow_oom:
+                    past_maxmemory.replay(pipe, past_maxmemory.snapshot(target), allow_oom=True)
                 pipe.execute()
                 break
             except redis.WatchError:
