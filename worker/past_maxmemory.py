@@ -10,7 +10,8 @@ wrapped in one call of a Lua script flagged `allow-oom` (Redis 7, Valkey): queue
 after the same WATCHes, it is as atomic and as ownership-checked as before, and Redis accepts it
 past maxmemory. Only the worker's writes take this path, and each is small or frees more than it
 writes (over a job's life: its image freed against its result written); new work is still refused
-at the door (503 `redis_full`).
+at the door (503 `redis_full`). A Redis older than 7 does not read script flags: there the replay
+fails as the refused write did, as before.
 
 Usage: `snapshot` what a pipeline has queued before it runs (or record the commands on a
 `recorder` pipeline, never executed itself), then `replay` them on the pipeline that runs them, as
@@ -35,7 +36,10 @@ log = logging.getLogger("inferq.worker")
 # `allow-oom`: accepted past maxmemory, also when queued in a MULTI (the flag makes the call not
 # "denyoom", so neither the queueing nor the EXEC is refused). A command that fails stops the script
 # with its error, as it would fail the pipeline it came from.
-_RUN = """#!lua flags=allow-oom
+ALLOW_OOM = "#!lua flags=allow-oom"
+_RUN = (
+    ALLOW_OOM
+    + """
 local replies = {}
 local i = 1
 while i <= #ARGV do
@@ -45,6 +49,7 @@ while i <= #ARGV do
 end
 return replies
 """
+)
 
 # Commands that run a script: replayed as they are (a script cannot call another; the scripts the
 # worker queues, e.g. the image release, delete before they write, which Redis allows past maxmemory).
