@@ -5,7 +5,8 @@
 - a `deadline_ms` longer than IMAGE_TTL keeps the image until the deadline;
 - the 429 backlog counts only live jobs;
 - MAX_QUEUED_BYTES gives 429 `queued_bytes_full` (with Retry-After) and is released when jobs end;
-- a Redis at `maxmemory` answers 503 `redis_full`, and workers still finish and free images;
+- a Redis at `maxmemory` answers 503 `redis_full`, and workers still finish and free images; a
+  real worker process drains a Redis held past maxmemory (the Redis-full drill in small);
 - api and workers refuse (or warn about) an eviction policy that can evict job keys.
 """
 
@@ -16,18 +17,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import redis
+import requests
 from flask.testing import FlaskClient
 from PIL import Image
 from rq import SimpleWorker
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
+from rq.suspension import resume, suspend
 
 from api import create_app
+from launch.processes import wait_until
 from launch.redis_server import EmbeddedRedis
 from shared import image_budget, keys
 from shared.config import Settings
@@ -36,6 +41,15 @@ from shared.keys import image_key
 from shared.redis_conn import redis_from_url
 from shared.redis_policy import EvictionPolicyError
 from shared.telemetry import read_snapshot
+from tests.service import (
+    all_ended,
+    post_image,
+    results_of,
+    running,
+    service_stack,
+    start_worker,
+    views,
+)
 from tests.worker_stub import MeanRunner, png, stub_handler, stub_worker
 from worker.batch_worker import BatchWorker
 
@@ -119,7 +133,9 @@ def test_a_worker_ends_a_job_whose_image_expired(redis_url: str, redis_conn: red
     client = client_for(settings)
     expired_id = job_id_of(submit(client))
     time.sleep(2.2)
-    fresh_id = job_id_of(submit(client))
+    # A deadline keeps this image past IMAGE_TTL: on a loaded machine the worker may take longer
+    # than IMAGE_TTL to start, and this job must not expire with the other.
+    fresh_id = job_id_of(submit(client, "?deadline_ms=60000"))
 
     stub_worker(settings).work(burst=True)
 
@@ -469,3 +485,54 @@ def test_noeviction_passes_quietly(redis_url: str, caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.ERROR):
         create_app(settings_for(redis_url))
     assert "maxmemory-policy" not in caplog.text
+
+
+def test_a_real_worker_drains_a_redis_held_past_maxmemory(
+    fresh_redis_server: Callable[..., EmbeddedRedis], tmp_path: Path
+) -> None:
+    """The drill in small (bench.soak_redis_full): the gunicorn api over HTTP and a real worker
+    process with the model. Jobs wait while Redis is pushed past maxmemory by far more than a worker
+    holds in flight; a worker started then (workers suspended until it is up) must bring it back
+    alone: register, grab, start, heartbeat and end past maxmemory, every end freeing an image.
+    Meanwhile the api answers 503 `redis_full`, never 500; at the end every job has finished once
+    and nothing is counted."""
+    server = fresh_redis_server(appendonly=False, maxmemory="64mb")
+    images = [noise_png(seed) for seed in range(40)]
+    with service_stack(
+        server.url, tmp_path, workers=0, MAX_QUEUED_BYTES=0, REDIS_HEADROOM_BYTES=0, LOG_FORMAT="text"
+    ) as stack:
+        conn = stack.conn
+        ids = [job_id_of_http(post_image(stack.base, data)) for data in images]
+        suspend(conn)
+        used = int(conn.info("memory")["used_memory"])
+        conn.config_set("maxmemory", used - 20 * len(images[0]))  # 20 images over
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            conn.set("probe", b"x")
+        refused = post_image(stack.base, images[0])
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "redis_full"
+        worker = start_worker(stack.env, log=tmp_path / "worker0.log")
+        with running(worker):
+            wait_until(lambda: worker_states(conn) == {b"suspended"}, 120, 0.2, "the worker up, suspended")
+            resume(conn)
+            wait_until(lambda: all_ended(conn, ids), 120, 0.5, "every job ended")
+
+            assert [v["status"] for v in views(conn, ids)] == ["finished"] * len(ids)
+            assert all(len(results_of(conn, job_id)) == 1 for job_id in ids)
+            assert not any(conn.exists(image_key(job_id)) for job_id in ids)
+            assert image_budget.queued_bytes(conn) == 0
+            info = conn.info("memory")
+            assert info["used_memory"] < info["maxmemory"]  # drained below the limit by the worker
+            assert post_image(stack.base, images[1]).status_code == 202  # accepting again
+    worker_log = (tmp_path / "worker0.log").read_text()
+    assert "past maxmemory" in worker_log
+    assert "Traceback" not in worker_log
+
+
+def worker_states(conn: redis.Redis) -> set[bytes]:
+    return {conn.hget(key, "state") for key in conn.smembers("rq:workers")}
+
+
+def job_id_of_http(response: requests.Response) -> str:
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])

@@ -236,9 +236,11 @@ def test_a_redis_pause_longer_than_abandoned_after_leaves_one_result_per_job(
     fresh_redis_server: Callable[..., EmbeddedRedis], tmp_path: Path
 ) -> None:
     """Redis stops answering (SIGSTOP) for longer than ABANDONED_AFTER_SECONDS while one worker is
-    in the middle of a forward pass and another is alive: when it answers again, the first worker's
-    late results and the second worker's recovery of the same jobs race; every job ends with
-    exactly one result."""
+    in the middle of a forward pass, and that worker stays cut off a while longer (frozen), so that
+    the other worker takes its jobs over and finishes them. Then the first comes back with its late
+    results: it must drop them (its jobs are no longer its own), so every job ends with exactly one
+    result, the other worker's. (Left to race on its own, the first worker's heartbeat usually lands
+    first once Redis answers and keeps its jobs: the late write would never be tested.)"""
     server = fresh_redis_server()
     assert server.pid is not None
     conn = redis.Redis.from_url(server.url)
@@ -246,28 +248,55 @@ def test_a_redis_pause_longer_than_abandoned_after_leaves_one_result_per_job(
     env = service_env(server.url, ABANDONED_AFTER_SECONDS=2, HEARTBEAT_SECONDS=0.5, MAX_BATCH_SIZE=2)
     queue = make_queue(conn, settings)
     ids = [submit(queue, png(10 * (i + 1)), 1, settings).id for i in range(6)]
-    slow = start_stub_worker(env, tmp_path / "slow.log", STUB_INFER_SECONDS="3")
+    slow_log = tmp_path / "slow.log"
+    slow = start_stub_worker(env, slow_log, STUB_INFER_SECONDS="3")
     fast = None
     try:
         wait_until(lambda: conn.scard("inferq:at-risk:rq:wip:inferq") > 0, 30, 0.05, "a job at risk")
+        in_pass = [i for i in ids if fetch(conn, i).get_status().value == "started"]
         fast = start_stub_worker(env, tmp_path / "fast.log")
-        time.sleep(0.5)
+        wait_until(lambda: conn.scard("rq:workers") == 2, 30, 0.05, "the other worker up")
+        slow.send_signal(signal.SIGSTOP)
         os.kill(server.pid, signal.SIGSTOP)
         try:
             time.sleep(settings.abandoned_after_seconds + 2)
         finally:
             os.kill(server.pid, signal.SIGCONT)
+        try:
+            wait_until(
+                lambda: all(fetch(conn, i).get_status().value == "finished" for i in ids),
+                60,
+                0.2,
+                "the other worker finished every job",
+            )
+        finally:
+            before = len(slow_log.read_text())
+            slow.send_signal(signal.SIGCONT)
+        # The late worker's forward pass ends and its writer runs: the jobs it held are not its own.
         wait_until(
-            lambda: all(fetch(conn, i).get_status().value == "finished" for i in ids), 60, 0.2, "all finished"
+            lambda: any(
+                line in late_lines(slow_log, before) for line in ("batch of", "handed to another worker")
+            ),
+            30,
+            0.1,
+            "the late worker's write",
         )
     finally:
         stop(slow)
         if fast is not None:
             stop(fast)
+    assert in_pass, "the late worker held jobs"
     for i, job_id in enumerate(ids):
         assert results(conn, job_id) == [Result.Type.SUCCESSFUL], "exactly one result per job"
-        score = fetch(conn, job_id).latest_result().return_value["predictions"][0]["score"]  # type: ignore[union-attr]
+        job = fetch(conn, job_id)
+        assert job.get_status().value == "finished"
+        score = job.latest_result().return_value["predictions"][0]["score"]  # type: ignore[union-attr]
         assert score == pytest.approx((10 * (i + 1) / 255 - 0.5) / 0.5, abs=0.02), "its own image's result"
+    assert "handed to another worker while running here" in late_lines(slow_log, before)
+
+
+def late_lines(log: Path, offset: int) -> str:
+    return log.read_text()[offset:]
 
 
 class FailingOnceCollector(BatchCollector):

@@ -44,7 +44,7 @@ from shared.logging_setup import configure_logging_once, set_log_context
 from shared.redis_conn import connect_checked
 from shared.redis_policy import check_eviction_policy
 from shared.telemetry import worker_info_fields
-from worker import liveness, rq_writes
+from worker import liveness, past_maxmemory, rq_writes
 from worker.batching import BatchCollector, Lane
 from worker.decoders import DecoderPool
 from worker.feeder import IDLE_BLOCK_SECONDS, Decoded, DecodeMany, Feeder, InFlight, in_thread_decoder
@@ -253,12 +253,45 @@ class BatchWorker(SimpleWorker):
         log.info("%d decoder processes started (pids %s)", pool.size, ", ".join(map(str, pool.pids())))
         return pool
 
+    def register_birth(self) -> None:
+        """RQ's; past maxmemory (a worker started or restarted while Redis is full must be able to
+        drain it) the same writes as RQ's, through `worker.past_maxmemory`."""
+        try:
+            super().register_birth()
+        except redis.exceptions.OutOfMemoryError as exc:
+            past_maxmemory.refused("registering", exc)
+            recorded = past_maxmemory.recorder(self.connection)
+            recorded.delete(self.key)
+            self.birth_date = self.last_heartbeat = now()
+            recorded.hset(self.key, mapping=self.serialize())
+            worker_registration.register(self, recorded)
+            recorded.expire(self.key, self.worker_ttl + 60)
+            past_maxmemory.execute(self.connection, recorded, what="registering")
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        """RQ's; when written on its own, past maxmemory too (`worker.past_maxmemory`)."""
+        if pipeline is not None:
+            super().set_state(state, pipeline)
+            return
+        recorded = past_maxmemory.recorder(self.connection)
+        super().set_state(state, recorded)
+        past_maxmemory.execute(self.connection, recorded, what="setting the worker state", transaction=False)
+
     def clean_registries(self) -> None:
         """Registry maintenance, run every few seconds: dead workers' jobs given back
         (`worker.liveness.recover`, instead of RQ's abandoned-job cleanup), stale workers, and RQ's
         other registries. Unlike RQ's, the per-queue lock lives only a few intervals: a worker killed
         while holding it must not stop everyone's cleanup for RQ's 15 minutes. Logged at debug
         level, since it runs so often."""
+        try:
+            self._clean_registries()
+        except redis.exceptions.OutOfMemoryError as exc:
+            # Past maxmemory the locks (SET) are refused: this round is skipped, the drain goes on
+            # (the feeder's grabs, starts and ends do not need it), the next round tries again.
+            log.warning("registry maintenance skipped: Redis is full (%s)", exc)
+        self.last_cleaned_at = now()
+
+    def _clean_registries(self) -> None:
         lock_ttl = max(10, 3 * int(self.maintenance_interval))
         for queue in self.queues:
             if self.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=lock_ttl):
@@ -276,7 +309,6 @@ class BatchWorker(SimpleWorker):
                     queue.release_maintenance_lock()
         # Queued jobs whose image expired end `image_expired`; MAX_QUEUED_BYTES' count is healed.
         image_budget.sweep(self.connection, self.settings)
-        self.last_cleaned_at = now()
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         """RQ's, but without a timeout the key lives `worker_ttl`, not RQ's `worker_ttl + 60` s: RQ's
@@ -301,14 +333,15 @@ class BatchWorker(SimpleWorker):
                 timed_out.append(Ending(running, error=error))
             else:
                 alive.append(running)
-        with self.connection.pipeline() as pipe:
-            self.heartbeat(self.worker_ttl, pipeline=pipe)
-            liveness.keep_grabbing_alive(pipe, self.queues, self.name, self.settings.abandoned_after_seconds)
-            for running in alive:
-                running.execution.heartbeat(
-                    running.job.started_job_registry, self.execution_ttl, pipeline=pipe
-                )
-            created_worker_key = pipe.execute()[0] == 1
+        # Past maxmemory too (worker.past_maxmemory): a heartbeat refused there would let this
+        # worker's jobs be taken over while it finishes them.
+        recorded = past_maxmemory.recorder(self.connection)
+        self.heartbeat(self.worker_ttl, pipeline=recorded)
+        liveness.keep_grabbing_alive(recorded, self.queues, self.name, self.settings.abandoned_after_seconds)
+        for running in alive:
+            registry = running.job.started_job_registry
+            running.execution.heartbeat(registry, self.execution_ttl, pipeline=recorded)
+        created_worker_key = past_maxmemory.execute(self.connection, recorded, what="heartbeat")[0] == 1
         if timed_out:
             written, _ = rq_writes.finish(
                 self,
@@ -326,9 +359,9 @@ class BatchWorker(SimpleWorker):
         if created_worker_key:
             # The worker key had vanished (Redis restarted without persistence, or it expired
             # during an outage): register again so readiness checks and dashboards see us.
-            with self.connection.pipeline() as pipe:
-                pipe.hset(self.key, mapping=self.serialize())
-                worker_registration.register(self, pipe)
-                pipe.expire(self.key, self.worker_ttl)
-                pipe.execute()
+            recorded = past_maxmemory.recorder(self.connection)
+            recorded.hset(self.key, mapping=self.serialize())
+            worker_registration.register(self, recorded)
+            recorded.expire(self.key, self.worker_ttl)
+            past_maxmemory.execute(self.connection, recorded, what="re-registering")
             log.warning("worker %s re-registered after its key vanished", self.name)

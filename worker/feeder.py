@@ -24,11 +24,13 @@ import numpy as np
 import redis
 from rq.exceptions import StopRequested
 from rq.job import Job
+from rq.suspension import is_suspended
+from rq.worker import WorkerStatus
 
 from shared import image_budget
 from shared.errors import InferqError
 from shared.keys import image_key
-from worker import liveness, rq_writes
+from worker import liveness, past_maxmemory, rq_writes
 from worker.batching import BatchCollector, Grabbed
 from worker.pipeline import ReadyItems
 from worker.rq_writes import Running
@@ -115,6 +117,7 @@ class Feeder:
         self.in_flight = in_flight
         self.grabbed_keys = list(grabbed_keys)
         self.clock = clock
+        self._state_before_suspension: str | None = None  # suspended past maxmemory (see there)
 
     def run(self, burst: bool) -> None:
         """Until a stop is requested (or, in burst mode, the queues are empty), grab jobs as there is
@@ -124,18 +127,19 @@ class Feeder:
         try:
             while not worker.stop_requested:
                 try:
-                    worker.check_for_suspension(burst)
+                    if self._suspended_past_maxmemory(burst):
+                        continue
                     if worker.should_run_maintenance_tasks:
                         worker.run_maintenance_tasks()
                     room = self.ready.room(IDLE_BLOCK_SECONDS)
                     if room == 0:
                         continue
-                    first = self.collector.take_first(IDLE_BLOCK_SECONDS)
-                    if first is None:
+                    grabbed = self._grab(room)
+                    if not grabbed:
                         if burst:
                             break
                         continue
-                    self._grab_and_prepare(first, room)
+                    self._prepare(grabbed, room)
                     backoff = 0.5
                 except StopRequested:
                     break
@@ -170,14 +174,77 @@ class Feeder:
         if moved:
             log.warning("handed %d grabbed job(s) back to their queue after an error", moved)
 
-    def _grab_and_prepare(self, first: Grabbed, room: int) -> None:
+    def _suspended_past_maxmemory(self, burst: bool) -> bool:
+        """RQ's suspension check (it waits while the workers are suspended). It also heartbeats the
+        worker key, an HSET that a Redis past maxmemory refuses: then the suspension is read on its
+        own (the heartbeat thread proves liveness there), and True means: suspended, wait."""
+        worker = self.worker
+        try:
+            worker.check_for_suspension(burst)
+        except redis.exceptions.OutOfMemoryError:
+            if is_suspended(worker.connection):
+                if burst:
+                    raise StopRequested() from None
+                if self._state_before_suspension is None:
+                    log.info("suspended (Redis past maxmemory), run `rq resume` to resume")
+                    self._state_before_suspension = worker.get_state()
+                    worker.set_state(WorkerStatus.SUSPENDED)
+                time.sleep(IDLE_BLOCK_SECONDS)
+                return True
+        if self._state_before_suspension is not None:  # resumed
+            worker.set_state(self._state_before_suspension)
+            self._state_before_suspension = None
+        return False
+
+    def _grab(self, room: int) -> list[Grabbed]:
+        """Up to `room` ids (blocking a short while for the first). Past maxmemory, where the grab's
+        LMOVE is refused, through `worker.past_maxmemory.grab` (polling: BLMOVE is refused too)."""
         collector = self.collector
-        grabbed = [first, *collector.take_available(room - 1)]
+        try:
+            first = collector.take_first(IDLE_BLOCK_SECONDS)
+        except redis.exceptions.OutOfMemoryError:
+            grabbed = self._grab_past_maxmemory(room)
+            if not grabbed:
+                time.sleep(IDLE_BLOCK_SECONDS)
+            return grabbed
+        if first is None:
+            return []
+        try:
+            return [first, *collector.take_available(room - 1)]
+        except redis.exceptions.OutOfMemoryError:
+            return [first, *self._grab_past_maxmemory(room - 1)]
+
+    def _grab_past_maxmemory(self, limit: int) -> list[Grabbed]:
+        lanes = [(lane.queue_key, lane.intermediate_key) for lane in self.collector.lanes]
+        taken = past_maxmemory.grab(self.worker.connection, lanes, limit, low_share=self.collector.low_share)
+        return [Grabbed(lane, job_id) for lane, job_id in taken]
+
+    def _also_grabbed(self, grabbed: Sequence[Grabbed]) -> list[Grabbed]:
+        """The ids in this worker's grabbed lists besides `grabbed`."""
+        known = {g.job_id for g in grabbed}
+        with self.worker.connection.pipeline(transaction=False) as pipe:
+            for key in self.grabbed_keys:
+                pipe.lrange(key, 0, -1)
+            lists = pipe.execute()
+        return [
+            Grabbed(lane, job_id.decode())
+            for lane, ids in enumerate(lists)
+            for job_id in ids
+            if job_id.decode() not in known
+        ]
+
+    def _prepare(self, grabbed: list[Grabbed], room: int) -> None:
+        collector = self.collector
         jobs, images = self._fetch([g.job_id for g in grabbed])
         arrivals = [job.enqueued_at.timestamp() for job in jobs.values() if job and job.enqueued_at]
         collector.arrivals.observe(arrivals)
         if len(grabbed) < room and arrivals and collector.waits_for_companions(self.ready.idle()):
-            extra = collector.wait_for_more(collector.max_size - room + len(grabbed), min(arrivals))
+            try:
+                extra = collector.wait_for_more(collector.max_size - room + len(grabbed), min(arrivals))
+            except redis.exceptions.OutOfMemoryError:
+                # Past maxmemory (its BLMOVE, or the grab after one, was refused): no more waiting;
+                # what it had moved already is in this worker's grabbed lists, and starts now.
+                extra = self._also_grabbed(grabbed)
             if extra:
                 more_jobs, more_images = self._fetch([g.job_id for g in extra])
                 jobs.update(more_jobs)
@@ -235,11 +302,11 @@ class Feeder:
 
     def _return_to_queue(self, items: Sequence[Grabbed]) -> None:
         queues = self.worker.queues
-        with self.worker.connection.pipeline() as pipe:
-            for item in reversed(items):
-                pipe.lrem(self.grabbed_keys[item.lane], 1, item.job_id)
-                pipe.lpush(queues[item.lane].key, item.job_id)
-            pipe.execute()
+        recorded = past_maxmemory.recorder(self.worker.connection)
+        for item in reversed(items):
+            recorded.lrem(self.grabbed_keys[item.lane], 1, item.job_id)
+            recorded.lpush(queues[item.lane].key, item.job_id)
+        past_maxmemory.execute(self.worker.connection, recorded, what="returning suspects to their queue")
 
     def _fetch(self, ids: Sequence[str]) -> tuple[dict[str, Job | None], dict[str, bytes | None]]:
         """Job hashes and image bytes of `ids` in one round trip."""

@@ -34,12 +34,13 @@ from rq.worker import SimpleWorker
 from shared.errors import InferqError
 from shared.jobs import WORKER_CRASHED
 from shared.keys import at_risk_key, grabbed_key, grabbers_key
-from worker import rq_writes
+from worker import past_maxmemory, rq_writes
 
 log = logging.getLogger("inferq.worker")
 
 # KEYS: grabbed list, queue list, grabbers set; ARGV: worker name, now. Hands a dead worker's grabbed
 # ids back to the head of their queue in their original order, unless it heartbeat meanwhile.
+# Past maxmemory it runs flagged `allow-oom` (`_hand_back`).
 _HAND_BACK = """
 local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if score and tonumber(score) > tonumber(ARGV[2]) then return -1 end
@@ -89,17 +90,27 @@ def hand_back_own(
     """Give every id still in this worker's own grabbed lists back to the head of its queue (after an
     error between a grab and the start, or at a clean stop); then rejoin the grabbers sets for
     `rejoin_ttl` seconds, or leave them (None)."""
-    hand_back = connection.register_script(_HAND_BACK)
     moved = 0
     for queue in queues:
         keys = [grabbed_key(queue.key, worker_name), queue.key, grabbers_key(queue.key)]
         # An owner "dead" far in the future: its own score never stops the hand-back.
-        moved += max(0, hand_back(keys=keys, args=[worker_name, _FOREVER]))
+        moved += max(0, _hand_back(connection, keys, [worker_name, _FOREVER]))
     if rejoin_ttl is not None:
-        with connection.pipeline() as pipe:
-            keep_grabbing_alive(pipe, queues, worker_name, rejoin_ttl)
-            pipe.execute()
+        recorded = past_maxmemory.recorder(connection)
+        keep_grabbing_alive(recorded, queues, worker_name, rejoin_ttl)
+        past_maxmemory.execute(connection, recorded, what="rejoining the grabbers")
     return moved
+
+
+def _hand_back(connection: redis.Redis, keys: list[str], args: list[object]) -> int:
+    """The `_HAND_BACK` script; past maxmemory (its LMOVE refused) flagged `allow-oom`: moving ids
+    between lists must work there too (`worker.past_maxmemory`). Plain first: a Redis older than 7
+    does not read the flag."""
+    try:
+        return int(connection.register_script(_HAND_BACK)(keys=keys, args=args))
+    except redis.exceptions.OutOfMemoryError as exc:
+        past_maxmemory.refused("handing grabbed jobs back", exc)
+        return int(connection.register_script(past_maxmemory.ALLOW_OOM + _HAND_BACK)(keys=keys, args=args))
 
 
 def recover(worker: SimpleWorker, queue: Queue, *, max_attempts: int, namespace: str) -> None:
@@ -107,11 +118,10 @@ def recover(worker: SimpleWorker, queue: Queue, *, max_attempts: int, namespace:
     Run under RQ's per-queue maintenance lock; safe against a worker that was only stalled."""
     connection = worker.connection
     cutoff = time.time()
-    hand_back = connection.register_script(_HAND_BACK)
     for raw in connection.zrangebyscore(grabbers_key(queue.key), 0, cutoff):
         name = raw.decode()
-        n = hand_back(
-            keys=[grabbed_key(queue.key, name), queue.key, grabbers_key(queue.key)], args=[name, cutoff]
+        n = _hand_back(
+            connection, [grabbed_key(queue.key, name), queue.key, grabbers_key(queue.key)], [name, cutoff]
         )
         if n and n > 0:
             log.warning("handed %d job(s) grabbed by dead worker %s back to queue %s", n, name, queue.name)

@@ -47,6 +47,7 @@ from shared.jobs import (
 )
 from shared.keys import at_risk_key, ended_channel
 from shared.telemetry import count_ended, record_batch
+from worker import past_maxmemory
 
 if TYPE_CHECKING:
     from rq.worker import SimpleWorker
@@ -159,13 +160,30 @@ def start_grabbed(
             if started:
                 worker.set_state(rq.worker.WorkerStatus.BUSY, pipeline=pipe)
                 worker.set_current_job_id(started[0].job.id, pipeline=pipe)
-            pipe.execute()
+            recorded = past_maxmemory.snapshot(pipe)
+            try:
+                pipe.execute()
+            except redis.exceptions.OutOfMemoryError as exc:
+                # Past maxmemory: the same commands (the attempts are counted once) through the
+                # allow-oom script. The refused try watched nothing after its end: the ids must
+                # still be where the grab put them (a hand-back moves them all out).
+                past_maxmemory.refused("starting jobs", exc)
+                pipe.watch(*lists)
+                if not _still_grabbed(pipe, grabbed, grabbed_keys):
+                    raise redis.WatchError from None
+                pipe.multi()
+                past_maxmemory.replay(pipe, recorded, allow_oom=True)
+                pipe.execute()
         except redis.WatchError:
             log.warning(
                 "%d grabbed job(s) were handed back to their queue meanwhile; not starting them", len(grabbed)
             )
             return None
     return started
+
+
+def _still_grabbed(pipe: Any, grabbed: Sequence[Grabbed], grabbed_keys: Sequence[str]) -> bool:
+    return all(pipe.lpos(grabbed_keys[g.lane], g.job_id) is not None for g in grabbed)
 
 
 def _end_expired(pipe: Any, worker: SimpleWorker, job: Job, wall: float) -> None:
@@ -190,15 +208,15 @@ def set_at_risk(connection: redis.Redis, running: Sequence[Running], at_risk: bo
         return
     for item in running:
         item.marked = at_risk
+    recorded = past_maxmemory.recorder(connection)
+    for item in running:
+        key = _at_risk(item.job)
+        if at_risk:
+            recorded.sadd(key, item.execution.composite_key)
+        else:
+            recorded.srem(key, item.execution.composite_key)
     try:
-        with connection.pipeline(transaction=False) as pipe:
-            for item in running:
-                key = _at_risk(item.job)
-                if at_risk:
-                    pipe.sadd(key, item.execution.composite_key)
-                else:
-                    pipe.srem(key, item.execution.composite_key)
-            pipe.execute()
+        past_maxmemory.execute(connection, recorded, what="marking jobs at risk", transaction=False)
     except redis.exceptions.RedisError as exc:
         log.warning(
             "could not %s %d job(s) as at risk: %s", "mark" if at_risk else "unmark", len(running), exc
@@ -223,22 +241,35 @@ def finish(
     batch_id = uuid.uuid4().hex[:16]  # in the logs and job.meta: which jobs shared a forward pass
     if not endings:
         return [], batch_id
+    allow_oom = False
     with worker.connection.pipeline() as pipe:
         while True:
             try:
                 pipe.watch(*[e.running.job.key for e in endings])
                 owned = _still_owned(worker.connection, endings)
                 pipe.multi()
-                _write_endings(pipe, worker, owned, inference_ms, batch_id, result_ttl)
+                # Past maxmemory the commands are recorded, then queued through the allow-oom script.
+                target = past_maxmemory.recorder(worker.connection) if allow_oom else pipe
+                _write_endings(target, worker, owned, inference_ms, batch_id, result_ttl)
                 if owned:
                     if as_batch:  # (a job ended from outside the batch leaves the worker busy)
-                        worker.set_current_job_id(None, pipeline=pipe)
-                        worker.set_state(rq.worker.WorkerStatus.IDLE, pipeline=pipe)
-                    _record(pipe, owned, inference_ms, namespace, as_batch)
+                        worker.set_current_job_id(None, pipeline=target)
+                        worker.set_state(rq.worker.WorkerStatus.IDLE, pipeline=target)
+                    _record(target, owned, inference_ms, namespace, as_batch)
+                if allow_oom:
+                    past_maxmemory.replay(pipe, past_maxmemory.snapshot(target), allow_oom=True)
                 pipe.execute()
                 break
             except redis.WatchError:
                 pipe.reset()  # a job was handed back meanwhile: check ownership again
+            except redis.exceptions.OutOfMemoryError as exc:
+                # Past maxmemory: the same ends, ownership checked again under WATCH, through the
+                # allow-oom script (each end frees an image, far more than it writes).
+                if allow_oom:
+                    raise
+                allow_oom = True
+                past_maxmemory.refused("ending jobs", exc)
+                pipe.reset()
     if len(owned) < len(endings):
         log.warning(
             "%d job(s) were handed to another worker while running here; not writing their results",

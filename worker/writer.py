@@ -1,6 +1,7 @@
 """The writer stage of a batch worker: each batch's endings through `worker.rq_writes`, in order,
 while the next forward pass runs; retried while Redis is unreachable, then given up (the jobs'
-started-registry entries expire and `worker.liveness` gives them back)."""
+started-registry entries expire and `worker.liveness` gives them back). A Redis past maxmemory
+takes the ends too (`worker.past_maxmemory`): each frees its job's image."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from shared import image_budget
 from shared.jobs import META_ATTEMPTS, META_TIMINGS
 from worker import rq_writes
 from worker.rq_writes import Ending
@@ -58,16 +58,6 @@ def write_batch(
                 worker, endings, inference_ms, namespace=namespace, result_ttl=result_ttl
             )
             break
-        except redis.exceptions.OutOfMemoryError as exc:
-            # Redis is at maxmemory and refused the whole transaction. Free this batch's images on
-            # their own (deletes are allowed there; the worker holds their bytes already), then write
-            # the results into that room: a full Redis drains instead of wedging every worker.
-            if time.monotonic() > deadline:
-                log.error("results of %d job(s) not written (%s)", len(endings), exc)
-                return
-            log.warning("Redis is full (%s); freeing the batch's images, then retrying", exc)
-            image_budget.release(worker.connection, [e.running.job.id for e in endings])
-            time.sleep(0.2)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             if time.monotonic() > deadline:
                 log.error("results of %d job(s) not written (%s); they will be requeued", len(endings), exc)
