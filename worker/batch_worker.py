@@ -37,7 +37,7 @@ from rq.worker import SimpleWorker
 
 from shared import image_budget
 from shared.config import Settings, get_settings
-from shared.errors import InferqError
+from shared.errors import ArtifactError, InferqError
 from shared.jobs import JOB_TIMEOUT, lane_queue_names
 from shared.keys import grabbed_key
 from shared.logging_setup import configure_logging_once, set_log_context
@@ -49,6 +49,7 @@ from worker.batching import BatchCollector, Lane
 from worker.decoders import DecoderPool
 from worker.feeder import IDLE_BLOCK_SECONDS, Decoded, DecodeMany, Feeder, InFlight, in_thread_decoder
 from worker.handler import load_handler
+from worker.model import read_manifest
 from worker.model_stage import run_batch
 from worker.pipeline import ReadyItems
 from worker.rq_writes import Ending
@@ -158,29 +159,15 @@ class BatchWorker(SimpleWorker):
         set_log_context(worker=self.name)
         # Before the model loads: a Redis that may evict job keys is refused (or warned about) at once.
         check_eviction_policy(self.connection, self.settings, service="worker")
-        if self.handler is None:
-            started = time.perf_counter()
-            self.handler = load_handler(self.settings)
-            log.info(
-                "model %s (sha256 %s) loaded and warmed up in %.1f s",
-                self.handler.model_info["name"],
-                self.handler.model_info["sha256"][:12],
-                time.perf_counter() - started,
-            )
-        handler = self.handler
-        set_log_context(model_sha256=handler.model_info["sha256"])
-        self.bootstrap(level, date_format, log_format)
-        self._install_signal_handlers()
-        # Three busy threads share the GIL here; at CPython's default switch interval the model
-        # thread, back from a forward pass (which runs without the GIL), waits a whole interval per
-        # hand-over behind the writer's and feeder's Python code, which shows in the p99 under load
-        # (BENCHMARKS.md). A shorter interval hands it back sooner. Process-wide, like the worker.
-        sys.setswitchinterval(_GIL_SWITCH_SECONDS)
-        # torch and the model leave hundreds of thousands of objects behind; a full collection
-        # walks them all with the GIL held, stalling all three stages (it showed as the p99 at low
-        # load). Frozen, they are never walked again (only objects made from here on are collected).
-        gc.collect()
-        gc.freeze()
+        # The decoder processes start while the model loads (each is an interpreter of its own to
+        # start), from this thread: a decoder dies with the thread that spawned it.
+        decoder_pool = self._spawn_decoder_pool() if self.decode_many is None else None
+        try:
+            handler = self._start_up(level, date_format, log_format, decoder_pool)
+        except BaseException:
+            if decoder_pool is not None:
+                decoder_pool.close()
+            raise
         batch_cap = self.batch_cap
         collector = self.collector_class(
             self.connection,
@@ -196,7 +183,6 @@ class BatchWorker(SimpleWorker):
         # Redis round trip) does not leave the model idle (saturation throughput: BENCHMARKS.md);
         # the feeder starts no more jobs than that, the rest stay queued for others.
         ready: ReadyItems[Decoded] = ReadyItems(2 * batch_cap)
-        decoder_pool = self._start_decoder_pool(handler) if self.decode_many is None else None
         decode_many = self.decode_many or (decoder_pool.decode_many if decoder_pool else None)
         feeder = Feeder(
             self,
@@ -243,14 +229,54 @@ class BatchWorker(SimpleWorker):
         log.info("worker %s stopped after %d jobs", self.name, done)
         return done > 0
 
-    def _start_decoder_pool(self, handler: ClassifyHandler) -> DecoderPool | None:
-        """The sandboxed decoder processes (`worker.decoders`), or None when DECODERS=0 asks for
-        decoding on the feeder thread."""
-        pool = DecoderPool(handler.model.manifest.input, self.settings.max_image_pixels, self.settings)
+    def _start_up(
+        self, level: str, date_format: str, log_format: str, decoder_pool: DecoderPool | None
+    ) -> ClassifyHandler:
+        """From the model load to the decoders ready: everything before the stages start."""
+        if self.handler is None:
+            started = time.perf_counter()
+            self.handler = load_handler(self.settings)
+            log.info(
+                "model %s (sha256 %s) loaded and warmed up in %.1f s",
+                self.handler.model_info["name"],
+                self.handler.model_info["sha256"][:12],
+                time.perf_counter() - started,
+            )
+        handler = self.handler
+        if decoder_pool is not None and decoder_pool.input_spec != handler.model.manifest.input:
+            # The manifest the decoders were spawned with changed before the model was loaded.
+            raise ArtifactError("The artifact's manifest changed while the worker was starting.")
+        set_log_context(model_sha256=handler.model_info["sha256"])
+        self.bootstrap(level, date_format, log_format)
+        self._install_signal_handlers()
+        # Three busy threads share the GIL here; at CPython's default switch interval the model
+        # thread, back from a forward pass (which runs without the GIL), waits a whole interval per
+        # hand-over behind the writer's and feeder's Python code, which shows in the p99 under load
+        # (BENCHMARKS.md). A shorter interval hands it back sooner. Process-wide, like the worker.
+        sys.setswitchinterval(_GIL_SWITCH_SECONDS)
+        # torch and the model leave hundreds of thousands of objects behind; a full collection
+        # walks them all with the GIL held, stalling all three stages (it showed as the p99 at low
+        # load). Frozen, they are never walked again (only objects made from here on are collected).
+        gc.collect()
+        gc.freeze()
+        if decoder_pool is not None:
+            decoder_pool.wait_ready()
+            pids = ", ".join(map(str, decoder_pool.pids()))
+            log.info("%d decoder processes started (pids %s)", decoder_pool.size, pids)
+        return handler
+
+    def _spawn_decoder_pool(self) -> DecoderPool | None:
+        """The sandboxed decoder processes (`worker.decoders`), not waited for yet, or None when
+        DECODERS=0 asks for decoding on the feeder thread. Their input spec is the manifest's (the
+        loaded model checks it is still the same)."""
+        if self.handler is not None:
+            spec = self.handler.model.manifest.input
+        else:
+            spec = read_manifest(self.settings.artifact_dir).input
+        pool = DecoderPool(spec, self.settings.max_image_pixels, self.settings, wait=False)
         if pool.size == 0:
             pool.close()
             return None
-        log.info("%d decoder processes started (pids %s)", pool.size, ", ".join(map(str, pool.pids())))
         return pool
 
     def register_birth(self) -> None:

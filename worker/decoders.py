@@ -19,6 +19,10 @@ hostile file must not be able to take the worker down or stall it. So each decod
   pool, and the parent copies the array once, out of the slot. A memfd has no name: it cannot leak,
   whatever dies, once the processes holding it have closed it.
 
+Starting a decoder (an interpreter importing PIL and numpy) takes a while, so the pool can be spawned
+without waiting (`DecoderPool(..., wait=False)`) and waited for later (`wait_ready`, or the first
+`decode_many`): the worker spawns its decoders before it loads its model, and they start meanwhile.
+
 `DECODERS=0` decodes in the calling thread with the same error mapping (no limits: for debugging and
 for machines where processes are not wanted).
 
@@ -138,7 +142,13 @@ class DecoderPool:
         decoders: int | None = None,
         timeout_ms: float | None = None,
         memory_mb: int | None = None,
+        wait: bool = True,
     ) -> None:
+        """Spawn the decoders and, unless `wait=False`, wait until each has started. With
+        `wait=False` the processes start while the caller goes on (the worker loads its model
+        meanwhile) and `wait_ready`, or the first `decode_many`, waits for them. Call it on the
+        thread that will outlive the pool: a decoder dies with the thread that spawned it
+        (PR_SET_PDEATHSIG follows the parent thread on Linux)."""
         settings = settings or get_settings()
         self.input_spec = input_spec
         self.max_pixels = max_pixels
@@ -152,19 +162,40 @@ class DecoderPool:
         self._closed = False
         self._lock = threading.Lock()  # one decode_many at a time: the decoders are shared state
         self.replaced = 0  # decoders replaced after a timeout, out-of-memory or crash
+        self._started = False  # every first decoder has said it is ready
+        self._start_deadline = time.monotonic() + _STARTUP_TIMEOUT_S
         try:
             for _ in range(self.size):
                 fds = (os.memfd_create("inferq-decoder-out", os.MFD_CLOEXEC),)
                 fds += (os.memfd_create("inferq-decoder-in", os.MFD_CLOEXEC),)
                 self._decoders.append(self._spawn(*fds))
-            deadline = time.monotonic() + _STARTUP_TIMEOUT_S
-            for decoder in self._decoders:
-                self._await_ready(decoder, deadline)
+            if wait:
+                self.wait_ready()
         except BaseException:
             self.close()
             raise
 
     # --- public -----------------------------------------------------------------------------------
+
+    def wait_ready(self) -> None:
+        """Block until every decoder spawned by the constructor has started (at once if they have).
+        Raises RuntimeError, and closes the pool, when one dies first or is still starting when
+        the start-up time is up: the pool is not usable then."""
+        with self._lock:
+            self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        if self._closed:
+            raise RuntimeError("the decoder pool is closed")
+        if self._started:
+            return
+        try:
+            for decoder in self._decoders:
+                self._await_ready(decoder, self._start_deadline)
+        except BaseException:
+            self._close()
+            raise
+        self._started = True
 
     def decode_many(self, images: Sequence[bytes | None]) -> list[np.ndarray | InferqError]:
         """Each image's model input (float32 CHW) or its own error, in input order."""
@@ -172,8 +203,7 @@ class DecoderPool:
             return self._decode_many(images)
 
     def _decode_many(self, images: Sequence[bytes | None]) -> list[np.ndarray | InferqError]:
-        if self._closed:
-            raise RuntimeError("the decoder pool is closed")
+        self._wait_ready()  # raises on a closed pool
         results: list[np.ndarray | InferqError | None] = [None] * len(images)
         pending: deque[int] = deque()
         for i, data in enumerate(images):
