@@ -8,7 +8,7 @@
 - The key's id (`owner_id`, a prefix of its hash) is stored in each job's meta (`META_OWNER`); a
   job is visible to that key only. Another key gets the same 404 as for an unknown id.
 - Without keys, nothing is required and every job is visible (local use: the api then only binds a
-  loopback address, `api.bind_policy.check_bind_allowed`).
+  loopback address, `shared.bind_policy.check_bind_allowed`).
 
 Reusable for other mounts (rq-dashboard on /rq): `bp.before_request(enforce_api_key)` protects a
 whole blueprint, `@require_api_key` one view; `allow_basic=True` also accepts HTTP Basic with the key as

@@ -20,7 +20,7 @@ result, metadata (timings, batch id, attempts) and error. What 0.9.0 needs aroun
    first hook is `enforce_operator_or_basic`: the dashboard shows EVERY tenant's jobs, so with keys
    configured it needs an operator key (OPERATOR_KEYS, never a tenant's API key), as
    `Authorization: Bearer <key>` or HTTP Basic with the key as password (what a browser can send).
-   Without keys the api, and so `/rq`, only listens on loopback (`api.bind_policy.check_bind_allowed`).
+   Without keys the api, and so `/rq`, only listens on loopback (`shared.bind_policy.check_bind_allowed`).
    Its pages cannot be framed by another site (`X-Frame-Options: DENY`, CSP `frame-ancestors 'none'`):
    no clickjacking of the admin buttons.
 4. Destructive actions and CSRF: upstream, requeue-all accepts GET and nothing carries a CSRF token,

@@ -8,7 +8,7 @@ Run: `gunicorn --config api/gunicorn_conf.py api.wsgi:app` from the project root
 - Prometheus multi-process mode: each process writes its samples to PROMETHEUS_MULTIPROC_DIR and a
   scrape of any process adds them up; the directory is wiped at start (stale files of a previous
   run would be added in) and a dead process's live gauges are dropped in `child_exit`.
-- The bind rule (`api.bind_policy.check_bind_allowed`): without API keys, only loopback addresses.
+- The bind rule (`shared.bind_policy.check_bind_allowed`): without API keys, only loopback addresses.
   Checked in `on_starting` against the addresses gunicorn will really bind (a `--bind` on the
   command line or in GUNICORN_CMD_ARGS overrides HOST:PORT), before any socket is opened.
 - Logs: gunicorn's error and access logs go through `shared.log_redaction` (Authorization values and
@@ -42,7 +42,7 @@ from gunicorn.glogging import Logger as _GunicornLogger  # noqa: E402
 # sync client looks `ssl` up at call time, so it gets the patched module.
 warnings.filterwarnings("ignore", message=r"Monkey-patching ssl after ssl", category=MonkeyPatchWarning)
 
-from api.bind_policy import BindNotAllowed, check_bind_allowed  # noqa: E402
+from shared.bind_policy import BindNotAllowed, check_bind_allowed  # noqa: E402
 from shared.config import get_settings  # noqa: E402
 
 _settings = get_settings()

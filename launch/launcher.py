@@ -1,6 +1,6 @@
 """`python -m launch.launcher`: what `make up` runs: the whole service on this machine.
 
-1. Applies the api's bind rule (`api.bind_policy.check_bind_allowed`) before starting anything:
+1. Applies the api's bind rule (`shared.bind_policy.check_bind_allowed`) before starting anything:
    without API keys it refuses a non-loopback `HOST`.
 2. Starts the embedded Valkey server (AOF on, data under `DATA_DIR/redis`) unless `REDIS_URL` is
    set, and exports its URL to the processes it runs.
@@ -45,9 +45,9 @@ from pathlib import Path
 from honcho.environ import parse_procfile
 from pydantic import ValidationError
 
-from api.bind_policy import BindNotAllowed, check_bind_allowed
 from launch.processes import TCMALLOC, proc_table
 from launch.supervisor import Child, Event, Supervisor
+from shared.bind_policy import BindNotAllowed, check_bind_allowed
 from shared.config import PROJECT_ROOT, Settings, get_settings
 from shared.redis_conn import redact_url
 

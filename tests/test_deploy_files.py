@@ -224,7 +224,7 @@ def test_compose_api_is_healthchecked_on_readyz(compose: dict[str, Any]) -> None
 
 
 def test_compose_api_has_api_keys_for_its_public_bind(compose: dict[str, Any]) -> None:
-    # In its container the api binds 0.0.0.0: the bind rule (api.bind_policy.check_bind_allowed)
+    # In its container the api binds 0.0.0.0: the bind rule (shared.bind_policy.check_bind_allowed)
     # refuses that without API keys, so gunicorn would not start.
     api = compose["services"]["api"]
     env = api["environment"]

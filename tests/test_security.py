@@ -32,8 +32,8 @@ from rq.serializers import JSONSerializer
 import api.auth
 from api import create_app
 from api.auth import enforce_api_key_or_basic, owner_id
-from api.bind_policy import BindNotAllowed, check_bind_allowed
 from launch.redis_server import EmbeddedRedis
+from shared.bind_policy import BindNotAllowed, check_bind_allowed
 from shared.config import Settings, hash_api_key
 from shared.keys import image_key, known_key
 from shared.log_redaction import REDACTED, install_redaction, redact

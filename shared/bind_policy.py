@@ -1,6 +1,7 @@
 """Where the api may listen: without API keys, only on loopback addresses (anyone who can reach a
 public address could otherwise use it). Applied by the launcher before it starts anything and by
-gunicorn's `on_starting` hook against the addresses gunicorn will really bind."""
+gunicorn's `on_starting` hook against the addresses gunicorn will really bind. In `shared`, not
+`api`: the launcher applies it without importing the api package (Flask and its extensions)."""
 
 from __future__ import annotations
 
