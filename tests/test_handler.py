@@ -71,14 +71,14 @@ def test_bad_bytes_fail_alone_without_reaching_the_model() -> None:
 
 
 def test_an_unexpected_decoder_exception_is_that_images_error(monkeypatch) -> None:
-    import worker.handler as handler_module
+    import shared.preprocess as preprocess_module
 
     def explode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
         if data == b"boom":
             raise MemoryError("decoder ran out of memory")
         return np.zeros((3, 32, 32), dtype=np.float32)
 
-    monkeypatch.setattr(handler_module, "preprocess", explode)
+    monkeypatch.setattr(preprocess_module, "preprocess", explode)
     handler = make_handler(PoisonAwareRunner())
     outcomes, _ = handler.handle([b"ok", b"boom"], [1, 1])
     assert outcomes[0].result is not None

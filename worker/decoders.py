@@ -57,7 +57,6 @@ import numpy as np
 from shared.config import PROJECT_ROOT, Settings, get_settings
 from shared.errors import CorruptImage, ImageError, InferqError
 from shared.manifest import InputSpec
-from shared.preprocess import preprocess
 
 # Response status bytes (child -> parent).
 _OK, _ERROR, _OUT_OF_MEMORY, _READY = 0, 1, 2, 3
@@ -96,6 +95,9 @@ def missing_image_error() -> CorruptImage:
 
 def decode_one(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray | InferqError:
     """`preprocess` with every failure turned into the item's own error (used in and out of process)."""
+    # Imported here: a worker whose decoders run in processes never needs PIL itself.
+    from shared.preprocess import preprocess
+
     try:
         return preprocess(data, spec, max_pixels)
     except InferqError as exc:
@@ -508,6 +510,8 @@ def _child_main(config: dict[str, Any]) -> None:
     os.dup2(2, 1)
     stdin = sys.stdin.buffer
     input_fd = int(config["input_fd"])
+    import shared.preprocess  # noqa: F401  (PIL and its plugins loaded before ready, not by the first decode)
+
     _respond(stdout, _READY)
     while True:
         header = _read_exact(stdin, _REQUEST.size)

@@ -22,7 +22,6 @@ import numpy as np
 
 from shared.config import Settings
 from shared.errors import CorruptImage, ImageError, InferqError
-from shared.preprocess import preprocess
 from worker.backend_choice import choose
 from worker.model import LoadedModel
 from worker.runner import InferenceRunner
@@ -74,6 +73,9 @@ class ClassifyHandler:
                     "The image bytes are gone (expired or deleted) before the job started.",
                     code="image_missing",
                 )
+            # Imported here: a worker whose decoders run in processes never needs PIL itself.
+            from shared.preprocess import preprocess
+
             array = preprocess(data, self.model.manifest.input, self.max_pixels)
             return array, None, (time.perf_counter() - started) * 1000
         except ImageError as exc:
