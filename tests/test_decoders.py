@@ -204,3 +204,27 @@ def test_decoders_die_with_a_killed_worker() -> None:
     while any(alive(pid) for pid in pids):
         assert time.monotonic() < deadline, "decoders outlived their worker"
         time.sleep(0.05)
+
+
+def test_a_pool_spawned_without_waiting_decodes_once_its_decoders_have_started(photos: list[bytes]) -> None:
+    # The worker spawns its decoders before loading its model and goes on at once.
+    with DecoderPool(SPEC, MAX_PIXELS, decoders=2, timeout_ms=30_000, memory_mb=512, wait=False) as pool:
+        assert len(pool.pids()) == 2 and all(alive(pid) for pid in pool.pids())
+        assert_same_as_in_thread(pool.decode_many(photos), photos)
+        pool.wait_ready()  # already started: returns at once
+        assert pool.replaced == 0
+        assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pool.pids()] == [
+            os.getpriority(os.PRIO_PROCESS, 0) + DECODER_NICENESS
+        ] * 2
+
+
+def test_a_decoder_that_dies_while_starting_fails_the_wait_and_leaves_nothing_behind() -> None:
+    pool = DecoderPool(SPEC, MAX_PIXELS, decoders=2, timeout_ms=30_000, memory_mb=512, wait=False)
+    pids = pool.pids()
+    os.kill(pids[0], signal.SIGKILL)  # long before it has imported numpy and PIL
+    with pytest.raises(RuntimeError, match="failed to start"):
+        pool.wait_ready()
+    assert not any(alive(pid) for pid in pids)
+    assert memfds(os.getpid()) == []
+    with pytest.raises(RuntimeError):
+        pool.decode_many([b"x"])

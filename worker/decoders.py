@@ -490,6 +490,10 @@ def _respond(out: IO[bytes], status: int, payload: dict[str, Any] | None = None)
 
 
 def _child_main(config: dict[str, Any]) -> None:
+    # PIL and its plugins: loaded now, inside what the memory limit leaves out (it is set on top of
+    # what the started decoder maps), and not by the first decode.
+    import shared.preprocess  # noqa: F401
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(int(config["parent"]))
     # Below the worker in the scheduler: on a machine with few cores, a decode that preempts the
@@ -510,8 +514,6 @@ def _child_main(config: dict[str, Any]) -> None:
     os.dup2(2, 1)
     stdin = sys.stdin.buffer
     input_fd = int(config["input_fd"])
-    import shared.preprocess  # noqa: F401  (PIL and its plugins loaded before ready, not by the first decode)
-
     _respond(stdout, _READY)
     while True:
         header = _read_exact(stdin, _REQUEST.size)
