@@ -66,6 +66,9 @@ class ClassifyHandler:
         return load_handler(settings)
 
     def preprocess_one(self, data: bytes | None) -> tuple[np.ndarray | None, InferqError | None, float]:
+        # Imported here: a worker whose decoders run in processes never needs PIL itself.
+        from shared.preprocess import preprocess
+
         started = time.perf_counter()
         try:
             if data is None:
@@ -73,9 +76,6 @@ class ClassifyHandler:
                     "The image bytes are gone (expired or deleted) before the job started.",
                     code="image_missing",
                 )
-            # Imported here: a worker whose decoders run in processes never needs PIL itself.
-            from shared.preprocess import preprocess
-
             array = preprocess(data, self.model.manifest.input, self.max_pixels)
             return array, None, (time.perf_counter() - started) * 1000
         except ImageError as exc:
