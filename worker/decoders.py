@@ -308,14 +308,16 @@ class DecoderPool:
 
     def _send(self, decoder: _Decoder, item: int, data: bytes) -> bool:
         assert decoder.process.stdin is not None
-        decoder.item, decoder.started = item, time.monotonic()
+        started = time.monotonic()
         try:
             os.pwrite(decoder.input_fd, data, 0)
             decoder.process.stdin.write(_REQUEST.pack(len(data)))
             decoder.process.stdin.flush()
         except OSError:  # BrokenPipeError: the decoder is gone
-            decoder.item = None
             return False
+        # Busy (`busy_pids`) only once the request is written: a decoder that dies before is
+        # retried elsewhere, one that dies after fails its image.
+        decoder.item, decoder.started = item, started
         return True
 
     def _read_result(self, index: int, results: list[np.ndarray | InferqError | None]) -> None:
