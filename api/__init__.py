@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         queues={lane: make_queue(redis, settings, lane) for lane in LANES},
         keyring=KeyRing(settings.api_keys),
         operator_keyring=KeyRing(settings.operator_keys),
-        listener=CompletionListener(redis, settings.long_poll_recheck_seconds, settings.long_polls_per_key),
+        listener=CompletionListener(redis, settings.long_poll_recheck_seconds),
         fairness=Fairness(redis, settings),
     )
     register_error_handlers(app)

@@ -6,7 +6,11 @@
   (`shared.keys`-style `inferq:pending:<key>`, added in the enqueue transaction where possible). Ids
   leave it lazily: only when the key is at its share are the set's jobs looked up and those no longer
   queued removed (at most once per second per key and process), so the common case costs one ZCARD.
-- Concurrent long-polls per key: `api.long_poll` (a per-process count, no Redis).
+- Concurrent long-polls per key (LONG_POLLS_PER_KEY), over all api processes: each waiting request
+  holds a lease in the key's sorted set (`inferq:long-polls:<key>`, scored by when the lease lapses),
+  taken in the same round trip as the request's first read of the job and given back in the same
+  round trip as its last (`LongPollSlot`). A lease of a process that died lapses by itself, after the
+  request's wait plus a margin.
 
 Every refusal is a 429 with `Retry-After` and an error code naming the limit, decided from the headers
 (key, Content-Length) before any of the body is read.
@@ -14,8 +18,14 @@ Every refusal is a 429 with `Retry-After` and an error code naming the limit, de
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
+import os
 import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
 
 from flask import request
 from limits import RateLimitItem, parse_many
@@ -23,6 +33,7 @@ from limits.storage import RedisStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import RedisError
 from rq.job import Job
 
 from api.auth import current_owner
@@ -31,7 +42,11 @@ from api.errors import ApiError
 from shared.config import Settings
 from shared.keys import PREFIX
 
+log = logging.getLogger(__name__)
+
 LIMITS_PREFIX = f"{PREFIX}limits"
+# With the pid, names this process's long-poll leases apart from other processes' and machines'.
+_PROCESS_TOKEN = uuid.uuid4().hex[:12]
 _PRUNE_EVERY_SECONDS = 1.0
 
 
@@ -45,6 +60,68 @@ def pending_key(client: str) -> str:
     return f"{PREFIX}pending:{client}"
 
 
+def long_polls_key(client: str) -> str:
+    return f"{PREFIX}long-polls:{client}"
+
+
+class TooManyWaiters(Exception):
+    """The key already holds its LONG_POLLS_PER_KEY concurrent long-polls."""
+
+
+# A lease outlives its request's wait by this much (the reads around the wait, a slow client).
+LONG_POLL_LEASE_MARGIN_SECONDS = 10.0
+_lease_ids = itertools.count()
+
+
+class LongPollSlot:
+    """One long-poll's lease in its key's set: `queue_acquire` on the pipeline of the request's first
+    read, `check_acquired` on its replies; `queue_release` on the pipeline of its last read, or
+    `release` (a round trip of its own) when it has none."""
+
+    def __init__(self, client: str, wait: float, cap: int, max_wait: float) -> None:
+        self._key = long_polls_key(client)
+        self._member = f"{_PROCESS_TOKEN}:{os.getpid()}:{next(_lease_ids)}"
+        self._wait = wait
+        self._cap = cap
+        self._max_wait = max_wait
+        self._acquired = False  # the acquiring round trip went through: the lease is in Redis
+        self._released = False
+
+    @property
+    def acquired(self) -> bool:
+        return self._acquired
+
+    def queue_acquire(self, pipe: Pipeline) -> None:
+        now = time.time()
+        pipe.zremrangebyscore(self._key, "-inf", now)  # lapsed leases (their process died)
+        pipe.zadd(self._key, {self._member: now + self._wait + LONG_POLL_LEASE_MARGIN_SECONDS})
+        pipe.zcard(self._key)
+        # The set lives as long as the longest lease anyone can take.
+        pipe.expire(self._key, math.ceil(self._max_wait + LONG_POLL_LEASE_MARGIN_SECONDS))
+
+    def check_acquired(self, replies: Sequence[Any], redis: Redis) -> None:
+        """After `queue_acquire`'s round trip: raise TooManyWaiters (the lease given back) when the
+        key now holds more than its cap."""
+        self._acquired = True
+        if int(replies[2]) > self._cap:
+            self.release(redis)
+            raise TooManyWaiters(self._key)
+
+    def queue_release(self, pipe: Pipeline) -> None:
+        if self._acquired and not self._released:
+            pipe.zrem(self._key, self._member)
+            self._released = True  # if that round trip fails, the lease lapses by itself
+
+    def release(self, redis: Redis) -> None:
+        if not self._acquired or self._released:
+            return
+        self._released = True
+        try:
+            redis.zrem(self._key, self._member)
+        except RedisError as exc:  # it lapses by itself; the request's own answer matters more
+            log.warning("could not give back a long-poll lease (it lapses by itself): %s", exc)
+
+
 class Fairness:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self._redis = redis
@@ -53,6 +130,9 @@ class Fairness:
         self._limiter = SlidingWindowCounterRateLimiter(storage)
         self._submit_limits: list[RateLimitItem] = parse_many(settings.submit_rate_limit)
         self._pruned_at: dict[str, float] = {}
+
+    def long_poll_slot(self, client: str, wait: float) -> LongPollSlot:
+        return LongPollSlot(client, wait, self._settings.long_polls_per_key, self._settings.max_wait_seconds)
 
     def check_submit_rate(self, client: str, cost: int = 1) -> None:
         for item in self._submit_limits:

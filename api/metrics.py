@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from flask import Flask, Response, g, request
 from prometheus_client import (
@@ -100,15 +101,29 @@ def install_request_metrics(app: Flask) -> None:
         if started is not None:
             route = request.url_rule.rule if request.url_rule is not None else UNMATCHED_ROUTE
             method = request.method if request.method in KNOWN_METHODS else OTHER_METHOD
-            labels = (method, route, str(response.status_code))
-            REQUESTS.labels(*labels).inc()
-            LATENCY.labels(*labels).observe(time.perf_counter() - started)
+            count, latency = _request_series(method, route, response.status_code)
+            count.inc()
+            latency.observe(time.perf_counter() - started)
         if request.endpoint in SUBMIT_ENDPOINTS and response.status_code == 202:
             try:
                 _note_submissions(response)
             except Exception:  # bookkeeping must never fail a submit that succeeded
                 log.warning("could not note a submission", exc_info=True)
         return response
+
+
+# The children of REQUESTS and LATENCY by label values (bounded: fixed methods, route templates,
+# status codes), so a request skips prometheus_client's label lookup and its lock.
+_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def _request_series(method: str, route: str, status: int) -> tuple[Any, Any]:
+    key = (method, route, status)
+    series = _series.get(key)
+    if series is None:
+        labels = (method, route, str(status))
+        series = _series[key] = (REQUESTS.labels(*labels), LATENCY.labels(*labels))
+    return series
 
 
 def _note_submissions(response: Response) -> None:

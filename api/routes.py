@@ -18,10 +18,9 @@ from api.auth import current_owner, enforce_api_key
 from api.cancel import cancel
 from api.capacity import check_capacity
 from api.errors import ApiError
-from api.fairness import client_key
+from api.fairness import LongPollSlot, TooManyWaiters, client_key
 from api.idempotency import expired_job, submit_once
-from api.job_view import client_status, job_view, read_job
-from api.long_poll import TooManyWaiters
+from api.job_view import JOB_READ_REPLIES, client_status, job_view, parse_job_read, queue_job_read, read_job
 from api.state import ApiState, current_state
 from api.validation import (
     parse_deadline_ms,
@@ -104,25 +103,40 @@ def _not_found(job_id: str) -> ApiError:
     return ApiError(f"no job with id {job_id[:64]!r}", code="job_not_found", http_status=404)
 
 
-def _load_job(state: ApiState, job_id: str) -> tuple[Job, Any]:
-    """The job and its latest result (one round trip), or the 404/410 its id deserves."""
+def _load_job(state: ApiState, job_id: str, slot: LongPollSlot | None = None) -> tuple[Job, Any]:
+    """The job and its latest result (one round trip), or the 404/410 its id deserves.
+
+    `slot`: a long-poll's lease, taken (first read) or given back (last read) in the same round trip."""
     # Only server-generated ids reach Redis: anything else cannot name a job, and client text
     # never becomes part of a key.
     if not is_job_id(job_id):
         raise _not_found(job_id)
-    found = read_job(state.redis, job_id)
+    if slot is None:
+        found = read_job(state.redis, job_id)
+    else:
+        with state.redis.pipeline(transaction=False) as pipe:
+            acquiring = not slot.acquired
+            if acquiring:
+                slot.queue_acquire(pipe)
+            else:
+                slot.queue_release(pipe)
+            queue_job_read(pipe, job_id)
+            replies = pipe.execute()
+        if acquiring:
+            slot.check_acquired(replies, state.redis)
+        found = parse_job_read(state.redis, job_id, replies[-JOB_READ_REPLIES:])
     if found is None:
         # Expired (its tombstone outlives it by EXPIRED_GRACE_SECONDS): 410, to its owner only.
         tombstone = state.redis.get(known_key(job_id))
         if tombstone is not None and _visible(tombstone.decode()):
             raise expired_job(job_id)
         raise _not_found(job_id)
-    job, result = found
+    job, result, image_present = found
     if not _visible(job.meta.get(META_OWNER)):
         raise _not_found(job_id)
     # A queued job whose image expired is ended here rather than read as queued (shared.image_budget);
     # a queued job has no result, so `job_view` reads the one its end just wrote.
-    return end_if_image_expired(state.redis, job, state.settings), result
+    return end_if_image_expired(state.redis, job, state.settings, image_present=image_present), result
 
 
 @bp.post("/jobs")
@@ -195,22 +209,25 @@ def get_job(job_id: str) -> dict[str, Any]:
     wait = parse_wait(request, state.settings)
     if wait <= 0:
         return job_view(*_load_job(state, job_id))
+    slot = state.fairness.long_poll_slot(client_key(), wait)
     # The waiter is registered BEFORE the job is read: an end published from now on wakes it, and
     # an end before now is in what is read (api.long_poll). It holds no Redis connection.
     try:
-        with state.listener.waiter(job_id, client_key()) as ended:
-            job, result = _load_job(state, job_id)
+        with state.listener.waiter(job_id) as ended:
+            job, result = _load_job(state, job_id, slot)
             if client_status(job) in TERMINAL_STATUSES or not ended.wait(wait):
                 return job_view(job, result)
+        return job_view(*_load_job(state, job_id, slot))
     except TooManyWaiters:
         limit = state.settings.long_polls_per_key
         raise ApiError(
-            f"this key already holds {limit} long-polls in this api process; retry without `wait` or later",
+            f"this key already holds {limit} long-polls; retry without `wait` or later",
             code="long_poll_limit",
             http_status=429,
             headers={"Retry-After": "1"},
         ) from None
-    return job_view(*_load_job(state, job_id))
+    finally:
+        slot.release(state.redis)  # when no read gave it back (a 404, an early answer, an error)
 
 
 @bp.post("/jobs/<path:job_id>/cancel")
