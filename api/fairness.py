@@ -24,7 +24,6 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Sequence
 from typing import Any
 
 from flask import request
@@ -33,14 +32,16 @@ from limits.storage import RedisStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 from redis import Redis
 from redis.client import Pipeline
+from redis.commands.core import Script
 from redis.exceptions import RedisError
 from rq.job import Job
+from rq.results import Result
 
 from api.auth import current_owner
 from api.capacity import completion_rate, retry_after_seconds
 from api.errors import ApiError
 from shared.config import Settings
-from shared.keys import PREFIX
+from shared.keys import PREFIX, image_key
 
 log = logging.getLogger(__name__)
 
@@ -73,51 +74,91 @@ LONG_POLL_LEASE_MARGIN_SECONDS = 10.0
 _lease_ids = itertools.count()
 
 
-class LongPollSlot:
-    """One long-poll's lease in its key's set: `queue_acquire` on the pipeline of the request's first
-    read, `check_acquired` on its replies; `queue_release` on the pipeline of its last read, or
-    `release` (a round trip of its own) when it has none."""
+# A long-poll's first read: the job hash, its latest result and whether its image exists (what
+# `api.job_view.queue_job_read` reads), and a lease in the key's set only if the job has not ended
+# (a request that answers at once needs none, and gives none back). One script: one round trip.
+# KEYS: job hash, result stream, image, leases. ARGV: member, now, lease end, cap, set ttl.
+# Returns {hash as a flat list, latest result entry or {}, image exists, 1 held / 0 none / -1 refused}.
+_FIRST_READ = """
+local raw = redis.call('HGETALL', KEYS[1])
+local latest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local image = redis.call('EXISTS', KEYS[3])
+local lease = 0
+local status = redis.call('HGET', KEYS[1], 'status')
+local ended = {finished = true, failed = true, canceled = true, stopped = true}
+if status and not ended[status] then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[2])
+  if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[4]) then
+    lease = -1
+  else
+    redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+    redis.call('EXPIRE', KEYS[4], ARGV[5])
+    lease = 1
+  end
+end
+return {raw, latest, image, lease}
+"""
 
-    def __init__(self, client: str, wait: float, cap: int, max_wait: float) -> None:
+
+class LongPollSlot:
+    """One long-poll's lease in its key's set (LONG_POLLS_PER_KEY over all api processes): taken by
+    `first_read`, in the round trip of the request's first read and only if the job has not ended;
+    given back by `queue_release` on the pipeline of the request's last read, or by `release` (a
+    round trip of its own) when there is none. A lease of a process that died lapses by itself."""
+
+    def __init__(
+        self, redis: Redis, script: Script, client: str, wait: float, cap: int, max_wait: float
+    ) -> None:
+        self._redis = redis
+        self._script = script
         self._key = long_polls_key(client)
         self._member = f"{_PROCESS_TOKEN}:{os.getpid()}:{next(_lease_ids)}"
         self._wait = wait
         self._cap = cap
         self._max_wait = max_wait
-        self._acquired = False  # the acquiring round trip went through: the lease is in Redis
-        self._released = False
+        self._read = False
+        self._held = False
 
     @property
-    def acquired(self) -> bool:
-        return self._acquired
+    def first_read_done(self) -> bool:
+        return self._read
 
-    def queue_acquire(self, pipe: Pipeline) -> None:
+    def first_read(self, job_id: str) -> list[Any]:
+        """The replies `api.job_view.parse_job_read` takes, with the lease taken if the job has not
+        ended; TooManyWaiters when the key already holds its cap."""
         now = time.time()
-        pipe.zremrangebyscore(self._key, "-inf", now)  # lapsed leases (their process died)
-        pipe.zadd(self._key, {self._member: now + self._wait + LONG_POLL_LEASE_MARGIN_SECONDS})
-        pipe.zcard(self._key)
-        # The set lives as long as the longest lease anyone can take.
-        pipe.expire(self._key, math.ceil(self._max_wait + LONG_POLL_LEASE_MARGIN_SECONDS))
-
-    def check_acquired(self, replies: Sequence[Any], redis: Redis) -> None:
-        """After `queue_acquire`'s round trip: raise TooManyWaiters (the lease given back) when the
-        key now holds more than its cap."""
-        self._acquired = True
-        if int(replies[2]) > self._cap:
-            self.release(redis)
+        raw, latest, image, lease = self._script(
+            keys=[Job.key_for(job_id), Result.get_key(job_id), image_key(job_id), self._key],
+            args=[
+                self._member,
+                now,
+                now + self._wait + LONG_POLL_LEASE_MARGIN_SECONDS,
+                self._cap,
+                math.ceil(self._max_wait + LONG_POLL_LEASE_MARGIN_SECONDS),
+            ],
+        )
+        self._read = True
+        if lease == -1:
             raise TooManyWaiters(self._key)
+        self._held = lease == 1
+        # The shapes redis-py gives HGETALL and XREVRANGE (a script's replies are raw lists).
+        return [
+            dict(zip(raw[0::2], raw[1::2], strict=True)),
+            [(entry_id, dict(zip(fields[0::2], fields[1::2], strict=True))) for entry_id, fields in latest],
+            image,
+        ]
 
     def queue_release(self, pipe: Pipeline) -> None:
-        if self._acquired and not self._released:
+        if self._held:
             pipe.zrem(self._key, self._member)
-            self._released = True  # if that round trip fails, the lease lapses by itself
+            self._held = False  # if that round trip fails, the lease lapses by itself
 
-    def release(self, redis: Redis) -> None:
-        if not self._acquired or self._released:
+    def release(self) -> None:
+        if not self._held:
             return
-        self._released = True
+        self._held = False
         try:
-            redis.zrem(self._key, self._member)
+            self._redis.zrem(self._key, self._member)
         except RedisError as exc:  # it lapses by itself; the request's own answer matters more
             log.warning("could not give back a long-poll lease (it lapses by itself): %s", exc)
 
@@ -130,9 +171,17 @@ class Fairness:
         self._limiter = SlidingWindowCounterRateLimiter(storage)
         self._submit_limits: list[RateLimitItem] = parse_many(settings.submit_rate_limit)
         self._pruned_at: dict[str, float] = {}
+        self._first_read = redis.register_script(_FIRST_READ)
 
     def long_poll_slot(self, client: str, wait: float) -> LongPollSlot:
-        return LongPollSlot(client, wait, self._settings.long_polls_per_key, self._settings.max_wait_seconds)
+        return LongPollSlot(
+            self._redis,
+            self._first_read,
+            client,
+            wait,
+            self._settings.long_polls_per_key,
+            self._settings.max_wait_seconds,
+        )
 
     def check_submit_rate(self, client: str, cost: int = 1) -> None:
         for item in self._submit_limits:

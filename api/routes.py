@@ -106,25 +106,21 @@ def _not_found(job_id: str) -> ApiError:
 def _load_job(state: ApiState, job_id: str, slot: LongPollSlot | None = None) -> tuple[Job, Any]:
     """The job and its latest result (one round trip), or the 404/410 its id deserves.
 
-    `slot`: a long-poll's lease, taken (first read) or given back (last read) in the same round trip."""
+    `slot`: a long-poll's lease, taken in its first read's round trip (if the job has not ended),
+    given back in its last read's."""
     # Only server-generated ids reach Redis: anything else cannot name a job, and client text
     # never becomes part of a key.
     if not is_job_id(job_id):
         raise _not_found(job_id)
     if slot is None:
         found = read_job(state.redis, job_id)
+    elif not slot.first_read_done:
+        found = parse_job_read(state.redis, job_id, slot.first_read(job_id))
     else:
         with state.redis.pipeline(transaction=False) as pipe:
-            acquiring = not slot.acquired
-            if acquiring:
-                slot.queue_acquire(pipe)
-            else:
-                slot.queue_release(pipe)
+            slot.queue_release(pipe)
             queue_job_read(pipe, job_id)
-            replies = pipe.execute()
-        if acquiring:
-            slot.check_acquired(replies, state.redis)
-        found = parse_job_read(state.redis, job_id, replies[-JOB_READ_REPLIES:])
+            found = parse_job_read(state.redis, job_id, pipe.execute()[-JOB_READ_REPLIES:])
     if found is None:
         # Expired (its tombstone outlives it by EXPIRED_GRACE_SECONDS): 410, to its owner only.
         tombstone = state.redis.get(known_key(job_id))
@@ -227,7 +223,7 @@ def get_job(job_id: str) -> dict[str, Any]:
             headers={"Retry-After": "1"},
         ) from None
     finally:
-        slot.release(state.redis)  # when no read gave it back (a 404, an early answer, an error)
+        slot.release()  # when no read gave it back (a 404, an early answer, an error)
 
 
 @bp.post("/jobs/<path:job_id>/cancel")
