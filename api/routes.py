@@ -21,6 +21,7 @@ from api.errors import ApiError
 from api.fairness import LongPollSlot, TooManyWaiters, client_key
 from api.idempotency import expired_job, submit_once
 from api.job_view import JOB_READ_REPLIES, client_status, job_view, parse_job_read, queue_job_read, read_job
+from api.metrics import note_enqueued
 from api.state import ApiState, current_state
 from api.validation import (
     parse_deadline_ms,
@@ -157,6 +158,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
             except BaseException:
                 unreserve(state.redis, [job_id])  # its bytes no longer count against MAX_QUEUED_BYTES
                 raise
+        note_enqueued([job_id])
         body = _created(job_id)
     else:
         job_id, replayed = submit_once(
@@ -176,6 +178,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
             body["status"] = client_status(job) if job is not None else "queued"
         else:
             state.fairness.note_pending(state.redis, client, [job_id])
+            note_enqueued([job_id])
     return jsonify(body), 202, {"Location": job_url(job_id)}
 
 
@@ -196,6 +199,7 @@ def create_batch() -> tuple[Response, int]:
         state.queues[lane], [(u.data, top_k) for u in uploads], state.settings, _job_meta(deadline_ms)
     )
     state.fairness.note_pending(state.redis, client, [job.id for job in jobs])
+    note_enqueued([job.id for job in jobs])
     return jsonify({"jobs": [_created(job.id) for job in jobs]}), 202
 
 
