@@ -203,12 +203,15 @@ class Fairness:
         share = self._settings.queue_share_per_key
         return max(1, int(depth * share)) if depth and share < 1 else 0
 
-    def check_queue_share(self, client: str, incoming: int, queues: list) -> None:
+    def check_queue_share(self, client: str, incoming: int, queues: list, waiting: int | None = None) -> None:
+        """429 `key_queue_share` when `client` would have more than its share waiting. `waiting`: its
+        count of waiting jobs when the caller read it (ZCARD of `pending_key`), else read here."""
         limit = self.share_limit
         if not limit:
             return
         key = pending_key(client)
-        waiting = int(self._redis.zcard(key))
+        if waiting is None:
+            waiting = int(self._redis.zcard(key))
         if waiting + incoming > limit:
             waiting = self._prune(key)
         if waiting + incoming <= limit:

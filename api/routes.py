@@ -16,9 +16,9 @@ from rq.job import Job
 
 from api.auth import current_owner, enforce_api_key
 from api.cancel import cancel
-from api.capacity import check_capacity
+from api.capacity import check_capacity, queue_backlog
 from api.errors import ApiError
-from api.fairness import LongPollSlot, TooManyWaiters, client_key
+from api.fairness import LongPollSlot, TooManyWaiters, client_key, pending_key
 from api.idempotency import expired_job, submit_once
 from api.job_view import JOB_READ_REPLIES, client_status, job_view, parse_job_read, queue_job_read, read_job
 from api.metrics import note_enqueued
@@ -61,17 +61,24 @@ def _admit(state: ApiState, incoming: int, *, queue_bounds: bool = True) -> str:
 
 
 def _check_queue_bounds(state: ApiState, client: str, incoming: int) -> None:
+    if not state.settings.max_queue_depth:
+        return  # unbounded: no share of it either
+    # What both bounds count, in one round trip: the key's waiting jobs and the lanes' backlog.
+    with state.redis.pipeline(transaction=False) as pipe:
+        pipe.zcard(pending_key(client))
+        queue_backlog(pipe, state.queue_list)
+        key_waiting, *lanes = pipe.execute()
     # The key's own share first: when it is over it, that is the more useful refusal.
-    state.fairness.check_queue_share(client, incoming, state.queue_list)
-    _ensure_capacity(state, incoming)
+    state.fairness.check_queue_share(client, incoming, state.queue_list, waiting=int(key_waiting))
+    _ensure_capacity(state, incoming, waiting=sum(int(n) for n in lanes))
 
 
-def _ensure_capacity(state: ApiState, incoming: int) -> None:
+def _ensure_capacity(state: ApiState, incoming: int, waiting: int | None = None) -> None:
     """429 when the lanes' backlog would exceed MAX_QUEUE_DEPTH: shed load at the door rather than
     accept work that would expire (or time out its clients) before a worker reaches it. Only
     submissions are refused: reads, long-polls and cancels keep working. `Retry-After` is computed
     from the backlog and the measured completion rate (api.capacity)."""
-    full = check_capacity(state.redis, state.queue_list, state.settings, incoming)
+    full = check_capacity(state.redis, state.queue_list, state.settings, incoming, waiting)
     if full is None:
         return
     pace = f"{full.rate:.2f} jobs/s" if full.rate > 0 else "no job ended recently"
