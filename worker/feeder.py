@@ -48,6 +48,12 @@ DecodeMany = Callable[[Sequence[bytes | None]], list[np.ndarray | InferqError]]
 # this many seconds by an idle worker.
 IDLE_BLOCK_SECONDS = 0.5
 
+# `rq suspend` is read at most this often: each read is a round trip (with RQ's worker heartbeat)
+# before the next grab. So a busy worker may start jobs for up to this long after a suspend (RQ's
+# own worker reads it once per dequeue, which blocks up to its timeout). The heartbeat thread
+# (`worker.liveness`) keeps the worker key alive meanwhile.
+SUSPENSION_CHECK_SECONDS = 1.0
+
 
 def in_thread_decoder(handler: ClassifyHandler) -> DecodeMany:
     """The default decode step: the handler's `preprocess_one`, one image after the other, here."""
@@ -118,6 +124,7 @@ class Feeder:
         self.grabbed_keys = list(grabbed_keys)
         self.clock = clock
         self._state_before_suspension: str | None = None  # suspended past maxmemory (see there)
+        self._suspension_checked_at: float | None = None
 
     def run(self, burst: bool) -> None:
         """Until a stop is requested (or, in burst mode, the queues are empty), grab jobs as there is
@@ -177,8 +184,17 @@ class Feeder:
     def _suspended_past_maxmemory(self, burst: bool) -> bool:
         """RQ's suspension check (it waits while the workers are suspended). It also heartbeats the
         worker key, an HSET that a Redis past maxmemory refuses: then the suspension is read on its
-        own (the heartbeat thread proves liveness there), and True means: suspended, wait."""
+        own (the heartbeat thread proves liveness there), and True means: suspended, wait.
+        Read at most every SUSPENSION_CHECK_SECONDS (every time while suspended past maxmemory)."""
         worker = self.worker
+        clock = self.clock()
+        if (
+            self._state_before_suspension is None
+            and self._suspension_checked_at is not None
+            and clock - self._suspension_checked_at < SUSPENSION_CHECK_SECONDS
+        ):
+            return False
+        self._suspension_checked_at = clock
         try:
             worker.check_for_suspension(burst)
         except redis.exceptions.OutOfMemoryError:
