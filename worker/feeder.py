@@ -68,6 +68,14 @@ def in_thread_decoder(handler: ClassifyHandler) -> DecodeMany:
     return decode_many
 
 
+def decode_chunk_size(decode_many: DecodeMany) -> int:
+    """How many started jobs the feeder decodes at a time before handing them to the model thread:
+    one per decoder of a `DecoderPool` (its only API decodes a whole list and returns when all are
+    done, so a chunk that fills every decoder keeps them all busy), else one (decoded in turn)."""
+    size = getattr(getattr(decode_many, "__self__", None), "size", None)
+    return size if isinstance(size, int) and size > 0 else 1
+
+
 @dataclass
 class Decoded:
     """A started job whose image went through the decode step: a model input, or its error."""
@@ -125,6 +133,7 @@ class Feeder:
         self.clock = clock
         self._state_before_suspension: str | None = None  # suspended past maxmemory (see there)
         self._suspension_checked_at: float | None = None
+        self.decode_chunk = decode_chunk_size(decode_many)
 
     def run(self, burst: bool) -> None:
         """Until a stop is requested (or, in burst mode, the queues are empty), grab jobs as there is
@@ -288,33 +297,40 @@ class Feeder:
         )
         if not started:
             return 0
-        began = self.clock()
-        for running in started:
-            running.enter_risk(began)
         self.in_flight.add(started)
-        decoded = self.decode_many([images.get(r.job.id) for r in started])
-        for i, running in enumerate(started):
+        step = self.decode_chunk
+        for first in range(0, len(started), step):
+            self._decode_and_hand_over(started[first : first + step], images)
+        return len(started)
+
+    def _decode_and_hand_over(self, chunk: Sequence[Running], images: dict[str, bytes | None]) -> None:
+        """Decode `chunk` and put each job ready for the model thread, which may take it while the
+        next chunk decodes."""
+        began = self.clock()
+        for running in chunk:
+            running.enter_risk(began)
+        decoded = self.decode_many([images.get(r.job.id) for r in chunk])
+        for i, running in enumerate(chunk):
             if images.get(running.job.id) is None:
                 # Its image is gone: `image_expired` (or `image_missing`), not a decode error.
                 decoded[i] = image_budget.missing_image_error(running.job)
         ended = self.clock()
-        for running in started:
+        for running in chunk:
             running.leave_risk(ended)
         # Decoded and waiting for the model: a worker death from here on is not these jobs' doing.
         # Unless an idle model takes them all at once: they stay marked into their forward pass
         # (two round trips saved where latency matters most, at light load).
-        straight_to_model = self.ready.idle() and len(started) <= self.collector.max_size
-        failed = [r for r, out in zip(started, decoded, strict=True) if isinstance(out, InferqError)]
-        rq_writes.set_at_risk(worker.connection, failed if straight_to_model else started, at_risk=False)
+        straight_to_model = self.ready.idle() and len(chunk) <= self.collector.max_size
+        failed = [r for r, out in zip(chunk, decoded, strict=True) if isinstance(out, InferqError)]
+        rq_writes.set_at_risk(self.worker.connection, failed if straight_to_model else chunk, at_risk=False)
         # The decode step reports no per-image time (a pool decodes in parallel): each job is
-        # charged an equal share of the step.
-        share_ms = (ended - began) * 1000 / len(started)
-        for running, out in zip(started, decoded, strict=True):
+        # charged an equal share of its chunk's step.
+        share_ms = (ended - began) * 1000 / len(chunk)
+        for running, out in zip(chunk, decoded, strict=True):
             if isinstance(out, InferqError):
                 self.ready.put(Decoded(running, None, out, share_ms))
             else:
                 self.ready.put(Decoded(running, out, None, share_ms))
-        return len(started)
 
     def _return_to_queue(self, items: Sequence[Grabbed]) -> None:
         queues = self.worker.queues
