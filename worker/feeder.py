@@ -3,7 +3,9 @@ them, and park each ready for the model thread (`worker.pipeline.ReadyItems`).
 
 The decode step is one injectable callable, `DecodeMany`: images in, one model input or one error
 per image out. The default decodes in this thread with the handler's `preprocess_one`; a pool of
-decoder processes with the same signature can replace it without any other change.
+decoder processes with the same signature can replace it without any other change. A pool decodes
+a grab in chunks (one image per decoder): an idle model thread starts on the first jobs while the
+rest decode.
 
 A job that was caught in a worker death before (its `crashes` > 0) may be what kills workers. It is
 started alone, only when nothing else of this worker is in flight, and nothing is started after it
@@ -68,12 +70,13 @@ def in_thread_decoder(handler: ClassifyHandler) -> DecodeMany:
     return decode_many
 
 
-def decode_chunk_size(decode_many: DecodeMany) -> int:
-    """How many started jobs the feeder decodes at a time before handing them to the model thread:
-    one per decoder of a `DecoderPool` (its only API decodes a whole list and returns when all are
-    done, so a chunk that fills every decoder keeps them all busy), else one (decoded in turn)."""
+def decode_chunk_size(decode_many: DecodeMany) -> int | None:
+    """How many started jobs the feeder decodes at a time, so that an idle model thread can start on
+    the first ones while the rest decode: one per decoder of a `DecoderPool` (its only API decodes a
+    whole list and returns when all are done; a chunk that fills every decoder keeps them all busy).
+    None (the whole grab at once) for another decode step, e.g. the in-thread one."""
     size = getattr(getattr(decode_many, "__self__", None), "size", None)
-    return size if isinstance(size, int) and size > 0 else 1
+    return size if isinstance(size, int) and size > 0 else None
 
 
 @dataclass
@@ -298,14 +301,19 @@ class Feeder:
         if not started:
             return 0
         self.in_flight.add(started)
-        step = self.decode_chunk
+        step = self.decode_chunk or len(started)
+        waiting: list[Decoded] = []
         for first in range(0, len(started), step):
-            self._decode_and_hand_over(started[first : first + step], images)
+            waiting += self._decode(started[first : first + step], images)
+            # An idle model takes what is decoded now; a busy one finds it all with the last chunk
+            # (one batch, one round trip to unmark it, as if the grab had been decoded at once).
+            if first + step >= len(started) or self.ready.idle():
+                self._hand_over(waiting)
+                waiting = []
         return len(started)
 
-    def _decode_and_hand_over(self, chunk: Sequence[Running], images: dict[str, bytes | None]) -> None:
-        """Decode `chunk` and put each job ready for the model thread, which may take it while the
-        next chunk decodes."""
+    def _decode(self, chunk: Sequence[Running], images: dict[str, bytes | None]) -> list[Decoded]:
+        """Decode `chunk` (at risk meanwhile): each job's model input or its error."""
         began = self.clock()
         for running in chunk:
             running.enter_risk(began)
@@ -317,20 +325,27 @@ class Feeder:
         ended = self.clock()
         for running in chunk:
             running.leave_risk(ended)
-        # Decoded and waiting for the model: a worker death from here on is not these jobs' doing.
-        # Unless an idle model takes them all at once: they stay marked into their forward pass
-        # (two round trips saved where latency matters most, at light load).
-        straight_to_model = self.ready.idle() and len(chunk) <= self.collector.max_size
-        failed = [r for r, out in zip(chunk, decoded, strict=True) if isinstance(out, InferqError)]
-        rq_writes.set_at_risk(self.worker.connection, failed if straight_to_model else chunk, at_risk=False)
         # The decode step reports no per-image time (a pool decodes in parallel): each job is
         # charged an equal share of its chunk's step.
         share_ms = (ended - began) * 1000 / len(chunk)
-        for running, out in zip(chunk, decoded, strict=True):
-            if isinstance(out, InferqError):
-                self.ready.put(Decoded(running, None, out, share_ms))
-            else:
-                self.ready.put(Decoded(running, out, None, share_ms))
+        return [
+            Decoded(running, None, out, share_ms)
+            if isinstance(out, InferqError)
+            else Decoded(running, out, None, share_ms)
+            for running, out in zip(chunk, decoded, strict=True)
+        ]
+
+    def _hand_over(self, items: Sequence[Decoded]) -> None:
+        """Put decoded jobs ready for the model thread."""
+        # Decoded and waiting for the model: a worker death from here on is not these jobs' doing.
+        # Unless an idle model takes them all at once: they stay marked into their forward pass
+        # (two round trips saved where latency matters most, at light load).
+        straight_to_model = self.ready.idle() and len(items) <= self.collector.max_size
+        failed = [d.running for d in items if d.error is not None]
+        unmark = failed if straight_to_model else [d.running for d in items]
+        rq_writes.set_at_risk(self.worker.connection, unmark, at_risk=False)
+        for item in items:
+            self.ready.put(item)
 
     def _return_to_queue(self, items: Sequence[Grabbed]) -> None:
         queues = self.worker.queues
