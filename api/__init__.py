@@ -7,6 +7,7 @@ It keeps no job state in process: any number of api processes may serve one Redi
 from __future__ import annotations
 
 import logging
+import queue
 
 from flask import Flask
 from redis import BlockingConnectionPool, Redis
@@ -25,6 +26,19 @@ from shared.redis_policy import check_eviction_policy
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_SECONDS = 1.0
+
+
+def _pool_queue_class() -> type:
+    """The queue of free connections of the api's pool: gevent's own under gevent workers. The
+    standard library's queue notifies through a Condition that checks it holds its lock by trying to
+    take it again; under gevent each such failed try yields to the hub, several times per command."""
+    from gevent import monkey
+
+    if monkey.is_module_patched("threading"):
+        from gevent.queue import LifoQueue
+
+        return LifoQueue
+    return queue.LifoQueue
 
 
 def create_app(settings: Settings | None = None, redis: Redis | None = None) -> Flask:
@@ -50,6 +64,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         pool_class=BlockingConnectionPool,
         max_connections=settings.api_redis_connections,
         timeout=redis.connection_pool.connection_kwargs.get("socket_timeout") or 10,
+        queue_class=_pool_queue_class(),
     )
     # /readyz and /metrics answer probes and scrapers that have short deadlines of their own:
     # one attempt with short timeouts, instead of the ~2.5 s of retries /v1 routes ride out
@@ -74,7 +89,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         queues={lane: make_queue(redis, settings, lane) for lane in LANES},
         keyring=KeyRing(settings.api_keys),
         operator_keyring=KeyRing(settings.operator_keys),
-        listener=CompletionListener(redis, settings.long_poll_recheck_seconds, settings.long_polls_per_key),
+        listener=CompletionListener(redis, settings.long_poll_recheck_seconds),
         fairness=Fairness(redis, settings),
     )
     register_error_handlers(app)

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from redis import Redis
+from redis.client import Pipeline
 from rq import Queue
 
 from shared.config import Settings
@@ -48,9 +49,14 @@ RETRY_AFTER_MAX_SECONDS = 60
 def backlog(conn: Redis, queues: Sequence[Queue]) -> int:
     """Jobs waiting in all lanes (one round trip)."""
     with conn.pipeline(transaction=False) as pipe:
-        for queue in queues:
-            pipe.llen(queue.key)
+        queue_backlog(pipe, queues)
         return sum(int(n) for n in pipe.execute())
+
+
+def queue_backlog(pipe: Pipeline, queues: Sequence[Queue]) -> None:
+    """Queue the reads of `backlog` on `pipe` (one reply per lane: sum them)."""
+    for queue in queues:
+        pipe.llen(queue.key)
 
 
 def ended_recently(conn: Redis, queues: Sequence[Queue], settings: Settings, now: float | None = None) -> int:
@@ -109,15 +115,17 @@ class QueueFull:
 
 
 def check_capacity(
-    conn: Redis, queues: Sequence[Queue], settings: Settings, incoming: int
+    conn: Redis, queues: Sequence[Queue], settings: Settings, incoming: int, waiting: int | None = None
 ) -> QueueFull | None:
-    """None when `incoming` more jobs fit under MAX_QUEUE_DEPTH, else what the 429 says.
+    """None when `incoming` more jobs fit under MAX_QUEUE_DEPTH, else what the 429 says. `waiting`:
+    the backlog when the caller read it (`queue_backlog` on its pipeline), else it is read here.
 
     A soft bound: concurrent submitters may overshoot it by a few jobs."""
     limit = settings.max_queue_depth
     if not limit:
         return None
-    waiting = backlog(conn, queues)
+    if waiting is None:
+        waiting = backlog(conn, queues)
     if waiting + incoming <= limit:
         return None
     if sweep(conn, settings) is not None:

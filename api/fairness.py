@@ -6,7 +6,11 @@
   (`shared.keys`-style `inferq:pending:<key>`, added in the enqueue transaction where possible). Ids
   leave it lazily: only when the key is at its share are the set's jobs looked up and those no longer
   queued removed (at most once per second per key and process), so the common case costs one ZCARD.
-- Concurrent long-polls per key: `api.long_poll` (a per-process count, no Redis).
+- Concurrent long-polls per key (LONG_POLLS_PER_KEY), over all api processes: each waiting request
+  holds a lease in the key's sorted set (`inferq:long-polls:<key>`, scored by when the lease lapses),
+  taken in the same round trip as the request's first read of the job and given back in the same
+  round trip as its last (`LongPollSlot`). A lease of a process that died lapses by itself, after the
+  request's wait plus a margin.
 
 Every refusal is a 429 with `Retry-After` and an error code naming the limit, decided from the headers
 (key, Content-Length) before any of the body is read.
@@ -14,8 +18,13 @@ Every refusal is a 429 with `Retry-After` and an error code naming the limit, de
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
+import os
 import time
+import uuid
+from typing import Any
 
 from flask import request
 from limits import RateLimitItem, parse_many
@@ -23,15 +32,22 @@ from limits.storage import RedisStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 from redis import Redis
 from redis.client import Pipeline
+from redis.commands.core import Script
+from redis.exceptions import RedisError
 from rq.job import Job
+from rq.results import Result
 
 from api.auth import current_owner
 from api.capacity import completion_rate, retry_after_seconds
 from api.errors import ApiError
 from shared.config import Settings
-from shared.keys import PREFIX
+from shared.keys import PREFIX, image_key
+
+log = logging.getLogger(__name__)
 
 LIMITS_PREFIX = f"{PREFIX}limits"
+# With the pid, names this process's long-poll leases apart from other processes' and machines'.
+_PROCESS_TOKEN = uuid.uuid4().hex[:12]
 _PRUNE_EVERY_SECONDS = 1.0
 
 
@@ -45,6 +61,108 @@ def pending_key(client: str) -> str:
     return f"{PREFIX}pending:{client}"
 
 
+def long_polls_key(client: str) -> str:
+    return f"{PREFIX}long-polls:{client}"
+
+
+class TooManyWaiters(Exception):
+    """The key already holds its LONG_POLLS_PER_KEY concurrent long-polls."""
+
+
+# A lease outlives its request's wait by this much (the reads around the wait, a slow client).
+LONG_POLL_LEASE_MARGIN_SECONDS = 10.0
+_lease_ids = itertools.count()
+
+
+# A long-poll's first read: the job hash, its latest result and whether its image exists (what
+# `api.job_view.queue_job_read` reads), and a lease in the key's set only if the job has not ended
+# (a request that answers at once needs none, and gives none back). One script: one round trip.
+# KEYS: job hash, result stream, image, leases. ARGV: member, now, lease end, cap, set ttl.
+# Returns {hash as a flat list, latest result entry or {}, image exists, 1 held / 0 none / -1 refused}.
+_FIRST_READ = """
+local raw = redis.call('HGETALL', KEYS[1])
+local latest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local image = redis.call('EXISTS', KEYS[3])
+local lease = 0
+local status = redis.call('HGET', KEYS[1], 'status')
+local ended = {finished = true, failed = true, canceled = true, stopped = true}
+if status and not ended[status] then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[2])
+  if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[4]) then
+    lease = -1
+  else
+    redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+    redis.call('EXPIRE', KEYS[4], ARGV[5])
+    lease = 1
+  end
+end
+return {raw, latest, image, lease}
+"""
+
+
+class LongPollSlot:
+    """One long-poll's lease in its key's set (LONG_POLLS_PER_KEY over all api processes): taken by
+    `first_read`, in the round trip of the request's first read and only if the job has not ended;
+    given back by `queue_release` on the pipeline of the request's last read, or by `release` (a
+    round trip of its own) when there is none. A lease of a process that died lapses by itself."""
+
+    def __init__(
+        self, redis: Redis, script: Script, client: str, wait: float, cap: int, max_wait: float
+    ) -> None:
+        self._redis = redis
+        self._script = script
+        self._key = long_polls_key(client)
+        self._member = f"{_PROCESS_TOKEN}:{os.getpid()}:{next(_lease_ids)}"
+        self._wait = wait
+        self._cap = cap
+        self._max_wait = max_wait
+        self._read = False
+        self._held = False
+
+    @property
+    def first_read_done(self) -> bool:
+        return self._read
+
+    def first_read(self, job_id: str) -> list[Any]:
+        """The replies `api.job_view.parse_job_read` takes, with the lease taken if the job has not
+        ended; TooManyWaiters when the key already holds its cap."""
+        now = time.time()
+        raw, latest, image, lease = self._script(
+            keys=[Job.key_for(job_id), Result.get_key(job_id), image_key(job_id), self._key],
+            args=[
+                self._member,
+                now,
+                now + self._wait + LONG_POLL_LEASE_MARGIN_SECONDS,
+                self._cap,
+                math.ceil(self._max_wait + LONG_POLL_LEASE_MARGIN_SECONDS),
+            ],
+        )
+        self._read = True
+        if lease == -1:
+            raise TooManyWaiters(self._key)
+        self._held = lease == 1
+        # The shapes redis-py gives HGETALL and XREVRANGE (a script's replies are raw lists).
+        return [
+            dict(zip(raw[0::2], raw[1::2], strict=True)),
+            [(entry_id, dict(zip(fields[0::2], fields[1::2], strict=True))) for entry_id, fields in latest],
+            image,
+        ]
+
+    def queue_release(self, pipe: Pipeline) -> None:
+        if self._held:
+            pipe.zrem(self._key, self._member)
+            self._held = False  # if that round trip fails, the lease lapses by itself
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        try:
+            self._redis.zrem(self._key, self._member)
+        except RedisError as exc:  # it lapses by itself; the request's own answer matters more
+            log.warning("could not give back a long-poll lease (it lapses by itself): %s", exc)
+
+
 class Fairness:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self._redis = redis
@@ -53,6 +171,17 @@ class Fairness:
         self._limiter = SlidingWindowCounterRateLimiter(storage)
         self._submit_limits: list[RateLimitItem] = parse_many(settings.submit_rate_limit)
         self._pruned_at: dict[str, float] = {}
+        self._first_read = redis.register_script(_FIRST_READ)
+
+    def long_poll_slot(self, client: str, wait: float) -> LongPollSlot:
+        return LongPollSlot(
+            self._redis,
+            self._first_read,
+            client,
+            wait,
+            self._settings.long_polls_per_key,
+            self._settings.max_wait_seconds,
+        )
 
     def check_submit_rate(self, client: str, cost: int = 1) -> None:
         for item in self._submit_limits:
@@ -74,12 +203,15 @@ class Fairness:
         share = self._settings.queue_share_per_key
         return max(1, int(depth * share)) if depth and share < 1 else 0
 
-    def check_queue_share(self, client: str, incoming: int, queues: list) -> None:
+    def check_queue_share(self, client: str, incoming: int, queues: list, waiting: int | None = None) -> None:
+        """429 `key_queue_share` when `client` would have more than its share waiting. `waiting`: its
+        count of waiting jobs when the caller read it (ZCARD of `pending_key`), else read here."""
         limit = self.share_limit
         if not limit:
             return
         key = pending_key(client)
-        waiting = int(self._redis.zcard(key))
+        if waiting is None:
+            waiting = int(self._redis.zcard(key))
         if waiting + incoming > limit:
             waiting = self._prune(key)
         if waiting + incoming <= limit:

@@ -14,7 +14,7 @@ jobs that ended or vanished. No waiter sleeps its full wait on a job that ended.
 No lost wake-up: a request registers its waiter BEFORE it reads the job; a publish from then on wakes
 it, and an end before then is seen by the read.
 
-Per-key fairness: at most LONG_POLLS_PER_KEY waiters per key (or client address) in this process.
+Per-key fairness (LONG_POLLS_PER_KEY over all api processes) is `api.fairness.LongPollSlot`'s.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
@@ -40,41 +39,30 @@ _RECHECK_CHUNK = 1000
 _RECONNECT_BACKOFF_SECONDS = 0.5
 
 
-class TooManyWaiters(Exception):
-    """The key already has its cap of concurrent long-polls in this process."""
-
-
 class CompletionListener:
-    def __init__(self, redis: Redis, recheck_seconds: float, per_key_cap: int) -> None:
+    def __init__(self, redis: Redis, recheck_seconds: float) -> None:
         self._redis = redis
         self._recheck_seconds = recheck_seconds
-        self._per_key_cap = per_key_cap
         self._waiters: dict[str, set[threading.Event]] = {}
-        self._per_key: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._pid: int | None = None  # the process the listener runs in (a fork needs its own)
 
     @property
     def waiting(self) -> int:
-        return sum(self._per_key.values())
+        with self._lock:
+            return sum(len(events) for events in self._waiters.values())
 
     @contextmanager
-    def waiter(self, job_id: str, key: str) -> Iterator[threading.Event]:
-        """Register a waiter for `job_id` (counted against `key`); the Event is set when it ends."""
+    def waiter(self, job_id: str) -> Iterator[threading.Event]:
+        """Register a waiter for `job_id`; the Event is set when the job ends."""
         self._ensure_running()
         event = threading.Event()
         with self._lock:
-            if self._per_key[key] >= self._per_key_cap:
-                raise TooManyWaiters(key)
-            self._per_key[key] += 1
             self._waiters.setdefault(job_id, set()).add(event)
         try:
             yield event
         finally:
             with self._lock:
-                self._per_key[key] -= 1
-                if not self._per_key[key]:
-                    del self._per_key[key]
                 events = self._waiters.get(job_id)
                 if events is not None:
                     events.discard(event)

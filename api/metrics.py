@@ -20,7 +20,8 @@ Redis (`shared.telemetry`, which says why) and read here at scrape time the same
 any api process shows every worker, on every machine, and a worker restart loses nothing.
 
 Submissions (`inferq_jobs_submitted_total{lane}`, and the `job submitted` log line that starts a
-job's trail) are noted after the response of a successful submit, from what it returned.
+job's trail) are noted after the response of a successful submit, from the jobs the route says it
+enqueued (`note_enqueued`; an idempotent replay enqueues none).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from flask import Flask, Response, g, request
 from prometheus_client import (
@@ -46,7 +48,6 @@ from prometheus_client.utils import floatToGoString
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
-from rq.job import Job
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from api.capacity import ended_recently
@@ -91,7 +92,6 @@ def install_request_metrics(app: Flask) -> None:
     @app.before_request
     def _start_timer() -> None:
         g.inferq_started = time.perf_counter()
-        g.inferq_started_wall = time.time()
 
     @app.after_request
     def _observe(response: Response) -> Response:
@@ -100,9 +100,9 @@ def install_request_metrics(app: Flask) -> None:
         if started is not None:
             route = request.url_rule.rule if request.url_rule is not None else UNMATCHED_ROUTE
             method = request.method if request.method in KNOWN_METHODS else OTHER_METHOD
-            labels = (method, route, str(response.status_code))
-            REQUESTS.labels(*labels).inc()
-            LATENCY.labels(*labels).observe(time.perf_counter() - started)
+            count, latency = _request_series(method, route, response.status_code)
+            count.inc()
+            latency.observe(time.perf_counter() - started)
         if request.endpoint in SUBMIT_ENDPOINTS and response.status_code == 202:
             try:
                 _note_submissions(response)
@@ -111,14 +111,31 @@ def install_request_metrics(app: Flask) -> None:
         return response
 
 
+# The children of REQUESTS and LATENCY by label values (bounded: fixed methods, route templates,
+# status codes), so a request skips prometheus_client's label lookup and its lock.
+_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def _request_series(method: str, route: str, status: int) -> tuple[Any, Any]:
+    key = (method, route, status)
+    series = _series.get(key)
+    if series is None:
+        labels = (method, route, str(status))
+        series = _series[key] = (REQUESTS.labels(*labels), LATENCY.labels(*labels))
+    return series
+
+
+def note_enqueued(job_ids: list[str]) -> None:
+    """Called by a submit route with the jobs this request enqueued (none for an idempotent replay):
+    counted and logged once its 202 is answered."""
+    g.inferq_enqueued = job_ids
+
+
 def _note_submissions(response: Response) -> None:
     """Count the jobs a 202 created and log `job submitted` for each (the start of its trail)."""
-    body = response.get_json(silent=True) or {}
-    ids = [body["id"]] if "id" in body else [job["id"] for job in body.get("jobs", [])]
+    ids = g.get("inferq_enqueued")
     if not ids:
-        return
-    if request.headers.get("Idempotency-Key") and _replayed(ids[0]):
-        return  # the job was created by an earlier request: nothing new was enqueued
+        return  # nothing new was enqueued (an idempotent replay)
     from api.state import current_state
 
     settings = current_state().settings
@@ -137,21 +154,6 @@ def _note_submissions(response: Response) -> None:
         if deadline is not None:
             fields["deadline_ms"] = int(deadline)
         submissions_log.info("job submitted", extra=fields)
-
-
-def _replayed(job_id: str) -> bool:
-    """An idempotent submit answers 202 for a replay too: the job was new only if this request
-    enqueued it, i.e. RQ's `enqueued_at` is not older than the request. (A replay on one api server
-    of a job another one enqueued assumes their clocks agree to within the request's duration.)"""
-    from api.state import current_state
-
-    raw = current_state().redis.hget(Job.key_for(job_id), "enqueued_at")
-    if not raw:
-        return False
-    from rq.utils import str_to_date
-
-    enqueued = str_to_date(raw)
-    return enqueued is not None and enqueued.timestamp() < g.get("inferq_started_wall", 0.0) - 0.001
 
 
 def _upload_sizes() -> list[int | None]:

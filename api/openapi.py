@@ -358,7 +358,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         "429": {
                             **_error(
                                 "`long_poll_limit`: this key already holds LONG_POLLS_PER_KEY "
-                                f"({settings.long_polls_per_key}) long-polls in this api process."
+                                f"({settings.long_polls_per_key}) long-polls (over all api processes)."
                             ),
                             "headers": retry_after,
                         },

@@ -16,12 +16,12 @@ from rq.job import Job
 
 from api.auth import current_owner, enforce_api_key
 from api.cancel import cancel
-from api.capacity import check_capacity
+from api.capacity import check_capacity, queue_backlog
 from api.errors import ApiError
-from api.fairness import client_key
+from api.fairness import LongPollSlot, TooManyWaiters, client_key, pending_key
 from api.idempotency import expired_job, submit_once
-from api.job_view import client_status, job_view, read_job
-from api.long_poll import TooManyWaiters
+from api.job_view import JOB_READ_REPLIES, client_status, job_view, parse_job_read, queue_job_read, read_job
+from api.metrics import note_enqueued
 from api.state import ApiState, current_state
 from api.validation import (
     parse_deadline_ms,
@@ -61,17 +61,24 @@ def _admit(state: ApiState, incoming: int, *, queue_bounds: bool = True) -> str:
 
 
 def _check_queue_bounds(state: ApiState, client: str, incoming: int) -> None:
+    if not state.settings.max_queue_depth:
+        return  # unbounded: no share of it either
+    # What both bounds count, in one round trip: the key's waiting jobs and the lanes' backlog.
+    with state.redis.pipeline(transaction=False) as pipe:
+        pipe.zcard(pending_key(client))
+        queue_backlog(pipe, state.queue_list)
+        key_waiting, *lanes = pipe.execute()
     # The key's own share first: when it is over it, that is the more useful refusal.
-    state.fairness.check_queue_share(client, incoming, state.queue_list)
-    _ensure_capacity(state, incoming)
+    state.fairness.check_queue_share(client, incoming, state.queue_list, waiting=int(key_waiting))
+    _ensure_capacity(state, incoming, waiting=sum(int(n) for n in lanes))
 
 
-def _ensure_capacity(state: ApiState, incoming: int) -> None:
+def _ensure_capacity(state: ApiState, incoming: int, waiting: int | None = None) -> None:
     """429 when the lanes' backlog would exceed MAX_QUEUE_DEPTH: shed load at the door rather than
     accept work that would expire (or time out its clients) before a worker reaches it. Only
     submissions are refused: reads, long-polls and cancels keep working. `Retry-After` is computed
     from the backlog and the measured completion rate (api.capacity)."""
-    full = check_capacity(state.redis, state.queue_list, state.settings, incoming)
+    full = check_capacity(state.redis, state.queue_list, state.settings, incoming, waiting)
     if full is None:
         return
     pace = f"{full.rate:.2f} jobs/s" if full.rate > 0 else "no job ended recently"
@@ -104,25 +111,36 @@ def _not_found(job_id: str) -> ApiError:
     return ApiError(f"no job with id {job_id[:64]!r}", code="job_not_found", http_status=404)
 
 
-def _load_job(state: ApiState, job_id: str) -> tuple[Job, Any]:
-    """The job and its latest result (one round trip), or the 404/410 its id deserves."""
+def _load_job(state: ApiState, job_id: str, slot: LongPollSlot | None = None) -> tuple[Job, Any]:
+    """The job and its latest result (one round trip), or the 404/410 its id deserves.
+
+    `slot`: a long-poll's lease, taken in its first read's round trip (if the job has not ended),
+    given back in its last read's."""
     # Only server-generated ids reach Redis: anything else cannot name a job, and client text
     # never becomes part of a key.
     if not is_job_id(job_id):
         raise _not_found(job_id)
-    found = read_job(state.redis, job_id)
+    if slot is None:
+        found = read_job(state.redis, job_id)
+    elif not slot.first_read_done:
+        found = parse_job_read(state.redis, job_id, slot.first_read(job_id))
+    else:
+        with state.redis.pipeline(transaction=False) as pipe:
+            slot.queue_release(pipe)
+            queue_job_read(pipe, job_id)
+            found = parse_job_read(state.redis, job_id, pipe.execute()[-JOB_READ_REPLIES:])
     if found is None:
         # Expired (its tombstone outlives it by EXPIRED_GRACE_SECONDS): 410, to its owner only.
         tombstone = state.redis.get(known_key(job_id))
         if tombstone is not None and _visible(tombstone.decode()):
             raise expired_job(job_id)
         raise _not_found(job_id)
-    job, result = found
+    job, result, image_present = found
     if not _visible(job.meta.get(META_OWNER)):
         raise _not_found(job_id)
     # A queued job whose image expired is ended here rather than read as queued (shared.image_budget);
     # a queued job has no result, so `job_view` reads the one its end just wrote.
-    return end_if_image_expired(state.redis, job, state.settings), result
+    return end_if_image_expired(state.redis, job, state.settings, image_present=image_present), result
 
 
 @bp.post("/jobs")
@@ -147,6 +165,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
             except BaseException:
                 unreserve(state.redis, [job_id])  # its bytes no longer count against MAX_QUEUED_BYTES
                 raise
+        note_enqueued([job_id])
         body = _created(job_id)
     else:
         job_id, replayed = submit_once(
@@ -166,6 +185,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
             body["status"] = client_status(job) if job is not None else "queued"
         else:
             state.fairness.note_pending(state.redis, client, [job_id])
+            note_enqueued([job_id])
     return jsonify(body), 202, {"Location": job_url(job_id)}
 
 
@@ -186,6 +206,7 @@ def create_batch() -> tuple[Response, int]:
         state.queues[lane], [(u.data, top_k) for u in uploads], state.settings, _job_meta(deadline_ms)
     )
     state.fairness.note_pending(state.redis, client, [job.id for job in jobs])
+    note_enqueued([job.id for job in jobs])
     return jsonify({"jobs": [_created(job.id) for job in jobs]}), 202
 
 
@@ -195,22 +216,25 @@ def get_job(job_id: str) -> dict[str, Any]:
     wait = parse_wait(request, state.settings)
     if wait <= 0:
         return job_view(*_load_job(state, job_id))
+    slot = state.fairness.long_poll_slot(client_key(), wait)
     # The waiter is registered BEFORE the job is read: an end published from now on wakes it, and
     # an end before now is in what is read (api.long_poll). It holds no Redis connection.
     try:
-        with state.listener.waiter(job_id, client_key()) as ended:
-            job, result = _load_job(state, job_id)
+        with state.listener.waiter(job_id) as ended:
+            job, result = _load_job(state, job_id, slot)
             if client_status(job) in TERMINAL_STATUSES or not ended.wait(wait):
                 return job_view(job, result)
+        return job_view(*_load_job(state, job_id, slot))
     except TooManyWaiters:
         limit = state.settings.long_polls_per_key
         raise ApiError(
-            f"this key already holds {limit} long-polls in this api process; retry without `wait` or later",
+            f"this key already holds {limit} long-polls; retry without `wait` or later",
             code="long_poll_limit",
             http_status=429,
             headers={"Retry-After": "1"},
         ) from None
-    return job_view(*_load_job(state, job_id))
+    finally:
+        slot.release()  # when no read gave it back (a 404, an early answer, an error)
 
 
 @bp.post("/jobs/<path:job_id>/cancel")

@@ -2,7 +2,9 @@
 long-polls. Real gunicorn, real sockets, a real Valkey; no worker model (jobs are ended by writing
 RQ results directly, the way a worker would, and publishing on the ended channel).
 
-`main()` prints one JSON object of figures; `python -m bench.front_door [--stalled N] [--waiters N]`.
+`main()` prints one JSON object of figures; `python -m bench.front_door [--stalled N] [--waiters N]`;
+`--compare-workers ROUNDS` measures only the api's CPU per submit + long-poll pair, on gevent and on
+gthread workers taking turns.
 The test suite runs the same functions with small counts (tests/test_front_door.py).
 """
 
@@ -446,6 +448,37 @@ def cpu_per_pair(server: ApiServer, redis_url: str, pairs: int = 300) -> dict[st
 BENCH_ENV = {"MAX_QUEUE_DEPTH": "0", "SUBMIT_RATE_LIMIT": "100000/second", "LONG_POLLS_PER_KEY": "100000"}
 
 
+# The api's former worker class, for `--compare-workers` (what the move to gevent is measured against).
+GTHREAD = {"GUNICORN_CMD_ARGS": "--worker-class gthread --threads 32"}
+
+
+def compare_workers(redis_url: str, pairs: int, rounds: int) -> dict[str, Any]:
+    """`cpu_per_pair` on the project's gevent workers and on gthread workers (2 x 32 threads), in
+    blocks of `pairs` taking turns for `rounds` rounds: on a shared machine, load that comes and goes
+    then hits both alike. Medians of the blocks, and their ratio."""
+    from statistics import median
+
+    blocks: dict[str, list[float]] = {"gevent": [], "gthread": []}
+    with (
+        api_server(redis_url, **BENCH_ENV) as gevent_api,
+        api_server(redis_url, **BENCH_ENV, **GTHREAD) as gthread_api,
+    ):
+        servers = {"gevent": gevent_api, "gthread": gthread_api}
+        for server in servers.values():
+            cpu_per_pair(server, redis_url, 30)  # warm-up
+        for turn in range(rounds):
+            for name in sorted(servers, reverse=turn % 2 == 1):
+                blocks[name].append(cpu_per_pair(servers[name], redis_url, pairs)["api_cpu_ms_per_pair"])
+    medians = {name: median(values) for name, values in blocks.items()}
+    return {
+        "pairs_per_block": pairs,
+        "rounds": rounds,
+        "api_cpu_ms_per_pair": medians,
+        "gevent_over_gthread": round(medians["gevent"] / medians["gthread"], 3),
+        "blocks": blocks,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--stalled", type=int, default=1000)
@@ -454,8 +487,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=300)
     parser.add_argument("--redis-url", default=None, help="default: a throwaway embedded Valkey")
     parser.add_argument("--only", choices=("attack", "polls", "cpu"), default=None)
+    parser.add_argument(
+        "--compare-workers",
+        type=int,
+        metavar="ROUNDS",
+        help="only the CPU per pair, gevent and gthread workers taking turns for ROUNDS rounds",
+    )
     args = parser.parse_args(argv)
     figures: dict[str, Any] = {}
+    if args.compare_workers:
+        with _redis(args.redis_url) as url:
+            figures["cpu_by_worker_class"] = compare_workers(url, args.pairs, args.compare_workers)
+        print(json.dumps(figures, indent=2))
+        return
     with _redis(args.redis_url) as url, api_server(url, **BENCH_ENV) as server:
         if args.only in (None, "cpu"):
             figures["cpu"] = cpu_per_pair(server, url, args.pairs)
@@ -481,4 +525,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["Attack", "api_server", "cpu_per_pair", "long_polls", "main", "stall_attack"]
+__all__ = ["Attack", "api_server", "compare_workers", "cpu_per_pair", "long_polls", "main", "stall_attack"]

@@ -427,6 +427,7 @@ def _api(results: Results) -> View:
         "p50": fmt(api["latency_p50_ms"], 1),
         "p99": fmt(api["latency_p99_ms"], 1),
         "errors": api["errors"],
+        "cpu_ms": fmt(api["api_cpu_ms_per_submit"], 2) if "api_cpu_ms_per_submit" in api else "n/a",
     }
 
 

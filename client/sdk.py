@@ -179,7 +179,7 @@ class Client:
     def cancel(self, job_id: str) -> JobResult:
         """Cancel a queued job; the job, now `canceled`. Conflict (409 `job_not_cancelable`) once
         a worker has taken it."""
-        return _job_result(self._request("DELETE", _job_path(job_id), idempotent=False))
+        return _job_result(self._request("POST", f"{_job_path(job_id)}/cancel", idempotent=False))
 
     def health(self) -> dict[str, Any]:
         """`GET /healthz`: the api process answers (Redis and workers are not checked)."""
@@ -276,7 +276,7 @@ class Client:
     ) -> requests.Response:
         """One api call with retries. Returns a 2xx (or `accept`ed) response, else raises ClientError.
 
-        `idempotent=False` (DELETE): retried only when the server said "not now" (429) or the
+        `idempotent=False` (a cancel): retried only when the server said "not now" (429) or the
         connection was never made, since a lost reply may hide a request that took effect.
         `deadline` (monotonic): no retry sleeps past it.
         """

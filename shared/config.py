@@ -286,8 +286,8 @@ class Settings(BaseSettings):
     long_polls_per_key: int = Field(
         default=2000,
         ge=1,
-        description="Concurrent long-polls (`?wait=`) one API key (or client address) may hold per api "
-        "process. Refusal: 429 `long_poll_limit`.",
+        description="Concurrent long-polls (`?wait=`) one API key (or client address) may hold, over all api "
+        "processes (counted in Redis). Refusal: 429 `long_poll_limit`.",
     )
     long_poll_recheck_seconds: float = Field(
         default=1.0,

@@ -227,10 +227,15 @@ def _write_unstarted_end(
         pipe.execute()
 
 
-def end_if_image_expired(conn: Redis, job: Job, settings: Settings) -> Job:
+def end_if_image_expired(
+    conn: Redis, job: Job, settings: Settings, *, image_present: bool | None = None
+) -> Job:
     """`job`, ended first if it is queued and its image is gone (a read must not show such a job as
-    queued until a sweep comes by). Costs one EXISTS for a queued job, nothing otherwise."""
-    if job.get_status(refresh=False) != JobStatus.QUEUED or conn.exists(image_key(job.id)):
+    queued until a sweep comes by). `image_present`: what the caller read with the job (else one
+    EXISTS for a queued job, nothing otherwise)."""
+    if job.get_status(refresh=False) != JobStatus.QUEUED:
+        return job
+    if image_present or (image_present is None and conn.exists(image_key(job.id))):
         return job
     if end_unstarted(conn, job, _unstarted_error(job), settings):
         job.refresh()

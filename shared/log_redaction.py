@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 
+from shared.logging_setup import REDACTED_MARK
 from shared.redis_conn import redact_url
 
 REDACTED = "***"
@@ -44,6 +45,8 @@ class RedactingFilter(logging.Filter):
         if cleaned != message or record.args:
             # Freeze the formatted, redacted text (an argument could hold the secret).
             record.msg, record.args = cleaned, None
+        # The message is clean now: a formatter need not redact it again (`shared.logging_setup`).
+        setattr(record, REDACTED_MARK, cleaned)
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:

@@ -24,7 +24,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import sys
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
@@ -42,6 +44,10 @@ _RQ_LOGGERS = ("rq", "rq.worker", "rq.job", "rq.queue", "rq.worker_pool", "rq.sc
 # Context fields that text lines leave out (every line of a process has the same ones; the worker's
 # `model ... loaded` line names its model). `worker` stays: a pool's workers share one console.
 _TEXT_SKIPPED = ("service", "model_sha256")
+
+# Record attribute set by `shared.log_redaction`'s filter: the message text it redacted. A formatter
+# that sees that same text does not redact it again (the leading underscore keeps it out of the fields).
+REDACTED_MARK = "_inferq_redacted"
 
 _context: dict[str, Any] = {}
 _redact: Callable[[str], str] | None = None
@@ -94,20 +100,32 @@ def _clean(value: Any, redact: Callable[[str], str]) -> Any:
     return redact(str(value))
 
 
+def _redacted_message(record: logging.LogRecord, redact: Callable[[str], str]) -> str:
+    message = record.getMessage()
+    # Already redacted by the handler's filter (unless something changed it since): once is enough.
+    return message if getattr(record, REDACTED_MARK, None) == message else redact(message)
+
+
+def _entry(created: float, level: str, logger: str, pid: int | None, message: str) -> dict[str, Any]:
+    return {
+        "ts": dt.datetime.fromtimestamp(created, dt.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
+        "level": level,
+        "logger": logger,
+        "pid": pid,
+        "message": message,
+    }
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line (newlines in tracebacks are escaped)."""
 
     def format(self, record: logging.LogRecord) -> str:
         redact = _redactor()
-        entry: dict[str, Any] = {
-            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "pid": record.process,
-            "message": redact(record.getMessage()),
-        }
+        entry = _entry(
+            record.created, record.levelname, record.name, record.process, _redacted_message(record, redact)
+        )
         for key, value in _extras(record).items():
             entry.setdefault(key, _clean(value, redact))
         if record.exc_info and not record.exc_text:
@@ -117,6 +135,49 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack_info"] = redact(self.formatStack(record.stack_info))
         return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def direct_json_handlers(logger: logging.Logger) -> list[logging.StreamHandler[Any]] | None:
+    """`logger`'s handlers when `write_json_line` writes exactly what they would for a plain message:
+    each a StreamHandler or FileHandler (nothing that rotates) with this module's JsonFormatter and
+    only its context filter and `shared.log_redaction`'s filter, on a logger without filters of its
+    own that does not propagate. Else None (log through `logging`)."""
+    from shared.log_redaction import RedactingFilter
+
+    if logger.filters or logger.propagate or not logger.handlers:
+        return None
+    handlers: list[logging.StreamHandler[Any]] = []
+    for handler in logger.handlers:
+        if (
+            type(handler) not in (logging.StreamHandler, logging.FileHandler)
+            or type(handler.formatter) is not JsonFormatter
+            or not all(type(f) in (RedactingFilter, ContextFilter) for f in handler.filters)
+        ):
+            return None
+        handlers.append(handler)  # type: ignore[arg-type]
+    return handlers
+
+
+def write_json_line(
+    handlers: Iterable[logging.StreamHandler[Any]], logger: str, level: int, message: str
+) -> None:
+    """The JSON line `logging` would write for `message` on handlers of `direct_json_handlers` (same
+    fields and redaction), written directly: for a line per request (the access log), the record,
+    caller lookup and filter passes of `logging` cost more than the line itself."""
+    redact = _redactor()
+    entry = _entry(time.time(), logging.getLevelName(level), logger, os.getpid(), redact(message))
+    for key, value in _context.items():
+        entry.setdefault(key, _clean(value, redact))
+    line = json.dumps(entry, ensure_ascii=False, default=str)
+    for handler in handlers:
+        if level < handler.level:
+            continue
+        handler.acquire()
+        try:
+            handler.stream.write(line + handler.terminator)
+            handler.flush()
+        finally:
+            handler.release()
 
 
 class TextFormatter(logging.Formatter):

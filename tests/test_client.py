@@ -134,6 +134,7 @@ def test_a_cancel_is_not_retried_after_a_503(stub: Stub):
     with Client(stub.url) as client, pytest.raises(Unavailable):
         client.cancel(JOB_ID)
     assert len(stub.seen) == 1
+    assert (stub.seen[0].method, stub.seen[0].path) == ("POST", f"/v1/jobs/{JOB_ID}/cancel")
 
 
 def test_a_refused_api_key_is_an_authentication_error_and_not_retried(stub: Stub):

@@ -317,6 +317,48 @@ def test_concurrent_long_polls_per_key_are_capped(make_client: Any) -> None:
     assert client.get(f"/v1/jobs/{job_id}?wait=0.2", headers=A).status_code == 200  # slots freed
 
 
+def test_long_polls_per_key_are_capped_over_all_api_processes(redis_url: str) -> None:
+    # Two api servers on one Redis (as on two machines): the cap holds over both of them.
+    env = {"MAX_QUEUE_DEPTH": "0", "SUBMIT_RATE_LIMIT": "100000/second", "LONG_POLLS_PER_KEY": "2"}
+    conn = redis.Redis.from_url(redis_url)
+    with (
+        api_server(redis_url, WEB_CONCURRENCY="1", **env) as one,
+        api_server(redis_url, WEB_CONCURRENCY="1", **env) as two,
+    ):
+        post = requests.post(
+            f"{one.base}/v1/jobs", data=PNG_1PX, headers={"Content-Type": "image/png"}, timeout=10
+        )
+        job_id = post.json()["id"]
+        answers: list[int] = []
+        held = [
+            threading.Thread(
+                target=lambda: answers.append(
+                    requests.get(f"{one.base}/v1/jobs/{job_id}?wait=20", timeout=30).status_code
+                )
+            )
+            for _ in range(2)
+        ]
+        for thread in held:
+            thread.start()
+        leases = "inferq:long-polls:addr:127.0.0.1"
+        deadline = time.monotonic() + 10
+        while conn.zcard(leases) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert conn.zcard(leases) == 2
+        for server in (two, one):
+            refused = requests.get(f"{server.base}/v1/jobs/{job_id}?wait=20", timeout=10)
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "long_poll_limit"
+        assert requests.get(f"{two.base}/v1/jobs/{job_id}", timeout=10).status_code == 200  # a plain read
+        end_jobs(redis_url, [job_id])
+        for thread in held:
+            thread.join(timeout=20)
+        assert answers == [200, 200]
+        # Every lease was given back: the key may long-poll again, on either server.
+        assert conn.zcard(leases) == 0
+        assert requests.get(f"{two.base}/v1/jobs/{job_id}?wait=1", timeout=10).json()["status"] == "finished"
+    conn.close()
+
+
 # --- bounded labels, quiet auth failures --------------------------------------------------------------
 
 

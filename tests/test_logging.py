@@ -30,9 +30,9 @@ def capture() -> Iterator[Any]:
     saved_handlers, saved_level, saved_context = list(root.handlers), root.level, log_context()
     buffers: list[io.StringIO] = []
 
-    def start(log_format: str, service: str = "worker") -> io.StringIO:
+    def start(log_format: str, service: str = "worker", level: str = "INFO") -> io.StringIO:
         buffers.append(io.StringIO())
-        configure_logging(service=service, log_format=log_format, level="INFO", stream=buffers[-1])
+        configure_logging(service=service, log_format=log_format, level=level, stream=buffers[-1])
         return buffers[-1]
 
     yield start
@@ -49,11 +49,9 @@ def json_lines(buffer: io.StringIO) -> list[dict[str, Any]]:
     return [json.loads(line) for line in buffer.getvalue().splitlines()]
 
 
-def test_one_job_is_followed_from_submit_to_result(
-    capture: Any, redis_url: str, redis_conn: redis.Redis
-) -> None:
-    buffer = capture("json")
-    settings = Settings(redis_url=redis_url, max_batch_size=4)
+def _submit_and_run(capture: Any, redis_url: str, level: str) -> tuple[list[dict[str, Any]], str, str]:
+    buffer = capture("json", level=level)
+    settings = Settings(redis_url=redis_url, max_batch_size=4, log_level=level)
     client = create_app(settings).test_client()
     good = client.post("/v1/jobs?top_k=3&priority=low", data=png(80), headers={"Content-Type": "image/png"})
     bad = client.post("/v1/jobs", data=truncated_png(), headers={"Content-Type": "image/png"})
@@ -61,29 +59,45 @@ def test_one_job_is_followed_from_submit_to_result(
     good_id, bad_id = good.get_json()["id"], bad.get_json()["id"]
     worker = stub_worker(settings, name="log-worker")
     worker.work(burst=True)
+    return json_lines(buffer), good_id, bad_id
 
-    lines = json_lines(buffer)  # every line is one JSON object
-    assert lines and all(
+
+def test_one_job_is_followed_from_submit_to_result(
+    capture: Any, redis_url: str, redis_conn: redis.Redis
+) -> None:
+    lines, good_id, bad_id = _submit_and_run(capture, redis_url, "INFO")
+    assert lines and all(  # every line is one JSON object
         {"ts", "level", "logger", "message", "pid", "service"} <= set(line) for line in lines
     )
-    trail = [line for line in lines if line.get("job_id") == good_id]
-    assert [line["message"] for line in trail] == ["job submitted", "job ended"]
-    submitted, ended = trail
+    trail = [line for line in lines if good_id in (line.get("job_id"), *line.get("job_ids", ()))]
+    submitted, ended = trail  # at INFO the job's end is told by the line of its batch
+    assert submitted["message"] == "job submitted" and ended["message"].startswith("batch of")
     assert submitted["lane"] == "low" and submitted["top_k"] == 3 and submitted["bytes"] == len(png(80))
     job = Job.fetch(good_id, connection=redis_conn, serializer=JSONSerializer)
     assert ended["batch_id"] == job.meta["batch_id"]
     assert ended["worker"] == "log-worker" == job.worker_name
     assert ended["model_sha256"] == STUB_SHA256
+    assert good_id not in ended["failed"]
+    (failed_in,) = [line for line in lines if bad_id in line.get("job_ids", ())]
+    assert failed_in["failed"][bad_id] == "corrupt_image"
+    assert all(line["worker"] == "log-worker" for line in lines if line["message"].startswith("batch of"))
+
+
+def test_each_job_end_is_its_own_line_at_debug(capture: Any, redis_url: str, redis_conn: redis.Redis) -> None:
+    lines, good_id, bad_id = _submit_and_run(capture, redis_url, "DEBUG")
+    (ended,) = [line for line in lines if line.get("job_id") == good_id and line["message"] == "job ended"]
+    job = Job.fetch(good_id, connection=redis_conn, serializer=JSONSerializer)
+    assert ended["batch_id"] == job.meta["batch_id"] and ended["level"] == "DEBUG"
+    assert ended["worker"] == "log-worker" == job.worker_name
+    assert ended["model_sha256"] == STUB_SHA256
     assert ended["status"] == "finished" and ended["code"] is None and ended["queue"] == "inferq-low"
     assert ended["batch_size"] >= 1 and ended["attempt"] == 1
     assert {"queue_ms", "preprocess_ms", "inference_ms"} <= set(ended)
-
     (failed,) = [line for line in lines if line.get("job_id") == bad_id and line["message"] == "job ended"]
     assert failed["status"] == "failed" and failed["code"] == "corrupt_image"
-    # The batch line names the batch its jobs point to; the worker's lines carry its identity.
+    # The batch line names the batch its jobs point to.
     batch_lines = [line for line in lines if line["message"].startswith("batch of")]
     assert ended["batch_id"] in {line["batch_id"] for line in batch_lines}
-    assert all(line["worker"] == "log-worker" for line in batch_lines)
 
 
 def test_secrets_are_redacted_in_json_lines(capture: Any) -> None:

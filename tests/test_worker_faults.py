@@ -20,6 +20,7 @@ import pytest
 import redis
 from rq.job import Job
 from rq.results import Result
+from rq.suspension import resume, suspend
 
 from api.job_view import job_view
 from launch.redis_server import EmbeddedRedis
@@ -39,6 +40,7 @@ from tests.worker_stub import MeanRunner, png, stub_handler, truncated_png
 from worker import rq_writes
 from worker.batch_worker import BatchWorker
 from worker.batching import BatchCollector, Grabbed
+from worker.feeder import SUSPENSION_CHECK_SECONDS
 
 
 def fetch(conn: redis.Redis, job_id: str) -> Job:
@@ -321,3 +323,44 @@ def test_ids_grabbed_before_an_error_go_back_to_their_queue(redis_url: str, redi
     assert FailingOnceCollector.failed
     assert [fetch(redis_conn, i).get_status().value for i in ids] == ["finished"] * 5
     assert not any(redis_conn.llen(key) for key in worker.grabbed_keys)
+
+
+def test_a_busy_worker_obeys_rq_suspend_and_resume(
+    fresh_redis_server: Callable[..., EmbeddedRedis], tmp_path: Path
+) -> None:
+    """`rq suspend` while a worker is busy: within about SUSPENSION_CHECK_SECONDS (how often it reads
+    the suspension) it shows as suspended and starts nothing more; after `rq resume` it takes the
+    jobs queued meanwhile."""
+    server = fresh_redis_server()
+    conn = redis.Redis.from_url(server.url)
+    settings = Settings(redis_url=server.url)
+    env = service_env(server.url, MAX_BATCH_SIZE=1)
+    queue = make_queue(conn, settings)
+    first = [submit(queue, png(20 + i), 1, settings).id for i in range(3)]
+    worker = start_stub_worker(env, tmp_path / "worker.log", STUB_INFER_SECONDS="0.3")
+    try:
+        wait_until(lambda: fetch(conn, first[0]).get_status().value == "finished", 60, 0.05, "busy")
+        suspend(conn)
+        wait_until(
+            lambda: conn.smembers("rq:workers") and worker_states(conn) == {b"suspended"},
+            30,
+            0.1,
+            "the worker suspended",
+        )
+        later = [submit(queue, png(60 + i), 1, settings).id for i in range(3)]
+        time.sleep(SUSPENSION_CHECK_SECONDS + 0.5)
+        queued = [i for i in later if fetch(conn, i).get_status().value == "queued"]
+        assert queued == later, "nothing started after the worker showed as suspended"
+        resume(conn)
+        wait_until(
+            lambda: all(fetch(conn, i).get_status().value == "finished" for i in [*first, *later]),
+            60,
+            0.1,
+            "every job finished after the resume",
+        )
+    finally:
+        stop(worker)
+
+
+def worker_states(conn: redis.Redis) -> set[bytes]:
+    return {conn.hget(key, "state") for key in conn.smembers("rq:workers")}

@@ -3,7 +3,9 @@ them, and park each ready for the model thread (`worker.pipeline.ReadyItems`).
 
 The decode step is one injectable callable, `DecodeMany`: images in, one model input or one error
 per image out. The default decodes in this thread with the handler's `preprocess_one`; a pool of
-decoder processes with the same signature can replace it without any other change.
+decoder processes with the same signature can replace it without any other change. A pool decodes
+a grab in chunks (one image per decoder): an idle model thread starts on the first jobs while the
+rest decode.
 
 A job that was caught in a worker death before (its `crashes` > 0) may be what kills workers. It is
 started alone, only when nothing else of this worker is in flight, and nothing is started after it
@@ -48,6 +50,12 @@ DecodeMany = Callable[[Sequence[bytes | None]], list[np.ndarray | InferqError]]
 # this many seconds by an idle worker.
 IDLE_BLOCK_SECONDS = 0.5
 
+# `rq suspend` is read at most this often: each read is a round trip (with RQ's worker heartbeat)
+# before the next grab. So a busy worker may start jobs for up to this long after a suspend (RQ's
+# own worker reads it once per dequeue, which blocks up to its timeout). The heartbeat thread
+# (`worker.liveness`) keeps the worker key alive meanwhile.
+SUSPENSION_CHECK_SECONDS = 1.0
+
 
 def in_thread_decoder(handler: ClassifyHandler) -> DecodeMany:
     """The default decode step: the handler's `preprocess_one`, one image after the other, here."""
@@ -60,6 +68,15 @@ def in_thread_decoder(handler: ClassifyHandler) -> DecodeMany:
         return decoded
 
     return decode_many
+
+
+def decode_chunk_size(decode_many: DecodeMany) -> int | None:
+    """How many started jobs the feeder decodes at a time, so that an idle model thread can start on
+    the first ones while the rest decode: one per decoder of a `DecoderPool` (its only API decodes a
+    whole list and returns when all are done; a chunk that fills every decoder keeps them all busy).
+    None (the whole grab at once) for another decode step, e.g. the in-thread one."""
+    size = getattr(getattr(decode_many, "__self__", None), "size", None)
+    return size if isinstance(size, int) and size > 0 else None
 
 
 @dataclass
@@ -118,6 +135,8 @@ class Feeder:
         self.grabbed_keys = list(grabbed_keys)
         self.clock = clock
         self._state_before_suspension: str | None = None  # suspended past maxmemory (see there)
+        self._suspension_checked_at: float | None = None
+        self.decode_chunk = decode_chunk_size(decode_many)
 
     def run(self, burst: bool) -> None:
         """Until a stop is requested (or, in burst mode, the queues are empty), grab jobs as there is
@@ -177,8 +196,17 @@ class Feeder:
     def _suspended_past_maxmemory(self, burst: bool) -> bool:
         """RQ's suspension check (it waits while the workers are suspended). It also heartbeats the
         worker key, an HSET that a Redis past maxmemory refuses: then the suspension is read on its
-        own (the heartbeat thread proves liveness there), and True means: suspended, wait."""
+        own (the heartbeat thread proves liveness there), and True means: suspended, wait.
+        Read at most every SUSPENSION_CHECK_SECONDS (every time while suspended past maxmemory)."""
         worker = self.worker
+        clock = self.clock()
+        if (
+            self._state_before_suspension is None
+            and self._suspension_checked_at is not None
+            and clock - self._suspension_checked_at < SUSPENSION_CHECK_SECONDS
+        ):
+            return False
+        self._suspension_checked_at = clock
         try:
             worker.check_for_suspension(burst)
         except redis.exceptions.OutOfMemoryError:
@@ -272,33 +300,52 @@ class Feeder:
         )
         if not started:
             return 0
-        began = self.clock()
-        for running in started:
-            running.enter_risk(began)
         self.in_flight.add(started)
-        decoded = self.decode_many([images.get(r.job.id) for r in started])
-        for i, running in enumerate(started):
+        step = self.decode_chunk or len(started)
+        waiting: list[Decoded] = []
+        for first in range(0, len(started), step):
+            waiting += self._decode(started[first : first + step], images)
+            # An idle model takes what is decoded now; a busy one finds it all with the last chunk
+            # (one batch, one round trip to unmark it, as if the grab had been decoded at once).
+            if first + step >= len(started) or self.ready.idle():
+                self._hand_over(waiting)
+                waiting = []
+        return len(started)
+
+    def _decode(self, chunk: Sequence[Running], images: dict[str, bytes | None]) -> list[Decoded]:
+        """Decode `chunk` (at risk meanwhile): each job's model input or its error."""
+        began = self.clock()
+        for running in chunk:
+            running.enter_risk(began)
+        decoded = self.decode_many([images.get(r.job.id) for r in chunk])
+        for i, running in enumerate(chunk):
             if images.get(running.job.id) is None:
                 # Its image is gone: `image_expired` (or `image_missing`), not a decode error.
                 decoded[i] = image_budget.missing_image_error(running.job)
         ended = self.clock()
-        for running in started:
+        for running in chunk:
             running.leave_risk(ended)
+        # The decode step reports no per-image time (a pool decodes in parallel): each job is
+        # charged an equal share of its chunk's step.
+        share_ms = (ended - began) * 1000 / len(chunk)
+        return [
+            Decoded(running, None, out, share_ms)
+            if isinstance(out, InferqError)
+            else Decoded(running, out, None, share_ms)
+            for running, out in zip(chunk, decoded, strict=True)
+        ]
+
+    def _hand_over(self, items: Sequence[Decoded]) -> None:
+        """Put decoded jobs ready for the model thread."""
         # Decoded and waiting for the model: a worker death from here on is not these jobs' doing.
         # Unless an idle model takes them all at once: they stay marked into their forward pass
         # (two round trips saved where latency matters most, at light load).
-        straight_to_model = self.ready.idle() and len(started) <= self.collector.max_size
-        failed = [r for r, out in zip(started, decoded, strict=True) if isinstance(out, InferqError)]
-        rq_writes.set_at_risk(worker.connection, failed if straight_to_model else started, at_risk=False)
-        # The decode step reports no per-image time (a pool decodes in parallel): each job is
-        # charged an equal share of the step.
-        share_ms = (ended - began) * 1000 / len(started)
-        for running, out in zip(started, decoded, strict=True):
-            if isinstance(out, InferqError):
-                self.ready.put(Decoded(running, None, out, share_ms))
-            else:
-                self.ready.put(Decoded(running, out, None, share_ms))
-        return len(started)
+        straight_to_model = self.ready.idle() and len(items) <= self.collector.max_size
+        failed = [d.running for d in items if d.error is not None]
+        unmark = failed if straight_to_model else [d.running for d in items]
+        rq_writes.set_at_risk(self.worker.connection, unmark, at_risk=False)
+        for item in items:
+            self.ready.put(item)
 
     def _return_to_queue(self, items: Sequence[Grabbed]) -> None:
         queues = self.worker.queues

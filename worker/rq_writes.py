@@ -10,10 +10,12 @@ api's long-poll listener wakes on it) and deletes the job's image (`_drop_image`
 image of an ended job leaves Redis).
 
 Ownership: a job belongs to the worker whose execution of it is in the started registry with a
-score (expiry) still in the future. Both the ends written here and the recovery of a dead worker's
-jobs (`worker.liveness`) WATCH the job hash and re-check that entry before their transaction, so
-exactly one of them wins: a late writer (a worker stalled past ABANDONED_AFTER_SECONDS, e.g. by a
-Redis outage) never writes a second result for a job another worker took over.
+score (expiry) still in the future. The ends written here check that entry in the script that
+writes them (`worker.owned_write`, one round trip) or, when that cannot take them, WATCH the job hash
+and re-check the entry before their transaction, as the recovery of a dead worker's jobs
+(`worker.liveness`) does; so exactly one of them wins: a late writer (a worker stalled past
+ABANDONED_AFTER_SECONDS, e.g. by a Redis outage) never writes a second result for a job another
+worker took over.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from shared.jobs import (
 )
 from shared.keys import at_risk_key, ended_channel
 from shared.telemetry import count_ended, record_batch
-from worker import past_maxmemory
+from worker import owned_write, past_maxmemory
 
 if TYPE_CHECKING:
     from rq.worker import SimpleWorker
@@ -241,6 +243,9 @@ def finish(
     batch_id = uuid.uuid4().hex[:16]  # in the logs and job.meta: which jobs shared a forward pass
     if not endings:
         return [], batch_id
+    if _finish_all_owned(worker, endings, inference_ms, batch_id, namespace, result_ttl, as_batch):
+        return list(endings), batch_id
+    # Not all owned any more, or past maxmemory: ownership read under WATCH, then the transaction.
     allow_oom = False
     with worker.connection.pipeline() as pipe:
         while True:
@@ -250,12 +255,7 @@ def finish(
                 pipe.multi()
                 # Past maxmemory the commands are recorded, then queued through the allow-oom script.
                 target = past_maxmemory.recorder(worker.connection) if allow_oom else pipe
-                _write_endings(target, worker, owned, inference_ms, batch_id, result_ttl)
-                if owned:
-                    if as_batch:  # (a job ended from outside the batch leaves the worker busy)
-                        worker.set_current_job_id(None, pipeline=target)
-                        worker.set_state(rq.worker.WorkerStatus.IDLE, pipeline=target)
-                    _record(target, owned, inference_ms, namespace, as_batch)
+                _queue_ends(target, worker, owned, inference_ms, batch_id, namespace, result_ttl, as_batch)
                 if allow_oom:
                     past_maxmemory.replay(pipe, past_maxmemory.snapshot(target), allow_oom=True)
                 pipe.execute()
@@ -276,6 +276,41 @@ def finish(
             len(endings) - len(owned),
         )
     return owned, batch_id
+
+
+def _finish_all_owned(
+    worker: SimpleWorker,
+    endings: Sequence[Ending],
+    inference_ms: float,
+    batch_id: str,
+    namespace: str,
+    result_ttl: int,
+    as_batch: bool,
+) -> bool:
+    """The usual case in one round trip (`worker.owned_write`): every job is still owned, and all
+    the ends are written by one script that checks that first. False: nothing was written."""
+    recorded = past_maxmemory.recorder(worker.connection)
+    _queue_ends(recorded, worker, endings, inference_ms, batch_id, namespace, result_ttl, as_batch)
+    owned = [(e.running.job.started_job_registry.key, e.running.execution.composite_key) for e in endings]
+    return bool(owned_write.run(worker.connection, owned, recorded))
+
+
+def _queue_ends(
+    pipe: Any,
+    worker: SimpleWorker,
+    owned: Sequence[Ending],
+    inference_ms: float,
+    batch_id: str,
+    namespace: str,
+    result_ttl: int,
+    as_batch: bool,
+) -> None:
+    _write_endings(pipe, worker, owned, inference_ms, batch_id, result_ttl)
+    if owned:
+        if as_batch:  # (a job ended from outside the batch leaves the worker busy)
+            worker.set_current_job_id(None, pipeline=pipe)
+            worker.set_state(rq.worker.WorkerStatus.IDLE, pipeline=pipe)
+        _record(pipe, owned, inference_ms, namespace, as_batch)
 
 
 def _still_owned(connection: redis.Redis, endings: Sequence[Ending]) -> list[Ending]:
