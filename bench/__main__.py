@@ -197,6 +197,8 @@ class Bench:
                 ]
                 env = base_env(None, allocator, LOG_LEVEL="WARNING")
                 env["TORCH_THREADS"] = str(threads)
+                # The TorchScript-only limit: the other backends' best is the backends phase's.
+                env["BACKEND"] = "torchscript"
                 extra = ["--decoders"] if name == "glibc" else []
                 with concurrent.futures.ThreadPoolExecutor(procs) as pool:
                     futures = [
@@ -732,7 +734,7 @@ def _combine_limit(datas: list[dict[str, Any]], sizes_run: tuple[int, ...]) -> d
         "best": sizes[best]["images_per_s"],
         "torch_threads": datas[0]["torch_threads"],
         "load_and_warmup_s": max(d["load_and_warmup_s"] for d in datas),
-        "optimized": datas[0]["optimized"],
+        "backend": datas[0]["backend"],
         "decoders": datas[0].get("decoders"),
     }
 

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
         "load_and_warmup_s": load_s,
-        "optimized": handler.model.optimized,
+        "backend": handler.model.backend.name,
         "sizes": sizes,
         "runs": [],
     }

@@ -5,6 +5,7 @@ real processes for a few minutes: it is marked slow and only runs with INFERQ_BE
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import threading
@@ -453,6 +454,20 @@ def test_short_bench_runs_end_to_end(tmp_path: Path) -> None:
     assert "## Targets" in text and "Phases that failed" not in text
     assert "## 3c. Queue layer" in text
     assert "API accepted submits/s" in text
+
+
+@pytest.mark.slow
+def test_the_torchscript_limit_runs(tmp_path: Path) -> None:
+    """The limit phase's one-process pipeline on the TorchScript backend, tiny counts (a full bench
+    run is the only other place it runs, so a broken limit would otherwise surface there)."""
+    env = {**os.environ, "BACKEND": "torchscript", "TORCH_THREADS": "1", "INFERQ_CACHE": str(tmp_path)}
+    done = run_module(
+        "bench.limit", "--sizes", "1,2", "--runs", "1", "--seconds", "0.2", env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["backend"] == "torchscript"
+    assert all(result["runs"][0][size]["images_per_s"] > 0 for size in ("1", "2"))
 
 
 @pytest.mark.slow
