@@ -129,6 +129,10 @@ def _meta(results: Results) -> View:
         "loadavg_start": meta.get("loadavg_start"),
         "loadavg_end": meta.get("loadavg_end"),
         "phases": ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in phases.items()) if phases else "",
+        # Phases re-run on their own and merged in (`python -m bench.merge_phases`): not this run's.
+        "merged": "; ".join(
+            f"{k} at `{v['commit']}`, {v['date']}" for k, v in meta.get("merged", {}).items()
+        ),
     }
 
 

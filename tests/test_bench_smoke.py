@@ -389,6 +389,22 @@ def test_the_limit_is_the_best_one_process_figure_of_any_configuration():
     assert h.limit_two_processes == 100.0
 
 
+def test_a_merged_phase_replaces_the_failed_one_and_is_named_in_the_report(tmp_path: Path):
+    from bench.merge_phases import merge
+    from bench.report import _meta
+
+    full = {"meta": {"commit": "aaa"}, "errors": {"limit": "boom"}, "phases": {}, "service": {}}
+    other = {
+        "meta": {"commit": "bbb", "date": "then"},
+        "phases": {"limit": {"seconds": 3.0}},
+        "limit": {"x": 1},
+    }
+    merged = merge(full, other, ["limit"])
+    assert merged["limit"] == {"x": 1} and "limit" not in merged["errors"]
+    assert merged["meta"]["merged"] == {"limit": {"commit": "bbb", "date": "then"}}
+    assert _meta(merged)["merged"] == "limit at `bbb`, then"  # named on the report's run line
+
+
 def test_knee_is_the_highest_rate_kept_up_with():
     rates = fake_results()["service"]["rates"]["deployed"]
     assert knee(rates) == 40
