@@ -26,9 +26,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import OutOfMemoryError
+
+# `snapshot` and `replay` read and fill a pipeline's queue (`Pipeline.command_stack`, `.scripts`):
+# redis-py internals, the only ones the worker touches, here and nowhere else.
+REDIS_PY_WRITTEN_FOR = "8."
+if not redis.__version__.startswith(REDIS_PY_WRITTEN_FOR):
+    raise ImportError(
+        f"worker.past_maxmemory reads redis-py {REDIS_PY_WRITTEN_FOR}x pipelines' queued commands "
+        f"(Pipeline.command_stack, Pipeline.scripts); redis-py {redis.__version__} is installed: "
+        "check them before changing the pin"
+    )
 
 log = logging.getLogger("inferq.worker")
 
