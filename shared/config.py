@@ -98,10 +98,11 @@ class Settings(BaseSettings):
     auto_batch_cap: bool = Field(
         default=True,
         description="At warm-up, time the forward pass at batch sizes up to MAX_BATCH_SIZE and cap "
-        "batches where images/s stops rising (the best size; a smaller one within 2 % of it wins): a "
-        "larger batch that is not faster per image only makes its jobs wait (on a GPU the curve keeps "
-        "rising and the cap is MAX_BATCH_SIZE; BENCHMARKS.md shows the curve measured here). false: "
-        "always MAX_BATCH_SIZE.",
+        "batches at the largest size whose time per image is within 10 % of the best: where the curve "
+        "is flat a larger batch shares each batch's fixed work (queue scripts, thread hand-offs) among "
+        "more jobs, past that it only makes its jobs wait (on a GPU the curve keeps falling and the "
+        "cap is MAX_BATCH_SIZE; BENCHMARKS.md shows the curves measured here). false: always "
+        "MAX_BATCH_SIZE.",
     )
 
     warm_up_cache: bool = Field(

@@ -192,3 +192,21 @@ def test_a_cache_that_cannot_be_written_does_not_stop_the_worker(
     handler, how = _load(caplog, artifact_dir=artifact_dir, inferq_cache=blocked)
     assert MEASURED in how and handler.batch_cap in (1, 2)
     assert "not written" in caplog.text
+
+
+def test_a_cached_curve_is_capped_by_the_current_rule_not_the_stored_cap(
+    artifact_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A file stored by a start whose rule picked the smallest good size: the curve is flat, so
+    # today's rule (the largest size within 10 % of the best) caps at 2, whatever the file says.
+    cache = tmp_path / "cache"
+    _load(caplog, artifact_dir=artifact_dir, inferq_cache=cache)
+    (stored,) = _cached_files(cache)
+    document = json.loads(stored.read_text())
+    document["result"]["batch_cap"] = 1
+    document["result"]["curve"] = {"1": 6.2, "2": 6.3}
+    stored.write_text(json.dumps(document))
+
+    handler, how = _load(caplog, artifact_dir=artifact_dir, inferq_cache=cache)
+    assert FROM_CACHE in how and "batch cap 2 of at most 2" in how
+    assert handler.batch_cap == 2

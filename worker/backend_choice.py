@@ -64,13 +64,17 @@ def choose(settings: Settings) -> Chosen:
 
 
 def _from_cache(settings: Settings, cache: WarmUpCache, cached: Choice) -> Chosen:
+    # The cap comes from the stored curve by today's rule, so a change of the rule applies to cached
+    # measurements too (the stored cap is what the rule of the storing start chose).
+    auto_cap = settings.auto_batch_cap and bool(cached.curve)
+    batch_cap = choose_batch_cap(cached.curve) if auto_cap else cached.batch_cap
     # Loaded and warmed up like a named backend, at the sizes it will run: none above the cap.
     chosen = settings.model_copy(update={"backend": cached.backend})
-    runner = measure_backends(chosen, default_warm_up_sizes(cached.batch_cap), False).runner
+    runner = measure_backends(chosen, default_warm_up_sizes(batch_cap), False).runner
     curve = ", ".join(f"b{size}={ms:.1f}" for size, ms in cached.curve.items())
     return Chosen(
         runner,
-        cached.batch_cap,
+        batch_cap,
         f"from the warm-up cache {cache.path} (measured {cached.measured_at}: forward ms per image {curve})",
     )
 
