@@ -131,10 +131,7 @@ def register_error_handlers(app: Flask) -> None:
         if isinstance(exc, OutOfMemoryError):
             # maxmemory reached under noeviction: the workers free room as they end jobs.
             log.error("Redis is full on %s %s: %s", request.method, request.path[:200], exc)
-            full = RedisFull("the job store (Redis) is full; try again later")
-            return error_response(
-                full.code, full.message, full.http_status, {"Retry-After": _retry_after(full)}
-            )
+            return _inferq_error(RedisFull("the job store (Redis) is full; try again later"))
         if isinstance(exc, _UNAVAILABLE_ERRORS) or str(exc).startswith("MISCONF"):
             log.error("Redis refused a command on %s %s: %s", request.method, request.path[:200], exc)
             return error_response(

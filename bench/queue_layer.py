@@ -15,9 +15,11 @@ their own key, which the worker deletes when the job ends).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ def upload_images() -> list[bytes]:
 
 
 def _conn(redis_url: str) -> Any:
+    """A client for `redis_url`; use it as `with _conn(url) as conn:` (redis-py closes it on exit)."""
     from shared.redis_conn import redis_from_url
 
     return redis_from_url(redis_url)
@@ -54,16 +57,15 @@ def produce(redis_url: str, count: int, max_backlog: int, offset: int) -> dict[s
 
     images = upload_images()
     settings = _settings(redis_url)
-    conn = _conn(redis_url)
-    queue = make_queue(conn, settings)
-    started = time.time()
-    for i in range(count):
-        if max_backlog and i % 50 == 0:
-            while conn.llen(QUEUE_KEY) > max_backlog:
-                time.sleep(0.005)
-        submit(queue, images[(offset + i) % len(images)], 5, settings)
-    ended = time.time()
-    conn.close()
+    with _conn(redis_url) as conn:
+        queue = make_queue(conn, settings)
+        started = time.time()
+        for i in range(count):
+            if max_backlog and i % 50 == 0:
+                while conn.llen(QUEUE_KEY) > max_backlog:
+                    time.sleep(0.005)
+            submit(queue, images[(offset + i) % len(images)], 5, settings)
+        ended = time.time()
     return {"count": count, "start": started, "end": ended, "jobs_per_s": count / (ended - started)}
 
 
@@ -73,21 +75,17 @@ def prefill(redis_url: str, count: int, chunk: int = 200) -> None:
 
     images = upload_images()
     settings = _settings(redis_url)
-    conn = _conn(redis_url)
-    try:
+    with _conn(redis_url) as conn:
         queue = make_queue(conn, settings)
         for first in range(0, count, chunk):
             n = min(chunk, count - first)
             submit_many(queue, [(images[(first + i) % len(images)], 5) for i in range(n)], settings)
         conn.rename(QUEUE_KEY, PARKED_KEY)
-    finally:
-        conn.close()
 
 
 def finished_ends(redis_url: str) -> list[float]:
     """End timestamps of every finished job (from RQ's finished registry scores + job hashes)."""
-    conn = _conn(redis_url)
-    try:
+    with _conn(redis_url) as conn:
         ids = [i.decode() for i in conn.zrange(f"rq:finished:{QUEUE}", 0, -1)]
         ends: list[float] = []
         for first in range(0, len(ids), 1000):
@@ -98,8 +96,6 @@ def finished_ends(redis_url: str) -> list[float]:
                     if raw:
                         ends.append(_ts(raw.decode()))
         return ends
-    finally:
-        conn.close()
 
 
 def _ts(value: str) -> float:
@@ -110,30 +106,23 @@ def _ts(value: str) -> float:
 
 def redis_calls(redis_url: str) -> int:
     """Commands the server has executed so far (INFO commandstats, every command counted)."""
-    conn = _conn(redis_url)
-    try:
+    with _conn(redis_url) as conn:
         return sum(int(v["calls"]) for v in conn.info("commandstats").values())
-    finally:
-        conn.close()
 
 
 def _worker_count(redis_url: str) -> int:
-    conn = _conn(redis_url)
-    try:
+    with _conn(redis_url) as conn:
         return int(conn.scard(f"rq:workers:{QUEUE}"))
-    finally:
-        conn.close()
 
 
 def _finished_count(redis_url: str) -> int:
-    conn = _conn(redis_url)
-    try:
+    with _conn(redis_url) as conn:
         return int(conn.zcard(f"rq:finished:{QUEUE}"))
-    finally:
-        conn.close()
 
 
-def start_noop_workers(redis_url: str, k: int, logs: Path, tag: str, allocator: str = "glibc") -> list[Any]:
+@contextlib.contextmanager
+def noop_workers(redis_url: str, k: int, logs: Path, tag: str, allocator: str = "glibc") -> Iterator[None]:
+    """`k` no-op workers, registered before the block runs and stopped when it is left."""
     env = base_env(redis_url, allocator, LOG_LEVEL="WARNING")
     procs = [
         spawn([PY, "-m", "bench.probe_worker", "--handler", "noop"], env, logs / f"{tag}-noop{i}.log")
@@ -141,11 +130,10 @@ def start_noop_workers(redis_url: str, k: int, logs: Path, tag: str, allocator: 
     ]
     try:
         wait_until(lambda: _worker_count(redis_url) >= k, 120, 0.1, f"{k} no-op workers registered")
-    except BaseException:
+        yield
+    finally:
         for proc in procs:
             stop(proc)
-        raise
-    return procs
 
 
 def drain_rate(redis_url: str, k: int, count: int, logs: Path, tag: str) -> dict[str, Any]:
@@ -153,18 +141,13 @@ def drain_rate(redis_url: str, k: int, count: int, logs: Path, tag: str) -> dict
 
     flush(redis_url)
     prefill(redis_url, count)
-    procs = start_noop_workers(redis_url, k, logs, tag)
-    try:
+    with noop_workers(redis_url, k, logs, tag):
         calls = redis_calls(redis_url)
-        conn = _conn(redis_url)
-        conn.rename(PARKED_KEY, QUEUE_KEY)
-        conn.close()
+        with _conn(redis_url) as conn:
+            conn.rename(PARKED_KEY, QUEUE_KEY)
         wait_until(lambda: _finished_count(redis_url) >= count, 300, 0.1, f"{count} jobs drained")
         # Includes the workers' idle polling and the bench's own progress checks (a few per 0.1 s).
         calls = redis_calls(redis_url) - calls
-    finally:
-        for proc in procs:
-            stop(proc)
     ends = finished_ends(redis_url)
     return {
         "workers": k,
@@ -216,14 +199,10 @@ def sustained_rate(redis_url: str, producers: int, k: int, count: int, logs: Pat
     from bench.service import flush
 
     flush(redis_url)
-    procs = start_noop_workers(redis_url, k, logs, f"sustained{k}")
-    try:
+    with noop_workers(redis_url, k, logs, f"sustained{k}"):
         outs = _run_producers(redis_url, producers, count, 0, logs)
         total = producers * count
         wait_until(lambda: _finished_count(redis_url) >= total, 300, 0.1, "sustained drain")
-    finally:
-        for proc in procs:
-            stop(proc)
     ends = finished_ends(redis_url)
     return {
         "producers": producers,

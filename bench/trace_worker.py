@@ -177,37 +177,45 @@ def install(out: Path) -> None:
     writer.rq_writes = rq_writes  # (the same module object; finish is looked up on it per call)
 
 
-def _time_calls(owner: Any, attr: str, out: Path) -> None:
+def _record_calls(
+    owner: Any,
+    attr: str,
+    out: Path,
+    clock: Callable[[], float],
+    row: Callable[[float, float], dict[str, float] | None],
+) -> None:
+    """Wrap `owner.attr` so each call appends `{"call": attr, **row(began, ms)}` to `out` (`ms` by
+    `clock`), unless `row` returns None."""
     original = getattr(owner, attr)
 
     @functools.wraps(original)
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        began = time.time()
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        began = clock()
         try:
             return original(*args, **kwargs)
         finally:
-            ms = (time.time() - began) * 1000
-            if ms >= 0.5:
+            fields = row(began, (clock() - began) * 1000)
+            if fields is not None:
                 with _lock, out.open("a") as fh:
-                    fh.write(json.dumps({"call": attr, "start": began, "ms": round(ms, 3)}) + "\n")
+                    fh.write(json.dumps({"call": attr, **fields}) + "\n")
 
-    setattr(owner, attr, timed)
+    setattr(owner, attr, recorded)
+
+
+def _time_calls(owner: Any, attr: str, out: Path) -> None:
+    """Wall-clock start and length of the calls of 0.5 ms or more."""
+    _record_calls(
+        owner,
+        attr,
+        out,
+        time.time,
+        lambda began, ms: {"start": began, "ms": round(ms, 3)} if ms >= 0.5 else None,
+    )
 
 
 def _cpu_calls(owner: Any, attr: str, out: Path) -> None:
-    original = getattr(owner, attr)
-
-    @functools.wraps(original)
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        began = time.thread_time()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            ms = (time.thread_time() - began) * 1000
-            with _lock, out.open("a") as fh:
-                fh.write(json.dumps({"call": attr, "cpu_ms": round(ms, 3)}) + "\n")
-
-    setattr(owner, attr, counted)
+    """CPU time of the calling thread in every call."""
+    _record_calls(owner, attr, out, time.thread_time, lambda began, ms: {"cpu_ms": round(ms, 3)})
 
 
 def _flush(ids: list[str]) -> None:

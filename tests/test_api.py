@@ -23,6 +23,7 @@ from rq import Worker
 from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.serializers import JSONSerializer
+from werkzeug.test import TestResponse
 
 from api import create_app
 from shared.config import Settings
@@ -381,16 +382,8 @@ def test_get_queued_job(client: FlaskClient, photo_bytes: dict[str, bytes]) -> N
 
     assert response.status_code == 200
     body = response.json
-    assert list(body) == [
-        "id",
-        "status",
-        "result",
-        "error",
-        "created_at",
-        "started_at",
-        "ended_at",
-        "timings",
-    ]
+    documented = client.get("/openapi.json").json["components"]["schemas"]["Job"]
+    assert list(body) == documented["required"]  # every field of the contract, in its order
     assert body["id"] == job_id
     assert body["status"] == "queued"
     assert body["result"] is None and body["error"] is None
@@ -590,14 +583,23 @@ def test_v1_routes_answer_503_promptly_when_redis_is_down(
         assert "127.0.0.1" not in error["message"]  # no connection details leak
 
 
+def _submit_raising(
+    error: Exception, client: FlaskClient, photo_bytes: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> TestResponse:
+    """A submission during which the queueing itself raises `error`."""
+
+    def raising(*args: Any, **kwargs: Any) -> None:
+        raise error
+
+    monkeypatch.setattr("api.routes.submit", raising)
+    return client.post("/v1/jobs", data=photo_bytes[PNG], content_type="image/png")
+
+
 def test_unexpected_errors_are_json_500_without_details(
     client: FlaskClient, photo_bytes: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def explode(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("password=hunter2 in a traceback")
-
-    monkeypatch.setattr("api.routes.submit", explode)
-    response = client.post("/v1/jobs", data=photo_bytes[PNG], content_type="image/png")
+    error = RuntimeError("password=hunter2 in a traceback")
+    response = _submit_raising(error, client, photo_bytes, monkeypatch)
 
     assert_error(response, 500, "internal_error")
     text = response.get_data(as_text=True)
@@ -607,11 +609,8 @@ def test_unexpected_errors_are_json_500_without_details(
 def test_redis_refusing_writes_is_503(
     client: FlaskClient, photo_bytes: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def full(*args: Any, **kwargs: Any) -> None:
-        raise OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
-
-    monkeypatch.setattr("api.routes.submit", full)
-    response = client.post("/v1/jobs", data=photo_bytes[PNG], content_type="image/png")
+    error = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+    response = _submit_raising(error, client, photo_bytes, monkeypatch)
     assert_error(response, 503, "redis_full")  # maxmemory under noeviction: full, not down
     assert int(response.headers["Retry-After"]) >= 1
 

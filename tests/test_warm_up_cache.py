@@ -125,14 +125,22 @@ def _load(caplog: pytest.LogCaptureFixture, **overrides: Any) -> tuple[ClassifyH
     return handler, serving
 
 
+def _measured_then_cached(caplog: pytest.LogCaptureFixture, **overrides: Any) -> str:
+    """Two loads under the same settings: the first measures, the second serves that choice from
+    the cache (how the second one's choice was made is returned)."""
+    _, how = _load(caplog, **overrides)
+    assert MEASURED in how
+    _, how = _load(caplog, **overrides)
+    assert FROM_CACHE in how
+    return how
+
+
 def test_a_changed_artifact_or_setting_measures_again_and_each_is_kept(
     artifact_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cache = tmp_path / "cache"
-    _, how = _load(caplog, artifact_dir=artifact_dir, inferq_cache=cache)
-    assert MEASURED in how
-    _, how = _load(caplog, artifact_dir=artifact_dir, inferq_cache=cache)
-    assert FROM_CACHE in how and "forward ms per image b1=" in how
+    how = _measured_then_cached(caplog, artifact_dir=artifact_dir, inferq_cache=cache)
+    assert "forward ms per image b1=" in how
     assert len(_cached_files(cache)) == 1
 
     # Another thread count is another curve.
@@ -145,11 +153,8 @@ def test_a_changed_artifact_or_setting_measures_again_and_each_is_kept(
     shutil.copytree(artifact_dir, other)
     manifest = json.loads((other / MANIFEST_FILE).read_text())
     (other / MANIFEST_FILE).write_text(json.dumps(manifest, indent=4))
-    _, how = _load(caplog, artifact_dir=other, inferq_cache=cache)
-    assert MEASURED in how
+    _measured_then_cached(caplog, artifact_dir=other, inferq_cache=cache)
     assert len(_cached_files(cache)) == 3
-    _, how = _load(caplog, artifact_dir=other, inferq_cache=cache)
-    assert FROM_CACHE in how
 
 
 def test_warm_up_cache_false_measures_again_and_replaces_the_stored_choice(
@@ -178,10 +183,7 @@ def test_an_unusable_cache_file_is_measured_over_not_trusted(
     _load(caplog, artifact_dir=artifact_dir, inferq_cache=cache)
     (stored,) = _cached_files(cache)
     stored.write_text(content)
-    _, how = _load(caplog, artifact_dir=artifact_dir, inferq_cache=cache)
-    assert MEASURED in how
-    _, how = _load(caplog, artifact_dir=artifact_dir, inferq_cache=cache)
-    assert FROM_CACHE in how
+    _measured_then_cached(caplog, artifact_dir=artifact_dir, inferq_cache=cache)
 
 
 def test_a_cache_that_cannot_be_written_does_not_stop_the_worker(

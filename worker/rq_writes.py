@@ -16,6 +16,11 @@ and re-check the entry before their transaction, as the recovery of a dead worke
 (`worker.liveness`) does; so exactly one of them wins: a late writer (a worker stalled past
 ABANDONED_AFTER_SECONDS, e.g. by a Redis outage) never writes a second result for a job another
 worker took over.
+
+Why one module over 400 lines: the start (which ends expired jobs unstarted), the end of a batch
+and the end of a dead worker's job all write RQ's job state through the same wrappers of RQ's private
+calls (`_write_success` / `_write_failure`) under the one version check above. Split by stage, those
+calls and the check would leave this module, and an RQ upgrade would be reviewed in several places.
 """
 
 from __future__ import annotations
