@@ -157,6 +157,25 @@ def test_matches_the_validated_recipe_bit_for_bit(photo_bytes: dict[str, bytes],
     np.testing.assert_array_equal(out, reference_input(data))
 
 
+@pytest.mark.parametrize(
+    ("mean", "std"),
+    [(MEAN, STD), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))],
+)
+def test_every_8_bit_level_of_every_channel_is_normalised_as_the_recipe_does(
+    mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> None:
+    # A 256x256 image whose pixel (y, x) is (x, y, 255 - x): every level in every channel.
+    ramp = np.arange(256, dtype=np.uint8)
+    array = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 255 - ramp[None, :]), axis=-1)
+    spec = SPEC.model_copy(update={"resize": 256, "crop": 256, "mean": mean, "std": std})
+    out = to_model_input(Image.fromarray(np.ascontiguousarray(array)), spec)
+    literal = (array.astype(np.float32) / np.float32(255) - np.asarray(mean, np.float32)) / np.asarray(
+        std, np.float32
+    )
+    assert out.flags.c_contiguous and out.dtype == np.float32
+    np.testing.assert_array_equal(out, literal.transpose(2, 0, 1))
+
+
 def test_float64_flavour_of_the_recipe_agrees_to_float32_precision(photo_bytes: dict[str, bytes]) -> None:
     # Should the reference have been computed in float64 (tuples promote), the difference is rounding only.
     data = photo_bytes["chelsea.png"]
