@@ -337,6 +337,30 @@ def fake_results() -> dict:
             "attack": {"stalled": 50, "attack_healthz_p99_ms": 4.0, "stalled_open": 50},
             "long_polls": {"waiters": 200, "wake_p99_ms": 7.5},
         },
+        # The slim worker venv could not be measured in this run: its row says so.
+        "slim": {
+            "runs": 3,
+            "jobs": 50,
+            "environments": {
+                "torch venv": {
+                    "requirements": "requirements.txt",
+                    "size": {
+                        "site_packages_mb": 6267.3,
+                        "pinned_mb": 5922.1,
+                        "torch": True,
+                        "distributions": 117,
+                        "largest": [["torch", 1183.3]],
+                    },
+                    "cold_start_s": s([1.1, 1.3, 1.2]),
+                    "first_start_s": 8.3,
+                    "first_start": {"worker_mb": 819.0},
+                    "rss_worker_mb": s([165.0]),
+                    "rss_decoders_mb": s([116.0]),
+                    "decoders": 2,
+                    "backends": ["onnxruntime"],
+                }
+            },
+        },
         "batching": {
             "variants": [
                 {
@@ -427,6 +451,7 @@ def test_report_renders_every_section(tmp_path: Path):
         "## Backends",
         "## Decode: in-thread vs decoder processes",
         "## Front door",
+        "## Torch venv vs slim worker venv",
         "## Phases that failed",
     ):
         assert heading in text
@@ -434,6 +459,8 @@ def test_report_renders_every_section(tmp_path: Path):
     assert "∞" in text  # the overloaded rate's p99
     assert "60.0 img/s (onnxruntime, 2 thread(s), batch 8)" in text  # the backends' limit
     assert "÷ 2.86" in text and "api_cpu_ms_per_pair" in text
+    assert "| torch venv | 6,267 | 5,922 (`requirements.txt`) | yes | 1.20 (1.10–1.30) | 8.30 |" in text
+    assert "| slim worker venv | not run |" in text
     if (tmp_path / "BENCH.png").exists():
         assert (tmp_path / "BENCH.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert "![throughput and latency](BENCH.png)" in text
