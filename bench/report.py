@@ -600,7 +600,7 @@ def _slim(results: Results) -> View:
                 fmt(env["cold_start_s"], 2),
                 fmt(env["first_start_s"], 2),
                 fmt(env["rss_worker_mb"], 0),
-                f"{fmt(env['rss_decoders_mb'], 0)} ({env['decoders']})",
+                f"{fmt(env['rss_decoders_mb'], 0)}, {env['decoders']} process(es)",
                 fmt(first.get("worker_mb"), 0),
                 ", ".join(env["backends"]) or "–",
             ]
@@ -615,15 +615,18 @@ def _slim(results: Results) -> View:
         "cold start s",
         "first start s",
         "worker RSS MiB",
-        "decoders RSS MiB, summed (processes)",
+        "decoders RSS MiB, summed",
         "worker RSS after a first start MiB",
         "backend served",
     ]
+    served = {tuple(env["backends"]) for env in envs.values()}
     return {
         "runs": data.get("runs", "?"),
         "jobs": data.get("jobs", "?"),
         "table": table(header, rows),
         "largest": largest,
+        # BACKEND=auto chose per environment: RSS and start times then compare runtimes as well.
+        "backends_differ": len(served) > 1,
     }
 
 
