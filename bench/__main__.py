@@ -688,9 +688,10 @@ class Bench:
         out, errors = compare(
             self.redis_url, self.env_cache, self.workdir, self.logs, self.images, p.slim_runs, p.slim_jobs
         )
-        # An environment that could not be measured fails the run (the other's figures are kept).
-        for env, error in errors.items():
-            self.results["errors"][f"slim ({env})"] = error
+        # An environment that could not be measured fails the phase (the other's figures are kept),
+        # under the phase's name: `bench.merge_phases` clears it when a re-run is merged in.
+        if errors:
+            self.results["errors"]["slim"] = "; ".join(f"{env}: {error}" for env, error in errors.items())
         self.flush()
         return out
 
