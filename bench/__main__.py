@@ -15,6 +15,8 @@ reported as failed and the others still run):
  9. backends    forward ms/img and the in-process pipeline per backend × threads × batch (bench.backends)
 10. decode      decode throughput in-thread vs 1/2/4 decoder processes, JPEG draft (bench.decode)
 11. front_door  stalled connections, long-polls, api CPU per submit + long-poll (bench.front_door)
+12. slim        torch venv vs the slim worker venv (requirements-worker.txt): installed size, a
+                worker's cold start and RSS (bench.slim; builds the slim venv once if missing)
 Phases 9-11 each run their module as one child process and parse the JSON it prints, so a crash in
 one of them fails that phase only.
 """
@@ -46,6 +48,7 @@ from bench.common import (
     summarize,
 )
 from bench.targets import LATENCY_FRACTIONS, knee, rss_growth
+from launch.slim_venv import cache_root
 from shared.config import PROJECT_ROOT
 
 
@@ -88,6 +91,9 @@ class Plan:
     front_trickling: int = 100
     front_waiters: int = 10_000
     front_pairs: int = 300
+    # Worker starts per environment after the first (which measures the backends), jobs per start.
+    slim_runs: int = 3
+    slim_jobs: int = 50
 
     @classmethod
     def quick(cls) -> Plan:
@@ -128,6 +134,8 @@ class Plan:
             front_trickling=5,
             front_waiters=200,
             front_pairs=30,
+            slim_runs=1,
+            slim_jobs=10,
         )
 
 
@@ -137,6 +145,9 @@ class Bench:
         self.workdir = workdir
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        # Where `make` keeps its environments (the slim worker venv among them), read before the
+        # line below points INFERQ_CACHE at this run's own warm-up measurements.
+        self.env_cache = cache_root()
         # The workers' warm-up measurements (WARM_UP_CACHE) are this run's own, inherited by every
         # child: the first worker of each configuration measures, whatever the machine's cache holds.
         os.environ["INFERQ_CACHE"] = str(workdir / "inferq-cache")
@@ -667,6 +678,23 @@ class Bench:
         # Its own throwaway Valkey (the module's default): 10,000 waiters' keys stay out of the run's.
         return self._module("front_door", args, 1200)
 
+    # --- 12. torch venv vs slim worker venv ------------------------------------------------------------
+
+    def slim(self) -> dict[str, Any]:
+        from bench.slim import compare
+
+        p = self.plan
+        self.flush()
+        out, errors = compare(
+            self.redis_url, self.env_cache, self.workdir, self.logs, self.images, p.slim_runs, p.slim_jobs
+        )
+        # An environment that could not be measured fails the phase (the other's figures are kept),
+        # under the phase's name: `bench.merge_phases` clears it when a re-run is merged in.
+        if errors:
+            self.results["errors"]["slim"] = "; ".join(f"{env}: {error}" for env, error in errors.items())
+        self.flush()
+        return out
+
     # --- everything ------------------------------------------------------------------------------------
 
     def run(self, only: set[str] | None) -> dict[str, Any]:
@@ -692,6 +720,7 @@ class Bench:
                 ("backends", self.backends),
                 ("decode", self.decode),
                 ("front_door", self.front_door),
+                ("slim", self.slim),
             ]
             for name, fn in phases:
                 if only and name not in only:

@@ -577,6 +577,59 @@ def _front_door(results: Results) -> View:
     return {key: _flat_table(data[name]) if data.get(name) else None for key, name in parts.items()}
 
 
+def _slim(results: Results) -> View:
+    data = results.get("slim")
+    if not data:
+        return None
+    envs = data.get("environments", {})
+    rows = []
+    largest = []
+    for name in ("torch venv", "slim worker venv"):
+        env = envs.get(name)
+        if env is None:
+            rows.append([name, *(["not run"] * 9)])
+            continue
+        size = env["size"]
+        first = env.get("first_start", {})
+        rows.append(
+            [
+                name,
+                fmt(size["site_packages_mb"], 0),
+                f"{fmt(size['pinned_mb'], 0)} (`{env['requirements']}`)",
+                "yes" if size["torch"] else "no",
+                fmt(env["cold_start_s"], 2),
+                fmt(env["first_start_s"], 2),
+                fmt(env["rss_worker_mb"], 0),
+                f"{fmt(env['rss_decoders_mb'], 0)}, {env['decoders']} process(es)",
+                fmt(first.get("worker_mb"), 0),
+                ", ".join(env["backends"]) or "–",
+            ]
+        )
+        top = ", ".join(f"{dist} {fmt(mb, 0)}" for dist, mb in size.get("largest", []))
+        largest.append(f"{name}: {top} MiB ({size['distributions']} distributions)")
+    header = [
+        "environment",
+        "site-packages MiB",
+        "runtime pins' files MiB",
+        "torch",
+        "cold start s",
+        "first start s",
+        "worker RSS MiB",
+        "decoders RSS MiB, summed",
+        "worker RSS after a first start MiB",
+        "backend served",
+    ]
+    served = {tuple(env["backends"]) for env in envs.values()}
+    return {
+        "runs": data.get("runs", "?"),
+        "jobs": data.get("jobs", "?"),
+        "table": table(header, rows),
+        "largest": largest,
+        # BACKEND=auto chose per environment: RSS and start times then compare runtimes as well.
+        "backends_differ": len(served) > 1,
+    }
+
+
 _PLAN_KEYS = (
     "runs",
     "limit_seconds",
@@ -602,6 +655,8 @@ _PLAN_KEYS = (
     "front_trickling",
     "front_waiters",
     "front_pairs",
+    "slim_runs",
+    "slim_jobs",
 )
 
 
@@ -637,6 +692,7 @@ def render(results: Results, plot_name: str | None = None) -> str:
         backends=_backends(results),
         decode=_decode(results),
         front_door=_front_door(results),
+        slim=_slim(results),
         plan=_plan(results),
         errors=[(name, text.splitlines()[0][:300]) for name, text in errors.items()],
     )

@@ -19,6 +19,7 @@ from bench.common import percentile, span_rate, summarize
 from bench.loadgen import latency_summary, poisson_schedule, run_closed_loop, run_open_loop
 from bench.report import evaluate, headline, knee, render, rss_growth, write_outputs
 from bench.targets import SAT_VS_LIMIT_TARGET
+from launch.slim_venv import cache_root
 from tests.service import run_module
 
 # --- schedule and statistics ------------------------------------------------------------------------
@@ -336,6 +337,30 @@ def fake_results() -> dict:
             "attack": {"stalled": 50, "attack_healthz_p99_ms": 4.0, "stalled_open": 50},
             "long_polls": {"waiters": 200, "wake_p99_ms": 7.5},
         },
+        # The slim worker venv could not be measured in this run: its row says so.
+        "slim": {
+            "runs": 3,
+            "jobs": 50,
+            "environments": {
+                "torch venv": {
+                    "requirements": "requirements.txt",
+                    "size": {
+                        "site_packages_mb": 6267.3,
+                        "pinned_mb": 5922.1,
+                        "torch": True,
+                        "distributions": 117,
+                        "largest": [["torch", 1183.3]],
+                    },
+                    "cold_start_s": s([1.1, 1.3, 1.2]),
+                    "first_start_s": 8.3,
+                    "first_start": {"worker_mb": 819.0},
+                    "rss_worker_mb": s([165.0]),
+                    "rss_decoders_mb": s([116.0]),
+                    "decoders": 2,
+                    "backends": ["onnxruntime"],
+                }
+            },
+        },
         "batching": {
             "variants": [
                 {
@@ -426,6 +451,7 @@ def test_report_renders_every_section(tmp_path: Path):
         "## Backends",
         "## Decode: in-thread vs decoder processes",
         "## Front door",
+        "## Torch venv vs slim worker venv",
         "## Phases that failed",
     ):
         assert heading in text
@@ -433,6 +459,9 @@ def test_report_renders_every_section(tmp_path: Path):
     assert "∞" in text  # the overloaded rate's p99
     assert "60.0 img/s (onnxruntime, 2 thread(s), batch 8)" in text  # the backends' limit
     assert "÷ 2.86" in text and "api_cpu_ms_per_pair" in text
+    size, times = "6,267 | 5,922 (`requirements.txt`)", "1.20 (1.10–1.30) | 8.30"
+    assert f"| torch venv | {size} | yes | {times} | 165 | 116, 2 process(es) | 819 | onnxruntime |" in text
+    assert "| slim worker venv | not run |" in text
     if (tmp_path / "BENCH.png").exists():
         assert (tmp_path / "BENCH.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert "![throughput and latency](BENCH.png)" in text
@@ -452,11 +481,19 @@ SHORT_RUN_TIMEOUT_S = 240
 WHOLE_RUN_TIMEOUT_S = 1500
 
 
-def run_bench(tmp_path: Path, *args: str, timeout: float) -> str:
+def run_bench(tmp_path: Path, *args: str, timeout: float, env: dict[str, str] | None = None) -> str:
     """`python -m bench --quick <args>`; its report's text once it exited 0."""
     out = tmp_path / "BENCHMARKS.md"
     done = run_module(
-        "bench", "--quick", *args, "--out", str(out), "--workdir", str(tmp_path / "work"), timeout=timeout
+        "bench",
+        "--quick",
+        *args,
+        "--out",
+        str(out),
+        "--workdir",
+        str(tmp_path / "work"),
+        timeout=timeout,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return out.read_text()
@@ -484,6 +521,31 @@ def test_the_torchscript_limit_runs(tmp_path: Path) -> None:
     result = json.loads(done.stdout)
     assert result["backend"] == "torchscript"
     assert all(result["runs"][0][size]["images_per_s"] > 0 for size in ("1", "2"))
+
+
+# The slim phase builds the slim worker venv where `make` keeps its environments if it is missing
+# (then this test takes minutes; tests/test_slim_worker.py reuses it). Read at import, before the
+# session points INFERQ_CACHE at its own warm-up folder (conftest).
+ENV_CACHE = cache_root()
+SLIM_RUN_TIMEOUT_S = 900
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SLIM_RUN_TIMEOUT_S + 60)
+def test_the_slim_phase_compares_the_torch_and_the_slim_venv(tmp_path: Path) -> None:
+    """`--only slim`, tiny counts: both environments' size, cold start, RSS and backend in the report."""
+    env = {**os.environ, "INFERQ_CACHE": str(ENV_CACHE)}
+    text = run_bench(tmp_path, "--only", "slim", timeout=SLIM_RUN_TIMEOUT_S, env=env)
+    assert "## Torch venv vs slim worker venv" in text and "Phases that failed" not in text
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines()}
+    assert rows["torch venv"][3] == "yes" and rows["slim worker venv"][3] == "no"  # torch installed
+    envs = json.loads((tmp_path / "work" / "results.json").read_text())["slim"]["environments"]
+    torch_env, slim = envs["torch venv"], envs["slim worker venv"]
+    assert slim["size"]["site_packages_mb"] < torch_env["size"]["site_packages_mb"] / 4
+    assert set(slim["backends"]) <= {"onnxruntime", "openvino"}
+    for measured in (torch_env, slim):
+        assert measured["cold_start_s"]["median"] > 0 and measured["first_start_s"] > 0
+        assert measured["rss_worker_mb"]["median"] > 50 and measured["decoders"] >= 1
 
 
 @pytest.mark.slow

@@ -1,16 +1,13 @@
 """The torch-free worker: a venv built from `requirements-worker.txt` alone runs a real job from a
 real Redis on the real artifact's ONNX export, and reports which backend and file served it.
 
-The venv is cached under ~/.cache/inferq keyed by the file's hash and the Python version (like the
-Makefile's environment), so it is built once per set of pins, from the same package index."""
+The venv is cached under ~/.cache/inferq keyed by the file's hash and the Python version, like the
+Makefile's environment (`launch.slim_venv`, which the bench's slim phase uses too)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,35 +16,20 @@ import redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from launch.slim_venv import cache_root, slim_venv
 from shared.config import PROJECT_ROOT, Settings
 from shared.jobs import make_queue, submit
 from shared.manifest import Manifest
 
-REQUIREMENTS = PROJECT_ROOT / "requirements-worker.txt"
-CACHE = Path(os.environ.get("INFERQ_CACHE", Path.home() / ".cache" / "inferq"))
+# Read at import, before the session points INFERQ_CACHE at its own warm-up folder (conftest).
+CACHE = cache_root()
 
 pytestmark = pytest.mark.slow
 
 
-def slim_venv() -> Path:
-    """The cached venv for the current requirements-worker.txt; built (once) if missing."""
-    key = hashlib.sha256(REQUIREMENTS.read_bytes() + sys.version.encode()).hexdigest()[:16]
-    venv = CACHE / f"venv-worker-{key}"
-    if (venv / ".complete").exists():
-        return venv
-    shutil.rmtree(venv, ignore_errors=True)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    # The venv module of the interpreter running the tests: the same Python, without its packages.
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, "-r", str(REQUIREMENTS)], check=True, timeout=1800)
-    (venv / ".complete").touch()  # only after a complete install: an interrupted one is redone
-    return venv
-
-
 @pytest.fixture(scope="module")
 def slim_python() -> Path:
-    return slim_venv() / "bin" / "python"
+    return slim_venv(CACHE) / "bin" / "python"
 
 
 def test_the_slim_venv_has_no_torch(slim_python: Path) -> None:
