@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import signal
 import socket
@@ -29,6 +30,7 @@ from typing import Any
 
 import requests
 
+from launch.processes import free_port, rss_mb
 from shared.config import PROJECT_ROOT
 
 PNG_1PX = (
@@ -36,12 +38,6 @@ PNG_1PX = (
     b"\x00\x00\x00\x0cIDATx\x9cc\xf8\xcf\xc0\x00\x00\x03\x01\x01\x00\xc9\xfe\x92\xef\x00\x00\x00\x00IEND"
     b"\xaeB`\x82"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -74,15 +70,8 @@ class ApiServer:
         return total
 
     def rss_mb(self) -> float:
-        total = 0
-        for pid in self.worker_pids():
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-            except OSError:
-                continue
-        return total / 1024
+        sizes = (rss_mb(pid) for pid in self.worker_pids())
+        return sum(size for size in sizes if not math.isnan(size))  # NaN: the process is gone
 
 
 @contextmanager
