@@ -9,22 +9,21 @@ caused by jobs that can no longer run.
 The same `Retry-After` rule serves MAX_QUEUED_BYTES (429 `queued_bytes_full`): the bytes over the
 budget, divided by the mean size of a queued image, is the number of jobs that must end first.
 
-Completion rate = jobs that ENDED (finished or failed, `deadline_expired` included: each takes one
-off the backlog) in the last THROUGHPUT_WINDOW_SECONDS, divided by that window, over all lanes.
-Nothing extra is written for it: RQ adds every ended job to its registry ZSETs with
-score = end time + TTL (`rq:finished:<queue>`: + RESULT_TTL; `rq:failed:<queue>`: + FAILURE_TTL,
-whole seconds), so the jobs that ended after `now - W` are those with a score above
-`now - W + TTL`: one ZCOUNT per registry. (This assumes the workers run with the api's RESULT_TTL and
-FAILURE_TTL, which they do: one set of settings. Entries leave a registry only once their score is
-past, long after the window.)
+Completion rate (`completion_rate`, the one definition: the 429s' `Retry-After` and the metric
+`inferq_completion_rate` both read it) = jobs that ENDED (finished or failed, `deadline_expired`
+included: each takes one off the backlog) in the last THROUGHPUT_WINDOW_SECONDS, divided by that
+window, over all lanes. Nothing extra is written for it: RQ adds every ended job to its registry ZSETs
+with score = end time + TTL (`rq:finished:<queue>`: + RESULT_TTL; `rq:failed:<queue>`: + FAILURE_TTL,
+whole seconds), so the jobs that ended after `now - W` are those with a score above `now - W + TTL`:
+one ZCOUNT per registry. (This assumes the workers run with the api's RESULT_TTL and FAILURE_TTL,
+which they do: one set of settings. Entries leave a registry only once their score is past, long
+after the window.)
 
-    rate        = ended / (now - earliest end in the window)      (at least 1 s of span)
+    rate        = ended in the window / THROUGHPUT_WINDOW_SECONDS
     Retry-After = clamp(ceil((waiting + incoming - MAX_QUEUE_DEPTH) / rate), 1, 60) seconds
 
-i.e. how long the workers, at their recent pace, take to make room for this submission. The rate
-is taken over the span the window actually covers, so a service that started 5 s ago is not judged
-by 60 s of history it does not have. With no job ended in the window (no live worker, or a stalled
-one) it is the maximum, 60.
+i.e. how long the workers, at their recent pace, take to make room for this submission. With no job
+ended in the window (no live worker, or a stalled one) it is the maximum, 60.
 """
 
 from __future__ import annotations
@@ -59,8 +58,18 @@ def queue_backlog(pipe: Pipeline, queues: Sequence[Queue]) -> None:
         pipe.llen(queue.key)
 
 
-def ended_recently(conn: Redis, queues: Sequence[Queue], settings: Settings, now: float | None = None) -> int:
-    """Jobs of all lanes that finished or failed in the last `settings.throughput_window_seconds`."""
+def completion_rate(
+    conn: Redis, queues: Sequence[Queue], settings: Settings, now: float | None = None
+) -> float:
+    """Jobs per second that ended (finished or failed), all lanes: those that ended in the last
+    THROUGHPUT_WINDOW_SECONDS divided by that window (one round trip).
+
+    Divided by the whole window, not by the span since the earliest end in it: both terms are then
+    fixed by the settings, so the number means the same at every scrape and moves only as jobs end.
+    A span measured from the earliest end rests on one entry's whole-second score and reads high
+    (a single job that ended a moment ago would be a job per second, whatever the pace). The price:
+    for one window after a start or an idle spell the rate reads low, so a `Retry-After` errs long,
+    never short, and never past RETRY_AFTER_MAX_SECONDS."""
     now = time.time() if now is None else now
     window = settings.throughput_window_seconds
     with conn.pipeline(transaction=False) as pipe:
@@ -68,35 +77,8 @@ def ended_recently(conn: Redis, queues: Sequence[Queue], settings: Settings, now
             # Exclusive lower bound: the scores are whole seconds (RQ's `current_timestamp()`).
             pipe.zcount(queue.finished_job_registry.key, f"({now - window + settings.result_ttl}", "+inf")
             pipe.zcount(queue.failed_job_registry.key, f"({now - window + settings.failure_ttl}", "+inf")
-        return sum(int(n) for n in pipe.execute())
-
-
-def completion_rate(
-    conn: Redis, queues: Sequence[Queue], settings: Settings, now: float | None = None
-) -> float:
-    """Jobs per second ended over the part of the recent window that holds ended jobs."""
-    now = time.time() if now is None else now
-    window = settings.throughput_window_seconds
-    with conn.pipeline(transaction=False) as pipe:
-        for queue in queues:
-            for key, ttl in (
-                (queue.finished_job_registry.key, settings.result_ttl),
-                (queue.failed_job_registry.key, settings.failure_ttl),
-            ):
-                low = f"({now - window + ttl}"
-                pipe.zcount(key, low, "+inf")
-                pipe.zrangebyscore(key, low, "+inf", start=0, num=1, withscores=True)
-                pipe.echo(str(ttl))
-        replies = pipe.execute()
-    ended = 0
-    earliest = now
-    for count, first, ttl in zip(replies[0::3], replies[1::3], replies[2::3], strict=True):
-        ended += int(count)
-        if first:
-            earliest = min(earliest, float(first[0][1]) - float(ttl))
-    if not ended:
-        return 0.0
-    return ended / max(1.0, now - earliest)
+        ended = sum(int(n) for n in pipe.execute())
+    return ended / window
 
 
 def retry_after_seconds(needed: int, rate: float) -> int:

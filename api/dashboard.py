@@ -40,6 +40,7 @@ the standalone server keeps the serializer gaps of (1).
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 from typing import Any
 
 import rq
@@ -75,6 +76,18 @@ READ_ONLY_ENDPOINTS = frozenset(
         "list_workers",
     )
 )
+
+
+# What follows rebinds names in `rq_dashboard.web` and replaces its hooks: internals of the version
+# it was read in. A different one fails at import, by name, instead of serving a half-patched dashboard.
+RQ_DASHBOARD_WRITTEN_FOR = "0.9.0"
+_installed = importlib.metadata.version("rq-dashboard")
+if _installed != RQ_DASHBOARD_WRITTEN_FOR:
+    raise ImportError(
+        f"api.dashboard patches rq-dashboard {RQ_DASHBOARD_WRITTEN_FOR}'s internals (rq_dashboard.web's "
+        f"Job/Queue/Worker/requeue_job names and its push_rq_connection hook); rq-dashboard {_installed} "
+        "is installed: check them before changing the pin"
+    )
 
 
 # --- 1. JSON everywhere -----------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
-from api.capacity import ended_recently
+from api.capacity import completion_rate
 from shared.config import Settings
 from shared.jobs import DEFAULT_LANE
 from shared.telemetry import HISTOGRAMS, read_snapshot
@@ -191,7 +191,7 @@ class QueueCollector(Collector):
                     pipe.zcard(queue.started_job_registry.key)
                     pipe.scard(WORKERS_BY_QUEUE_KEY % queue.name)
                 values = pipe.execute()
-            ended = ended_recently(self.redis, self.queues, self.settings)
+            completed_per_second = completion_rate(self.redis, self.queues, self.settings)
         except RedisError as exc:
             # A scrape must still succeed (it is how an outage is seen): report Redis down instead.
             log.warning("metrics: cannot read queue state from Redis: %s", exc)
@@ -221,9 +221,9 @@ class QueueCollector(Collector):
         rate = GaugeMetricFamily(
             "inferq_completion_rate",
             "Jobs per second that ended (finished or failed) over the last THROUGHPUT_WINDOW_SECONDS, "
-            "all lanes.",
+            "all lanes: the rate a 429's Retry-After is computed from.",
         )
-        rate.add_metric([], ended / self.settings.throughput_window_seconds)
+        rate.add_metric([], completed_per_second)
         yield rate
 
 

@@ -54,7 +54,6 @@ class Readiness:
 
     ready: bool
     reason: str | None = None
-    workers: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -189,11 +189,7 @@ class Client:
         """`GET /readyz`: not-ready (503) is an answer, not an error; Unavailable if unreachable."""
         response = self._request("GET", "/readyz", retries=0, accept=frozenset({503}))
         body = _json_or_empty(response)
-        return Readiness(
-            ready=response.status_code == 200,
-            reason=body.get("reason"),
-            workers=body.get("workers"),
-        )
+        return Readiness(ready=response.status_code == 200, reason=body.get("reason"))
 
     # --- internals -------------------------------------------------------------------------------
 

@@ -114,7 +114,7 @@ def child_env(settings: Settings, redis_url: str, base: dict[str, str] | None = 
         {
             "PATH": os.pathsep.join([bin_dir, *path]),
             "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), *pythonpath]),
-            "PYTHONUNBUFFERED": "1",  # output reaches honcho (a pipe) line by line
+            "PYTHONUNBUFFERED": "1",  # output reaches the supervisor (a pipe) line by line
             "REDIS_URL": redis_url,
             "HOST": settings.host,
             "PORT": str(settings.port),

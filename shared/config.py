@@ -364,8 +364,8 @@ class Settings(BaseSettings):
     throughput_window_seconds: int = Field(
         default=60,
         ge=1,
-        description="The completion rate behind a 429's `Retry-After` (and the metric "
-        "`inferq_completion_rate`) counts the jobs that ended in this many past seconds.",
+        description="The completion rate, one number behind both a 429's `Retry-After` and the metric "
+        "`inferq_completion_rate`: the jobs that ended in this many past seconds, divided by it.",
     )
 
     # --- Operating: logs and the dashboard ----------------------------------------------------------

@@ -56,7 +56,7 @@ _redact: Callable[[str], str] | None = None
 def _redactor() -> Callable[[str], str]:
     global _redact
     if _redact is None:
-        # Imported late: gunicorn_conf must set PROMETHEUS_MULTIPROC_DIR before `api` is imported.
+        # Imported late: shared.log_redaction imports this module (REDACTED_MARK).
         from shared.log_redaction import redact
 
         _redact = redact

@@ -8,19 +8,16 @@
   with some options changed; `connect_checked(..., base=conn)` puts the policy on a client someone
   else built (RQ's CLI hands the worker one).
 
-Timeouts, and why there are two kinds of connection:
-- `socket_timeout` bounds how long a client waits for a reply. For ordinary commands a few
-  seconds is plenty (they take well under a millisecond) and detects a hung or half-open server.
-- Blocking commands (the worker's BLMOVE waits a few seconds for a job; the api's long-polls no
-  longer block on Redis: one subscription per process wakes them, `api/long_poll.py`) legitimately
-  keep the reply back for their own server-side timeout. On a connection whose `socket_timeout`
-  is shorter, redis-py would raise TimeoutError and then *retry the command*, so the wait would
-  never complete. Hence a blocking client,
-  `with_options(conn, socket_timeout=blocking_socket_timeout(settings))`.
-  Rule: every blocking command issued on a blocking connection must use a server-side timeout
-  of at most `MAX_WAIT_SECONDS`; never issue one on the default connection.
-  Note: an RQ `Worker` raises its connection's socket_timeout to `worker_ttl - 5` in its
-  constructor (`BaseWorker._set_connection`), whatever we set here.
+Timeouts: `socket_timeout` bounds how long a client waits for a reply. For ordinary commands a few
+seconds is plenty (they take well under a millisecond) and detects a hung or half-open server. A
+blocking command keeps its reply back for its own server-side timeout; were that longer than the
+connection's `socket_timeout`, redis-py would raise TimeoutError and *retry the command*, so the
+wait would never complete. Rule: a blocking command's server-side timeout stays well below its
+connection's `socket_timeout`. The only one inferq issues is the worker's idle BLMOVE (under a
+second, `worker/feeder.py`); the api's long-polls do not block on Redis (one subscription per
+process wakes them, `api/long_poll.py`). Note: an RQ `Worker` raises its connection's
+socket_timeout to `worker_ttl - 5` in its constructor (`BaseWorker._set_connection`), whatever we
+set here.
 
 Retries: ConnectionError/TimeoutError (including "server still loading its AOF") are retried with
 exponential backoff for a few seconds in all (`RETRY_BACKOFF_*`), enough to ride out a restart of
@@ -56,8 +53,6 @@ MIN_REDIS_VERSION: tuple[int, int] = (6, 2)
 
 SOCKET_CONNECT_TIMEOUT_SECONDS = 5.0
 SOCKET_TIMEOUT_SECONDS = 10.0
-# Slack on top of the longest server-side block: network, a slow fsync, a busy event loop.
-BLOCKING_MARGIN_SECONDS = 15.0
 # An idle pooled connection is PINGed before reuse after this long, so a connection the server
 # (or a NAT/firewall) dropped is replaced before a real command fails on it.
 HEALTH_CHECK_INTERVAL_SECONDS = 15
@@ -94,11 +89,6 @@ class RedisConfigError(RuntimeError):
 
 class RedisVersionError(RuntimeError):
     """The server is too old for inferq, or does not say which version it is."""
-
-
-def blocking_socket_timeout(settings: Settings | None = None) -> float:
-    """socket_timeout of blocking connections: the longest long-poll plus a margin."""
-    return (settings or get_settings()).max_wait_seconds + BLOCKING_MARGIN_SECONDS
 
 
 class _TransientRetry(Retry):

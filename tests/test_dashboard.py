@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -15,7 +17,7 @@ from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from api import create_app
-from shared.config import Settings
+from shared.config import PROJECT_ROOT, Settings
 from shared.jobs import make_queue, submit
 from tests.worker_stub import STUB_SHA256, png, stub_worker
 
@@ -180,3 +182,25 @@ def test_admin_requeues_a_failed_job_by_post_from_the_page_only(
     bearer = {"Authorization": f"Bearer {KEY}"}
     assert client.post(f"/rq/job/{other}/requeue", headers=bearer).status_code == 200
     assert Job.fetch(other, connection=redis_conn, serializer=JSONSerializer).get_status() == JobStatus.QUEUED
+
+
+def test_another_rq_dashboard_version_refuses_to_load() -> None:
+    """The patches are written against one rq-dashboard's internals: another installed version fails
+    the import with a message naming both versions, never a dashboard that half works."""
+    pretend = (
+        "import importlib.metadata as metadata\n"
+        "real = metadata.version\n"
+        "metadata.version = lambda name: '0.10.0' if name == 'rq-dashboard' else real(name)\n"
+        "import api.dashboard\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", pretend], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr
+    assert "rq-dashboard 0.10.0 is installed" in result.stderr and "0.9.0" in result.stderr
+    # The pinned version loads.
+    pinned = subprocess.run(
+        [sys.executable, "-c", "import api.dashboard"], cwd=PROJECT_ROOT, capture_output=True, timeout=120
+    )
+    assert pinned.returncode == 0, pinned.stderr

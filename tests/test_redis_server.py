@@ -18,9 +18,9 @@ from launch.redis_server import EmbeddedRedis, EmbeddedRedisError
 from shared.config import PROJECT_ROOT
 from shared.redis_conn import (
     MIN_REDIS_VERSION,
+    SOCKET_TIMEOUT_SECONDS,
     RedisConfigError,
     RedisVersionError,
-    blocking_socket_timeout,
     check_redis_version,
     connect_checked,
     redact_url,
@@ -259,13 +259,13 @@ def test_redis_from_url_options() -> None:
     assert kwargs["decode_responses"] is False
     assert kwargs["protocol"] == 2
     assert kwargs["db"] == 3 and kwargs["password"] == "pw"
-    assert kwargs["socket_timeout"] < blocking_socket_timeout()
+    assert kwargs["socket_timeout"] == SOCKET_TIMEOUT_SECONDS
     assert kwargs["health_check_interval"] > 0
 
     tls = redis_from_url("rediss://alice:pw@example.invalid:6380/0")
-    blocking = with_options(conn, socket_timeout=blocking_socket_timeout())
-    assert blocking.connection_pool.connection_kwargs["socket_timeout"] > 30  # > longest long-poll
-    assert blocking.connection_pool.connection_kwargs["password"] == "pw"
+    patient = with_options(conn, socket_timeout=60.0)
+    assert patient.connection_pool.connection_kwargs["socket_timeout"] == 60.0
+    assert patient.connection_pool.connection_kwargs["password"] == "pw"  # the rest kept
     bounded = with_options(tls, pool_class=redis.BlockingConnectionPool, max_connections=3)
     assert isinstance(bounded.connection_pool, redis.BlockingConnectionPool)
     assert bounded.connection_pool.max_connections == 3

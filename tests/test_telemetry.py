@@ -6,6 +6,7 @@ import io
 import math
 from typing import Any
 
+import fakeredis
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 from rq.job import Job
@@ -41,29 +42,33 @@ def histogram(families: dict[str, Any], name: str) -> dict[str, Any]:
     return {"buckets": buckets, "count": values[(f"{name}_count", ())], "sum": values[(f"{name}_sum", ())]}
 
 
-def test_histogram_math_against_redis(redis_url: str, redis_conn: redis.Redis) -> None:
+def test_histogram_math_against_redis(
+    fake_redis_server: fakeredis.FakeServer, fake_redis: fakeredis.FakeRedis
+) -> None:
     hist = RedisHistogram("inferq_test_seconds", "test", (1, 2, 5))
-    with redis_conn.pipeline() as pipe:
+    with fake_redis.pipeline() as pipe:
         hist.observe(pipe, "ns", [0.5, 1, 1.5, 2, 7, math.nan])  # NaN is not an observation
         assert len(pipe.command_stack) <= len(hist.buckets) + 1 + 2
         pipe.execute()
-    raw = redis_conn.hgetall(hist.key("ns"))
+    raw = fake_redis.hgetall(hist.key("ns"))
     assert raw == {b"1.0": b"2", b"2.0": b"2", b"+Inf": b"1", b"sum": b"12", b"count": b"5"}
     # A second worker (another connection, another process: the same hash) adds to it.
-    other = redis.Redis.from_url(redis_url)
+    other = fakeredis.FakeRedis(server=fake_redis_server)
     with other.pipeline() as pipe:
         hist.observe(pipe, "ns", [5.0, 0.1])
         pipe.execute()
-    snap = hist.parse(redis_conn.hgetall(hist.key("ns")))
+    snap = hist.parse(fake_redis.hgetall(hist.key("ns")))
     assert snap.buckets == [(1.0, 3), (2.0, 5), (5.0, 6), (math.inf, 7)]
     assert snap.count == 7 and math.isclose(snap.sum, 17.1)
     assert hist.parse({}).buckets == [(1.0, 0), (2.0, 0), (5.0, 0), (math.inf, 0)]
     other.close()
 
 
-def test_a_batch_costs_a_bounded_number_of_commands_whatever_its_size(redis_conn: redis.Redis) -> None:
+def test_a_batch_costs_a_bounded_number_of_commands_whatever_its_size(
+    fake_redis: fakeredis.FakeRedis,
+) -> None:
     def commands(size: int) -> int:
-        with redis_conn.pipeline() as pipe:
+        with fake_redis.pipeline() as pipe:
             record_batch(
                 pipe,
                 namespace="ns",
@@ -78,7 +83,7 @@ def test_a_batch_costs_a_bounded_number_of_commands_whatever_its_size(redis_conn
 
     # All values of one kind fall in one bucket here: 3 commands per histogram + 2 counters.
     assert commands(2) == commands(256) == 4 * 3 + 2
-    with redis_conn.pipeline() as pipe:
+    with fake_redis.pipeline() as pipe:
         record_batch(
             pipe,
             namespace="ns",
@@ -177,7 +182,7 @@ def test_idempotent_replays_are_not_counted(redis_url: str) -> None:
     assert submitted() - start == 1
 
 
-def test_keys_are_namespaced_by_queue_name(redis_conn: redis.Redis) -> None:
+def test_keys_are_namespaced_by_queue_name() -> None:
     assert QUEUE_WAIT.key("inferq") == telemetry_key("inferq", "job_queue_wait_seconds")
     assert BATCH_SIZE.key("other") == "inferq:telemetry:v1:other:batch_size"
     assert len({h.name for h in HISTOGRAMS}) == 4

@@ -18,6 +18,7 @@ from typing import TextIO
 
 from shared.config import get_settings
 from shared.errors import ArtifactError, InferqError
+from worker.backends import BACKEND_NAMES
 
 
 def _row(cells: Sequence[str], widths: Sequence[int]) -> str:
@@ -31,7 +32,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     parser.add_argument("--artifact", type=Path, default=settings.artifact_dir, help="Artifact folder.")
     parser.add_argument(
         "--backend",
-        choices=["auto", "torchscript", "onnxruntime", "openvino"],
+        choices=["auto", *BACKEND_NAMES],
         default=settings.backend,
         help="The runtime (default: BACKEND, else auto: the fastest installed one at batch 1).",
     )
