@@ -157,15 +157,23 @@ def test_a_changed_artifact_or_setting_measures_again_and_each_is_kept(
     assert len(_cached_files(cache)) == 3
 
 
+def _store_then_edit(
+    caplog: pytest.LogCaptureFixture, artifact_dir: Path, cache: Path, **result: Any
+) -> Path:
+    """Measure once into `cache`, then overwrite fields of the stored result; the stored file."""
+    _load(caplog, artifact_dir=artifact_dir, inferq_cache=cache)
+    (stored,) = _cached_files(cache)
+    document = json.loads(stored.read_text())
+    document["result"].update(result)
+    stored.write_text(json.dumps(document))
+    return stored
+
+
 def test_warm_up_cache_false_measures_again_and_replaces_the_stored_choice(
     artifact_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cache = tmp_path / "cache"
-    _load(caplog, artifact_dir=artifact_dir, inferq_cache=cache)
-    (stored,) = _cached_files(cache)
-    document = json.loads(stored.read_text())
-    document["result"]["measured_at"] = "an earlier start"
-    stored.write_text(json.dumps(document))
+    stored = _store_then_edit(caplog, artifact_dir, cache, measured_at="an earlier start")
 
     _, how = _load(caplog, artifact_dir=artifact_dir, inferq_cache=cache, warm_up_cache=False)
     assert MEASURED in how and "WARM_UP_CACHE=false" in how
@@ -202,12 +210,7 @@ def test_a_cached_curve_is_capped_by_the_current_rule_not_the_stored_cap(
     # A file stored by a start whose rule picked the smallest good size: the curve is flat, so
     # today's rule (the largest size within 10 % of the best) caps at 2, whatever the file says.
     cache = tmp_path / "cache"
-    _load(caplog, artifact_dir=artifact_dir, inferq_cache=cache)
-    (stored,) = _cached_files(cache)
-    document = json.loads(stored.read_text())
-    document["result"]["batch_cap"] = 1
-    document["result"]["curve"] = {"1": 6.2, "2": 6.3}
-    stored.write_text(json.dumps(document))
+    _store_then_edit(caplog, artifact_dir, cache, batch_cap=1, curve={"1": 6.2, "2": 6.3})
 
     handler, how = _load(caplog, artifact_dir=artifact_dir, inferq_cache=cache)
     assert FROM_CACHE in how and "batch cap 2 of at most 2" in how
