@@ -58,7 +58,7 @@ from worker.writer import FINISH_RETRY_SECONDS, Batch, write_batches
 if TYPE_CHECKING:
     # torch is imported only by the process that runs the model: RQ's worker-pool imports this
     # class in its supervisor process and forks workers from it.
-    from worker.handler import ClassifyHandler
+    from worker.handler import Handler
 
 log = logging.getLogger("inferq.worker")
 
@@ -72,7 +72,7 @@ class BatchWorker(SimpleWorker):
         queues: Any = None,
         *args: Any,
         settings: Settings | None = None,
-        handler: ClassifyHandler | None = None,
+        handler: Handler | None = None,
         decode_many: DecodeMany | None = None,
         collector_class: type[BatchCollector] = BatchCollector,
         **kwargs: Any,
@@ -231,7 +231,7 @@ class BatchWorker(SimpleWorker):
 
     def _start_up(
         self, level: str, date_format: str, log_format: str, decoder_pool: DecoderPool | None
-    ) -> ClassifyHandler:
+    ) -> Handler:
         """From the model load to the decoders ready: everything before the stages start."""
         if self.handler is None:
             started = time.perf_counter()

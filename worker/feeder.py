@@ -39,7 +39,7 @@ from worker.rq_writes import Running
 
 if TYPE_CHECKING:
     from worker.batch_worker import BatchWorker
-    from worker.handler import ClassifyHandler
+    from worker.handler import Handler
 
 log = logging.getLogger("inferq.worker")
 
@@ -57,7 +57,7 @@ IDLE_BLOCK_SECONDS = 0.5
 SUSPENSION_CHECK_SECONDS = 1.0
 
 
-def in_thread_decoder(handler: ClassifyHandler) -> DecodeMany:
+def in_thread_decoder(handler: Handler) -> DecodeMany:
     """The default decode step: the handler's `preprocess_one`, one image after the other, here."""
 
     def decode_many(images: Sequence[bytes | None]) -> list[np.ndarray | InferqError]:
