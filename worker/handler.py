@@ -23,6 +23,7 @@ import numpy as np
 
 from shared.config import Settings
 from shared.errors import CorruptImage, ImageError, InferqError
+from shared.jobs import result_payload
 from worker.backend_choice import choose
 from worker.model import LoadedModel
 from worker.runner import InferenceRunner
@@ -137,7 +138,7 @@ class ClassifyHandler:
         return self.runner.predict(inputs, list(top_ks))
 
     def postprocess(self, predictions: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"predictions": predictions, "model": dict(self.model_info)}
+        return result_payload(predictions, self.model_info)
 
     def infer(self, prepared: PreparedBatch, top_ks: Sequence[int]) -> tuple[list[ItemOutcome], float]:
         """One forward pass over the prepared items (on the model's thread); returns one outcome per
