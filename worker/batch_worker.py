@@ -280,19 +280,13 @@ class BatchWorker(SimpleWorker):
         return pool
 
     def register_birth(self) -> None:
-        """RQ's; past maxmemory (a worker started or restarted while Redis is full must be able to
-        drain it) the same writes as RQ's, through `worker.past_maxmemory`."""
+        """RQ's; past maxmemory the same writes, through `worker.past_maxmemory`
+        (`rq_writes.register_birth`)."""
         try:
             super().register_birth()
         except redis.exceptions.OutOfMemoryError as exc:
             past_maxmemory.refused("registering", exc)
-            recorded = past_maxmemory.recorder(self.connection)
-            recorded.delete(self.key)
-            self.birth_date = self.last_heartbeat = now()
-            recorded.hset(self.key, mapping=self.serialize())
-            worker_registration.register(self, recorded)
-            recorded.expire(self.key, self.worker_ttl + 60)
-            past_maxmemory.execute(self.connection, recorded, what="registering")
+            rq_writes.register_birth(self)
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         """RQ's; when written on its own, past maxmemory too (`worker.past_maxmemory`)."""
@@ -385,9 +379,5 @@ class BatchWorker(SimpleWorker):
         if created_worker_key:
             # The worker key had vanished (Redis restarted without persistence, or it expired
             # during an outage): register again so readiness checks and dashboards see us.
-            recorded = past_maxmemory.recorder(self.connection)
-            recorded.hset(self.key, mapping=self.serialize())
-            worker_registration.register(self, recorded)
-            recorded.expire(self.key, self.worker_ttl)
-            past_maxmemory.execute(self.connection, recorded, what="re-registering")
+            rq_writes.register_again(self)
             log.warning("worker %s re-registered after its key vanished", self.name)
