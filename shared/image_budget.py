@@ -45,6 +45,7 @@ from rq.utils import now
 
 from shared.config import Settings
 from shared.errors import InferqError, QueuedBytesFull, RedisFull
+from shared.job_meta import DEADLINE_EXPIRED, META_DEADLINE, META_ERROR, META_IMAGE_EXPIRES
 from shared.keys import ended_channel, image_key, queued_bytes_key, queued_images_key, sweep_lock_key
 from shared.telemetry import FAILED_FIELD_PREFIX, JOBS_ENDED, telemetry_key
 
@@ -57,13 +58,6 @@ MAX_ENDS_PER_SWEEP = 200
 ORPHAN_GRACE_SECONDS = 60
 IMAGE_EXPIRED = "image_expired"
 IMAGE_MISSING = "image_missing"
-# `job.meta` key the api sets: epoch seconds at which the job's image expires (IMAGE_TTL, or longer
-# for a deadline beyond it). Lets a worker tell an expired image from one deleted by hand.
-META_IMAGE_EXPIRES = "image_expires_at"
-# Duplicated from shared.jobs (which imports this module) to keep the import graph acyclic.
-_META_DEADLINE = "deadline_at"
-_META_ERROR = "error"
-_DEADLINE_EXPIRED = "deadline_expired"
 
 # KEYS: total, hash. ARGV: limit (0 = none), headroom (-1 = no memory check), reserved-at, then
 # id, bytes pairs. Returns {0, new total} or {-1, total, limit} (budget) or {-2, used, maxmemory}.
@@ -198,7 +192,7 @@ def end_unstarted(
     job.refresh()
     if job.get_status(refresh=False) != JobStatus.QUEUED:
         return False  # a worker took it and started it meanwhile, or it ended
-    job.meta[_META_ERROR] = error.to_dict()
+    job.meta[META_ERROR] = error.to_dict()
     job.ended_at = now()
     exc_string = f"{error.code}: {error.message}"
     try:
@@ -243,12 +237,10 @@ def end_if_image_expired(
 
 
 def _unstarted_error(job: Job) -> InferqError:
-    deadline = job.meta.get(_META_DEADLINE)
+    deadline = job.meta.get(META_DEADLINE)
     wall = time.time()
     if isinstance(deadline, int | float) and wall > deadline:
-        return InferqError(
-            "The job's deadline passed before a worker could start it.", code=_DEADLINE_EXPIRED
-        )
+        return InferqError("The job's deadline passed before a worker could start it.", code=DEADLINE_EXPIRED)
     return missing_image_error(job, wall)
 
 

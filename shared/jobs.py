@@ -33,6 +33,22 @@ from rq.serializers import JSONSerializer
 
 from shared import image_budget
 from shared.config import Settings
+
+# The job-meta keys and the worker's own error codes live in a leaf module (shared.image_budget,
+# which this module imports, names them too); readers import them from here.
+from shared.job_meta import (  # noqa: F401 (re-exported)
+    DEADLINE_EXPIRED,
+    JOB_TIMEOUT,
+    META_ATTEMPTS,
+    META_BATCH_ID,
+    META_CRASHES,
+    META_DEADLINE,
+    META_ERROR,
+    META_IMAGE_EXPIRES,
+    META_OWNER,
+    META_TIMINGS,
+    WORKER_CRASHED,
+)
 from shared.keys import image_key, known_key
 
 log = logging.getLogger(__name__)
@@ -40,13 +56,6 @@ log = logging.getLogger(__name__)
 JOB_FUNC = "worker.tasks.classify"
 SERIALIZER = JSONSerializer
 
-# A failed job whose error is this code never started: its deadline passed first (client status `expired`).
-DEADLINE_EXPIRED = "deadline_expired"
-# A failed job whose error is this code was caught decoding or in a forward pass by MAX_ATTEMPTS
-# worker deaths (written by the worker that found the last one dead, never inferred from RQ's text).
-WORKER_CRASHED = "worker_crashed"
-# A failed job whose error is this code spent more than JOB_TIMEOUT being decoded and in forward passes.
-JOB_TIMEOUT = "job_timeout"
 TERMINAL_STATUSES = frozenset({"finished", "failed", "canceled", "expired"})
 
 
@@ -55,17 +64,6 @@ TERMINAL_STATUSES = frozenset({"finished", "failed", "canceled", "expired"})
 # on all lanes; `worker.batching` documents how they share a batch between lanes.
 LANES = ("high", "low")
 DEFAULT_LANE = "high"
-# Keys of `job.meta` the api sets and the worker reads.
-META_DEADLINE = "deadline_at"  # epoch seconds after which a job that has not started ends `expired`
-META_OWNER = "owner"  # id of the API key that created the job (its hash), when keys are enabled
-# Keys of `job.meta` the worker writes and the api reads.
-META_ATTEMPTS = "attempts"  # how many times a worker started the job
-# How many worker deaths caught the job while it was being decoded or in a forward pass (each also
-# spends one of RQ's `retries_left`); at MAX_ATTEMPTS it fails `worker_crashed`.
-META_CRASHES = "crashes"
-META_TIMINGS = "timings"  # {"queue_ms", "preprocess_ms", "inference_ms", "batch_size"}
-META_BATCH_ID = "batch_id"  # the batch the job ran in (also in the worker's log lines)
-META_ERROR = "error"  # {"code", "message"} of a failed job
 
 
 def lane_queue_name(settings: Settings, lane: str) -> str:
@@ -203,7 +201,7 @@ def _queue_job(
         ex=settings.known_job_ttl + lifetime - settings.image_ttl,
     )
     job_meta = dict(meta or {})  # a copy per job: batch jobs must not share one mutable dict
-    job_meta[image_budget.META_IMAGE_EXPIRES] = time.time() + lifetime
+    job_meta[META_IMAGE_EXPIRES] = time.time() + lifetime
     return queue.enqueue_call(
         JOB_FUNC,
         args=(key, top_k),

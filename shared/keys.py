@@ -69,3 +69,9 @@ def queued_images_key() -> str:
 def sweep_lock_key() -> str:
     """Held (SET NX EX) by the one process that sweeps expired images at a time."""
     return f"{PREFIX}lock:sweep"
+
+
+def telemetry_key(namespace: str, metric: str) -> str:
+    """The hash of one worker-telemetry histogram or counter (`shared.telemetry`) of QUEUE_NAME
+    `namespace`. The `v1` is the layout's version: changing a metric's buckets needs a new one."""
+    return f"{PREFIX}telemetry:v1:{namespace}:{metric}"

@@ -41,7 +41,8 @@ from typing import Any
 
 from redis import Redis
 
-KEY_PREFIX = "inferq:telemetry:v1"
+from shared.keys import telemetry_key
+
 JOBS_ENDED = "jobs_ended"
 FINISHED_FIELD = "finished"
 FAILED_FIELD_PREFIX = "failed:"
@@ -54,10 +55,6 @@ INF = "+Inf"
 WORKER_MODEL_FIELD = "inferq_model"
 WORKER_MODEL_SHA256_FIELD = "inferq_model_sha256"
 WORKER_BATCH_CAP_FIELD = "inferq_batch_cap"
-
-
-def telemetry_key(namespace: str, metric: str) -> str:
-    return f"{KEY_PREFIX}:{namespace}:{metric}"
 
 
 @dataclass(frozen=True)

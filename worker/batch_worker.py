@@ -58,7 +58,7 @@ from worker.writer import FINISH_RETRY_SECONDS, Batch, write_batches
 if TYPE_CHECKING:
     # torch is imported only by the process that runs the model: RQ's worker-pool imports this
     # class in its supervisor process and forks workers from it.
-    from worker.handler import ClassifyHandler
+    from worker.handler import Handler
 
 log = logging.getLogger("inferq.worker")
 
@@ -72,7 +72,7 @@ class BatchWorker(SimpleWorker):
         queues: Any = None,
         *args: Any,
         settings: Settings | None = None,
-        handler: ClassifyHandler | None = None,
+        handler: Handler | None = None,
         decode_many: DecodeMany | None = None,
         collector_class: type[BatchCollector] = BatchCollector,
         **kwargs: Any,
@@ -231,7 +231,7 @@ class BatchWorker(SimpleWorker):
 
     def _start_up(
         self, level: str, date_format: str, log_format: str, decoder_pool: DecoderPool | None
-    ) -> ClassifyHandler:
+    ) -> Handler:
         """From the model load to the decoders ready: everything before the stages start."""
         if self.handler is None:
             started = time.perf_counter()
@@ -280,19 +280,13 @@ class BatchWorker(SimpleWorker):
         return pool
 
     def register_birth(self) -> None:
-        """RQ's; past maxmemory (a worker started or restarted while Redis is full must be able to
-        drain it) the same writes as RQ's, through `worker.past_maxmemory`."""
+        """RQ's; past maxmemory the same writes, through `worker.past_maxmemory`
+        (`rq_writes.register_birth`)."""
         try:
             super().register_birth()
         except redis.exceptions.OutOfMemoryError as exc:
             past_maxmemory.refused("registering", exc)
-            recorded = past_maxmemory.recorder(self.connection)
-            recorded.delete(self.key)
-            self.birth_date = self.last_heartbeat = now()
-            recorded.hset(self.key, mapping=self.serialize())
-            worker_registration.register(self, recorded)
-            recorded.expire(self.key, self.worker_ttl + 60)
-            past_maxmemory.execute(self.connection, recorded, what="registering")
+            rq_writes.register_birth(self)
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         """RQ's; when written on its own, past maxmemory too (`worker.past_maxmemory`)."""
@@ -385,9 +379,5 @@ class BatchWorker(SimpleWorker):
         if created_worker_key:
             # The worker key had vanished (Redis restarted without persistence, or it expired
             # during an outage): register again so readiness checks and dashboards see us.
-            recorded = past_maxmemory.recorder(self.connection)
-            recorded.hset(self.key, mapping=self.serialize())
-            worker_registration.register(self, recorded)
-            recorded.expire(self.key, self.worker_ttl)
-            past_maxmemory.execute(self.connection, recorded, what="re-registering")
+            rq_writes.register_again(self)
             log.warning("worker %s re-registered after its key vanished", self.name)

@@ -39,7 +39,7 @@ from worker.rq_writes import Running
 
 if TYPE_CHECKING:
     from worker.batch_worker import BatchWorker
-    from worker.handler import ClassifyHandler
+    from worker.handler import Handler
 
 log = logging.getLogger("inferq.worker")
 
@@ -57,7 +57,7 @@ IDLE_BLOCK_SECONDS = 0.5
 SUSPENSION_CHECK_SECONDS = 1.0
 
 
-def in_thread_decoder(handler: ClassifyHandler) -> DecodeMany:
+def in_thread_decoder(handler: Handler) -> DecodeMany:
     """The default decode step: the handler's `preprocess_one`, one image after the other, here."""
 
     def decode_many(images: Sequence[bytes | None]) -> list[np.ndarray | InferqError]:
@@ -281,7 +281,9 @@ class Feeder:
         suspects = [g for g in grabbed if rq_writes.crashes(jobs.get(g.job_id)) > 0]
         fresh = [g for g in grabbed if g not in suspects]
         if len(suspects) > 1:
-            self._return_to_queue(suspects[1:])
+            rq_writes.return_to_queue(
+                self.worker.connection, self.worker.queues, self.grabbed_keys, suspects[1:]
+            )
         self._start_and_decode(fresh, jobs, images)
         if suspects:
             self.in_flight.wait_until_empty()
@@ -346,14 +348,6 @@ class Feeder:
         rq_writes.set_at_risk(self.worker.connection, unmark, at_risk=False)
         for item in items:
             self.ready.put(item)
-
-    def _return_to_queue(self, items: Sequence[Grabbed]) -> None:
-        queues = self.worker.queues
-        recorded = past_maxmemory.recorder(self.worker.connection)
-        for item in reversed(items):
-            recorded.lrem(self.grabbed_keys[item.lane], 1, item.job_id)
-            recorded.lpush(queues[item.lane].key, item.job_id)
-        past_maxmemory.execute(self.worker.connection, recorded, what="returning suspects to their queue")
 
     def _fetch(self, ids: Sequence[str]) -> tuple[dict[str, Job | None], dict[str, bytes | None]]:
         """Job hashes and image bytes of `ids` in one round trip."""

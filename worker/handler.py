@@ -1,5 +1,6 @@
 """The classification handler, split like a TorchServe handler: initialize, preprocess, inference,
-postprocess.
+postprocess. What the batch worker calls on a handler is the `Handler` protocol: another handler is
+one class that has its members, passed as `BatchWorker(handler=...)`.
 
 `load_handler(settings)` is its `initialize`: it loads the verified artifact on the configured backend
 (or, with `BACKEND=auto`, on every installed one, keeping the fastest), warms it up and measures the
@@ -14,14 +15,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from shared.config import Settings
 from shared.errors import CorruptImage, ImageError, InferqError
+from shared.jobs import result_payload
 from worker.backend_choice import choose
 from worker.model import LoadedModel
 from worker.runner import InferenceRunner
@@ -46,6 +48,50 @@ class PreparedBatch:
     outcomes: list[ItemOutcome]
     ready: list[int] = field(default_factory=list)
     arrays: list[np.ndarray] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, decoded: Iterable[tuple[np.ndarray | None, InferqError | None, float]]) -> PreparedBatch:
+        """From each item's decode step, in batch order: its model input or its error (exactly one
+        of them), and its preprocess time in ms."""
+        prepared = cls(outcomes=[])
+        for i, (array, error, preprocess_ms) in enumerate(decoded):
+            prepared.outcomes.append(ItemOutcome(error=error, preprocess_ms=preprocess_ms))
+            if error is None:
+                assert array is not None
+                prepared.ready.append(i)
+                prepared.arrays.append(array)
+        return prepared
+
+
+class Handler(Protocol):
+    """What the batch worker calls on its handler: the feeder's default decode step calls
+    `preprocess_one` (a pool of decoder processes decodes with the model's input spec instead), the
+    model stage calls `infer`, and the worker hash carries `model_info` and `batch_cap`.
+    `load_handler(settings)` builds the default one, a `ClassifyHandler`."""
+
+    @property
+    def model(self) -> LoadedModel:
+        """The loaded artifact; the decoder processes take its manifest's input spec."""
+        ...
+
+    @property
+    def model_info(self) -> Mapping[str, str]:
+        """name, sha256 and whatever else identifies the model: into the worker's RQ hash."""
+        ...
+
+    @property
+    def batch_cap(self) -> int | None:
+        """Most items per forward pass; None: MAX_BATCH_SIZE."""
+        ...
+
+    def preprocess_one(self, data: bytes | None) -> tuple[np.ndarray | None, InferqError | None, float]:
+        """One image's model input or its error (never raises), and its time in ms."""
+        ...
+
+    def infer(self, prepared: PreparedBatch, top_ks: Sequence[int]) -> tuple[list[ItemOutcome], float]:
+        """One forward pass over `prepared` (on the model's thread): one outcome per item, and the
+        pass's time in ms."""
+        ...
 
 
 class ClassifyHandler:
@@ -92,21 +138,7 @@ class ClassifyHandler:
         return self.runner.predict(inputs, list(top_ks))
 
     def postprocess(self, predictions: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"predictions": predictions, "model": dict(self.model_info)}
-
-    def prepare(self, images: Sequence[bytes | None]) -> PreparedBatch:
-        """Decode and preprocess every item (numpy/PIL only, no torch: safe off the model's thread)."""
-        prepared = PreparedBatch(outcomes=[ItemOutcome() for _ in images])
-        for i, data in enumerate(images):
-            array, error, elapsed = self.preprocess_one(data)
-            prepared.outcomes[i].preprocess_ms = elapsed
-            if error is not None:
-                prepared.outcomes[i].error = error
-            else:
-                assert array is not None
-                prepared.ready.append(i)
-                prepared.arrays.append(array)
-        return prepared
+        return result_payload(predictions, self.model_info)
 
     def infer(self, prepared: PreparedBatch, top_ks: Sequence[int]) -> tuple[list[ItemOutcome], float]:
         """One forward pass over the prepared items (on the model's thread); returns one outcome per
@@ -116,12 +148,6 @@ class ClassifyHandler:
         started = time.perf_counter()
         self._infer_isolating_failures(prepared.ready, prepared.arrays, top_ks, prepared.outcomes)
         return prepared.outcomes, (time.perf_counter() - started) * 1000
-
-    def handle(
-        self, images: Sequence[bytes | None], top_ks: Sequence[int]
-    ) -> tuple[list[ItemOutcome], float]:
-        """Run a whole batch: `prepare` then `infer`."""
-        return self.infer(self.prepare(images), top_ks)
 
     def _infer_isolating_failures(
         self,
@@ -145,6 +171,20 @@ class ClassifyHandler:
             return
         for i, prediction in zip(indices, predictions, strict=True):
             outcomes[i].result = self.postprocess(prediction)
+
+    # `prepare` and `handle` are the handler's in-process API (image bytes in, one outcome per image
+    # out, no Redis), used by the tests and `bench.limit` (forward time per batch size). The worker
+    # never calls them: its feeder decodes, its model stage calls `infer`.
+
+    def prepare(self, images: Sequence[bytes | None]) -> PreparedBatch:
+        """Decode and preprocess every item (numpy/PIL only, no torch: safe off the model's thread)."""
+        return PreparedBatch.of(self.preprocess_one(data) for data in images)
+
+    def handle(
+        self, images: Sequence[bytes | None], top_ks: Sequence[int]
+    ) -> tuple[list[ItemOutcome], float]:
+        """Run a whole batch: `prepare` then `infer`."""
+        return self.infer(self.prepare(images), top_ks)
 
 
 def load_handler(settings: Settings) -> ClassifyHandler:

@@ -148,8 +148,7 @@ def _recover_started(
             raw = pipe.hgetall(Job.key_for(job_id))
             pipe.multi()
             if not raw:  # the job itself expired: only its bookkeeping is left
-                pipe.zrem(registry_key, member)
-                pipe.srem(at_risk_key(registry_key), member)
+                rq_writes.forget_vanished(pipe, registry_key, member)
                 pipe.execute()
                 return
             job = worker.job_class(job_id, connection=worker.connection, serializer=worker.serializer)

@@ -16,25 +16,20 @@ from worker.feeder import Decoded
 from worker.rq_writes import Ending
 
 if TYPE_CHECKING:
-    from worker.handler import ClassifyHandler
+    from worker.handler import Handler
 
 
 def run_batch(
-    handler: ClassifyHandler,
+    handler: Handler,
     connection: redis.Redis,
     items: Sequence[Decoded],
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[list[Ending], float]:
     """One forward pass over `items`; returns how each job ends and the pass's time in ms."""
     # Imported here: worker.handler imports torch, which RQ's worker-pool supervisor must not.
-    from worker.handler import ItemOutcome, PreparedBatch
+    from worker.handler import PreparedBatch
 
-    prepared = PreparedBatch(outcomes=[])
-    for i, item in enumerate(items):
-        prepared.outcomes.append(ItemOutcome(error=item.error, preprocess_ms=item.preprocess_ms))
-        if item.error is None:
-            prepared.ready.append(i)
-            prepared.arrays.append(item.array)
+    prepared = PreparedBatch.of((item.array, item.error, item.preprocess_ms) for item in items)
     at_risk = [items[i].running for i in prepared.ready]
     rq_writes.set_at_risk(connection, [r for r in at_risk if not r.marked], at_risk=True)
     began = clock()

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 import rq
+from rq import worker_registration
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
@@ -454,3 +455,52 @@ def end_crashed(pipe: Any, job: Job, execution: Execution, error: InferqError, n
     release(pipe, job, execution)
     publish_ended(pipe, job.id)
     count_ended(pipe, namespace=namespace, finished=0, failed_by_code={error.code: 1})
+
+
+def forget_vanished(pipe: Any, registry_key: str, member: str) -> None:
+    """A started-registry entry whose job hash itself expired: only its bookkeeping is left, and
+    goes (queued on the caller's transaction)."""
+    pipe.zrem(registry_key, member)
+    pipe.srem(at_risk_key(registry_key), member)
+
+
+# --- grabbed ids back to their queue --------------------------------------------------------------
+
+
+def return_to_queue(
+    connection: redis.Redis, queues: Sequence[Queue], grabbed_keys: Sequence[str], items: Sequence[Grabbed]
+) -> None:
+    """Move grabbed ids that were not started from this worker's grabbed lists back to the head of
+    their queue, in their order; past maxmemory too (`worker.past_maxmemory`)."""
+    recorded = past_maxmemory.recorder(connection)
+    for item in reversed(items):
+        recorded.lrem(grabbed_keys[item.lane], 1, item.job_id)
+        recorded.lpush(queues[item.lane].key, item.job_id)
+    past_maxmemory.execute(connection, recorded, what="returning suspects to their queue")
+
+
+# --- the worker's own registration (RQ's worker key and registries) -------------------------------
+
+
+def register_birth(worker: SimpleWorker) -> None:
+    """RQ's `register_birth` writes, past maxmemory (`worker.past_maxmemory`): a worker started or
+    restarted while Redis is full must be able to drain it."""
+    recorded = past_maxmemory.recorder(worker.connection)
+    recorded.delete(worker.key)
+    worker.birth_date = worker.last_heartbeat = now()
+    _register(recorded, worker, worker.worker_ttl + 60)
+    past_maxmemory.execute(worker.connection, recorded, what="registering")
+
+
+def register_again(worker: SimpleWorker) -> None:
+    """Write the worker key and its registry entries again, past maxmemory too: after the key
+    vanished (Redis restarted without persistence, or it expired during an outage)."""
+    recorded = past_maxmemory.recorder(worker.connection)
+    _register(recorded, worker, worker.worker_ttl)
+    past_maxmemory.execute(worker.connection, recorded, what="re-registering")
+
+
+def _register(pipe: Any, worker: SimpleWorker, ttl: int) -> None:
+    pipe.hset(worker.key, mapping=worker.serialize())
+    worker_registration.register(worker, pipe)
+    pipe.expire(worker.key, ttl)
