@@ -1,5 +1,6 @@
-"""Every write the batch worker makes to a job: what RQ's own worker would write when it starts a
-job, ends it (finished, failed, expired, timed out, caught in a crash) or gives it back to its queue.
+"""Every write the batch worker makes to RQ's keys: what RQ's own worker would write when it starts a
+job, ends it (finished, failed, expired, timed out, caught in a crash) or gives it back to its queue,
+and when it registers itself (at birth, and again if its key vanished).
 
 This is the one module that calls RQ's private job methods (`_handle_success`, `_handle_failure`):
 RQ has no public API to end a job that its own `perform_job` did not run. They were written against
@@ -21,6 +22,8 @@ Why one module over 400 lines: the start (which ends expired jobs unstarted), th
 and the end of a dead worker's job all write RQ's job state through the same wrappers of RQ's private
 calls (`_write_success` / `_write_failure`) under the one version check above. Split by stage, those
 calls and the check would leave this module, and an RQ upgrade would be reviewed in several places.
+The registration and queue writes at its end are here for the same reason: one file holds every key
+RQ's readers (`Job.fetch`, the registries, the dashboard) see the worker write.
 """
 
 from __future__ import annotations
