@@ -159,7 +159,8 @@ def install(out: Path) -> None:
 
     cpu_out = out.with_suffix(".cpu.jsonl")
     for owner, attr in (
-        (feeder.Feeder, "_grab_and_prepare"),
+        (feeder.Feeder, "_grab"),
+        (feeder.Feeder, "_prepare"),
         (feeder.Feeder, "_fetch"),
         (decoders.DecoderPool, "decode_many"),
         (batch_worker.BatchWorker, "check_for_suspension"),

@@ -8,6 +8,8 @@ import itertools
 import json
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -554,3 +556,18 @@ def test_the_slim_phase_compares_the_torch_and_the_slim_venv(tmp_path: Path) -> 
 def test_quick_bench_runs_end_to_end(tmp_path: Path) -> None:
     text = run_bench(tmp_path, timeout=WHOLE_RUN_TIMEOUT_S)
     assert "## Targets" in text and "Phases that failed" not in text
+
+
+def test_the_worker_tracer_finds_every_stage_it_wraps(tmp_path: Path) -> None:
+    # `python -m bench.trace_worker` wraps the worker's stage methods by name; a renamed stage must
+    # fail here, not at the start of a traced bench run. In a child: the wrapping patches modules.
+    out = str(tmp_path / "trace.jsonl")
+    code = f"from pathlib import Path; from bench.trace_worker import install; install(Path({out!r}))"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
