@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from launch.redis_server import EmbeddedRedis, EmbeddedRedisError, valkey_binary
 from tests.conftest import PHOTO_LABELS
@@ -80,7 +82,7 @@ def test_api_and_worker_over_rediss(
     server, tls_port, ca = tls_server
     url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={ca}&ssl_cert_reqs=required"
     # The TLS port really speaks TLS: a plain-text client gets no answer it can use.
-    plain = redis.Redis(host="127.0.0.1", port=tls_port, socket_timeout=3, retry_on_timeout=False)
+    plain = redis.Redis(host="127.0.0.1", port=tls_port, socket_timeout=3, retry=Retry(NoBackoff(), 0))
     with pytest.raises(redis.exceptions.ConnectionError):
         plain.ping()
     # And the certificate is checked: a client that does not trust it is refused.
