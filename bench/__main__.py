@@ -42,6 +42,7 @@ from bench.common import (
     Log,
     base_env,
     describe_images,
+    exit_on_sigterm,
     load_images,
     loadavg,
     run_json,
@@ -908,6 +909,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or PROJECT_ROOT / "bench-results" / time.strftime("%Y%m%d-%H%M%S")
     workdir.mkdir(parents=True, exist_ok=True)
     plan = Plan.quick() if args.quick else Plan()
+    exit_on_sigterm()
     bench = Bench(plan, workdir, args.quick)
     Log.say(f"writing logs and raw results to {workdir}")
     results = bench.run(set(args.only.split(",")) if args.only else None)

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +41,16 @@ UPLOAD_QUALITY = 90
 
 
 # --- images --------------------------------------------------------------------------------------
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C: the `with` blocks that started Redis servers, apis and
+    workers stop them (by default SIGTERM ends the bench at once and leaves its services running)."""
+
+    def unwind(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, unwind)
 
 
 def sample_dir() -> Path:

@@ -18,7 +18,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import PY, CpuMeter, base_env, free_port, percentile, process_tree, spawn, stop, wait_until
+from bench.common import (
+    PY,
+    CpuMeter,
+    base_env,
+    exit_on_sigterm,
+    free_port,
+    percentile,
+    process_tree,
+    spawn,
+    stop,
+    wait_until,
+)
 from bench.loadgen import InferqTarget
 from shared.config import get_settings
 
@@ -352,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/inferq-bench-service"))
     parser.add_argument("--out", type=Path, help="JSON results")
     args = parser.parse_args(argv)
+    exit_on_sigterm()
 
     images = [data for _, data in load_images()]
     variants = [_variant(v) for v in args.variant]

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -571,3 +572,23 @@ def test_the_worker_tracer_finds_every_stage_it_wraps(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_sigterm_unwinds_the_bench_so_its_services_are_stopped(tmp_path: Path) -> None:
+    # The bench's services are stopped by `with` blocks; SIGTERM must run them as Ctrl-C would.
+    stopped = tmp_path / "stopped"
+    code = (
+        "import contextlib, pathlib, time\n"
+        "from bench.common import exit_on_sigterm\n"
+        "exit_on_sigterm()\n"
+        f"with contextlib.ExitStack() as stack:\n"
+        f"    stack.callback(pathlib.Path({str(stopped)!r}).write_text, 'yes')\n"
+        "    print('up', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    assert child.stdout is not None and child.stdout.readline().strip() == "up"
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=30) == 128 + signal.SIGTERM
+    assert stopped.read_text() == "yes"
