@@ -36,8 +36,8 @@ _FAKE_TOP5 = [{"label": f"class {i}", "index": i, "score": 0.2} for i in range(5
 
 
 class NoopHandler:
-    """The handler interface the worker uses (`preprocess_one`, `infer`, `model_info`, `batch_cap`)
-    without a model: nothing is decoded, every job gets the same top-k."""
+    """`worker.handler.Handler` without a model (so without decoder processes): nothing is decoded,
+    every job gets the same top-k."""
 
     batch_cap: int | None = None
 

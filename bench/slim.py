@@ -16,6 +16,7 @@ torch: the interpreter running the bench) and the torch-free one built from requ
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import Log, base_env, rss_mb, run_json, summarize
+from bench.common import Log, base_env, rss_mb, run_json, spawn, summarize
 from launch.processes import cmdline, descendants, stop_process
 from shared.config import PROJECT_ROOT
 
@@ -55,12 +56,9 @@ def slim_environment(cache: Path) -> Environment:
 
 def memory(pid: int) -> dict[str, Any]:
     """VmRSS of the worker and of its decoder processes (summed)."""
-    decoders = [p for p in descendants(pid) if "worker.decoders" in cmdline(p)]
-    return {
-        "worker_mb": rss_mb(pid),
-        "decoders_mb": sum(rss_mb(p) for p in decoders),
-        "decoders": len(decoders),
-    }
+    sizes = [rss_mb(p) for p in descendants(pid) if "worker.decoders" in cmdline(p)]
+    sizes = [size for size in sizes if not math.isnan(size)]  # NaN: it exited meanwhile
+    return {"worker_mb": rss_mb(pid), "decoders_mb": sum(sizes), "decoders": len(sizes)}
 
 
 class Runner:
@@ -121,16 +119,9 @@ class Runner:
             ARTIFACT_DIR=self.settings.artifact_dir.resolve(),
         )
         job = self.submit(first)
-        with self.log.open("ab") as out:
-            started = time.monotonic()
-            # The worker's own interpreter, not this one: its venv is what is measured.
-            proc = subprocess.Popen(
-                [str(env.python), "-m", "worker"],
-                env=worker_env,
-                cwd=PROJECT_ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        started = time.monotonic()
+        # The worker's own interpreter, not this one: its venv is what is measured.
+        proc = spawn([str(env.python), "-m", "worker"], worker_env, self.log)
         try:
             (result,) = self.wait([job], proc, START_TIMEOUT_S, poll=0.01)
             seconds = time.monotonic() - started

@@ -8,13 +8,12 @@ it with the torch venv. It imports neither torch nor the bench: the tests take i
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from shared.config import PROJECT_ROOT
+from shared.config import PROJECT_ROOT, Settings
 
 REQUIREMENTS = PROJECT_ROOT / "requirements-worker.txt"
 
@@ -24,7 +23,8 @@ def cache_root() -> Path:
 
     Read it before a process points INFERQ_CACHE elsewhere for its workers' warm-up measurements
     (the bench and the test session do): the venv belongs to the machine, not to one run."""
-    return Path(os.environ.get("INFERQ_CACHE", Path.home() / ".cache" / "inferq"))
+    # A fresh Settings, not the cached get_settings(): the environment as it is now.
+    return Settings().cache_dir
 
 
 def slim_venv_path(cache: Path) -> Path:

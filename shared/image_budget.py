@@ -46,8 +46,15 @@ from rq.utils import now
 from shared.config import Settings
 from shared.errors import InferqError, QueuedBytesFull, RedisFull
 from shared.job_meta import DEADLINE_EXPIRED, META_DEADLINE, META_ERROR, META_IMAGE_EXPIRES
-from shared.keys import ended_channel, image_key, queued_bytes_key, queued_images_key, sweep_lock_key
-from shared.telemetry import FAILED_FIELD_PREFIX, JOBS_ENDED, telemetry_key
+from shared.keys import (
+    ended_channel,
+    image_key,
+    queued_bytes_key,
+    queued_images_key,
+    sweep_lock_key,
+    telemetry_key,
+)
+from shared.telemetry import FAILED_FIELD_PREFIX, JOBS_ENDED
 
 log = logging.getLogger(__name__)
 

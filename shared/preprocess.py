@@ -408,7 +408,8 @@ def to_model_input(image: Image.Image, spec: InputSpec) -> np.ndarray:
     levels = _levels(spec.scale, spec.mean, spec.std)
     out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
     for channel in range(3):
-        np.take(levels[channel], pixels[:, :, channel], out=out[channel])
+        # uint8 indices are always in range: mode="clip" only spares numpy's bounds-checked copy.
+        np.take(levels[channel], pixels[:, :, channel], out=out[channel], mode="clip")
     return out
 
 

@@ -510,7 +510,7 @@ def test_queue_full_retry_after_is_backlog_over_the_measured_rate(
     # ended long ago (outside the window): 30 ended in the 60 s window (0.5 jobs/s); 4 waiting +
     # 1 incoming over a limit of 4 needs one job to leave -> 2 s.
     now = time.time()
-    record_ended(redis_conn, "rq:finished:inferq", settings.result_ttl, [i * 2.4 + 1 for i in range(24)], now)
+    record_ended(redis_conn, "rq:finished:inferq", settings.result_ttl, [i * 2.0 + 1 for i in range(24)], now)
     record_ended(redis_conn, "rq:failed:inferq-low", settings.failure_ttl, [3, 10, 20, 30, 40, 50], now)
     record_ended(redis_conn, "rq:finished:inferq-low", settings.result_ttl, [90, 200, 3000], now)
     full = post_png(client, photo_bytes, A)

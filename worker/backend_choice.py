@@ -39,8 +39,7 @@ class Chosen:
 def choose(settings: Settings) -> Chosen:
     """The backend that serves and its batch cap: measured at this start, or as measured at an earlier
     start under the same conditions (WARM_UP_CACHE)."""
-    auto_cap = settings.auto_batch_cap and settings.max_batch_size > 1
-    if not auto_cap and settings.backend != "auto":
+    if not _auto_cap(settings) and settings.backend != "auto":
         # Nothing to choose: the named backend, warmed up at the sizes it will run.
         runner = measure_backends(settings, default_warm_up_sizes(settings.max_batch_size), False).runner
         return Chosen(runner, settings.max_batch_size, "settings")
@@ -55,7 +54,7 @@ def choose(settings: Settings) -> Chosen:
             except ArtifactError as exc:
                 log.warning("the cached choice (%s) does not load: %s; measuring again", cached.backend, exc)
     best = measure_backends(settings, calibration_sizes(settings.max_batch_size), True)
-    batch_cap = choose_batch_cap(best.curve) if auto_cap else settings.max_batch_size
+    batch_cap = _batch_cap(settings, best.curve)
     if cache is None:
         return Chosen(best.runner, batch_cap, "measured at this start")
     cache.store(Choice(best.runner.model.backend.name, batch_cap, best.curve))
@@ -63,11 +62,19 @@ def choose(settings: Settings) -> Chosen:
     return Chosen(best.runner, batch_cap, f"measured at this start ({why}; stored in {cache.path})")
 
 
+def _auto_cap(settings: Settings) -> bool:
+    return settings.auto_batch_cap and settings.max_batch_size > 1
+
+
+def _batch_cap(settings: Settings, curve: dict[int, float]) -> int:
+    """The cap a measured forward-pass curve gives under the settings (AUTO_BATCH_CAP)."""
+    return choose_batch_cap(curve) if _auto_cap(settings) and curve else settings.max_batch_size
+
+
 def _from_cache(settings: Settings, cache: WarmUpCache, cached: Choice) -> Chosen:
     # The cap comes from the stored curve by today's rule, so a change of the rule applies to cached
     # measurements too (the stored cap is what the rule of the storing start chose).
-    auto_cap = settings.auto_batch_cap and bool(cached.curve)
-    batch_cap = choose_batch_cap(cached.curve) if auto_cap else cached.batch_cap
+    batch_cap = _batch_cap(settings, cached.curve)
     # Loaded and warmed up like a named backend, at the sizes it will run: none above the cap.
     chosen = settings.model_copy(update={"backend": cached.backend})
     runner = measure_backends(chosen, default_warm_up_sizes(batch_cap), False).runner

@@ -71,7 +71,8 @@ class Handler(Protocol):
 
     @property
     def model(self) -> LoadedModel:
-        """The loaded artifact; the decoder processes take its manifest's input spec."""
+        """The loaded artifact; the decoder processes take its manifest's input spec (read only when
+        the worker runs a decoder pool: a handler for DECODERS=0 may lack it)."""
         ...
 
     @property

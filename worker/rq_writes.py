@@ -1,6 +1,8 @@
-"""Every write the batch worker makes to RQ's keys: what RQ's own worker would write when it starts a
-job, ends it (finished, failed, expired, timed out, caught in a crash) or gives it back to its queue,
-and when it registers itself (at birth, and again if its key vanished).
+"""The batch worker's writes to RQ's job state, registries and worker registration: what RQ's own
+worker would write when it starts a job, ends it (finished, failed, expired, timed out, caught in a
+crash) or gives it back to its queue, and when it registers itself (at birth, and again if its key
+vanished). Not here: RQ's own `set_state` and `heartbeat` calls (`worker.batch_worker`) and the grab
+and hand-back scripts that move ids between lists (`worker.batching`, `worker.liveness`).
 
 This is the one module that calls RQ's private job methods (`_handle_success`, `_handle_failure`):
 RQ has no public API to end a job that its own `perform_job` did not run. They were written against
@@ -22,8 +24,8 @@ Why one module over 400 lines: the start (which ends expired jobs unstarted), th
 and the end of a dead worker's job all write RQ's job state through the same wrappers of RQ's private
 calls (`_write_success` / `_write_failure`) under the one version check above. Split by stage, those
 calls and the check would leave this module, and an RQ upgrade would be reviewed in several places.
-The registration and queue writes at its end are here for the same reason: one file holds every key
-RQ's readers (`Job.fetch`, the registries, the dashboard) see the worker write.
+The registration and queue writes at its end are here for the same reason: what RQ's readers
+(`Job.fetch`, the registries, the dashboard) read of a job and of the worker is written in one file.
 """
 
 from __future__ import annotations

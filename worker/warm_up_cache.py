@@ -3,11 +3,11 @@ batch cap `AUTO_BATCH_CAP` chose, keyed by everything that measurement depends o
 
 The measurement loads every candidate backend and times it at several batch sizes: most of a worker's
 start-up. Its outcome depends only on the artifact, the installed runtimes, the machine and the
-settings, so a later start under the same conditions loads the backend it chose and serves with the
-cap it chose, without timing anything. The conditions are stored in full beside the result and
-compared on reading: a file written under other conditions (or named by a colliding hash) is never
-used. The cache never stops a worker: an unreadable or unwritable file is logged, and the warm-up
-then measures as if there were no cache.
+settings, so a later start under the same conditions loads the backend it chose, without timing
+anything, and takes its batch cap from the stored curve (by the rule of the serving code). The
+conditions are stored in full beside the result and compared on reading: a file written under other
+conditions (or named by a colliding hash) is never used. The cache never stops a worker: an
+unreadable or unwritable file is logged, and the warm-up then measures as if there were no cache.
 """
 
 from __future__ import annotations
@@ -148,7 +148,9 @@ class WarmUpCache:
             log.warning("warm-up cache %s malformed (%r): measuring again", self.path, exc)
             return None
         runtimes = self.key["runtimes"]
-        if choice.backend not in runtimes or not 1 <= choice.batch_cap <= self.key["max_batch_size"]:
+        largest = self.key["max_batch_size"]
+        sizes_ok = bool(choice.curve) and all(1 <= size <= largest for size in choice.curve)
+        if choice.backend not in runtimes or not sizes_ok or not 1 <= choice.batch_cap <= largest:
             log.warning("warm-up cache %s names an impossible choice: measuring again", self.path)
             return None
         return choice
