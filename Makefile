@@ -12,7 +12,7 @@ ARTIFACT_DIR ?= artifacts/efficientnet_lite0
 IMAGES ?=
 BACKEND ?=
 
-.PHONY: venv artifact test lint up classify bench soak clean
+.PHONY: venv artifact test test-packages lint up classify bench soak clean
 
 # `.venv` in the clone points at the cached environment; the editable install puts the `inferq`
 # CLI on it (the environment is shared by clones with the same pins: the last one installed wins).
@@ -34,7 +34,18 @@ $(VENV)/.complete:
 artifact: venv
 	$(PY) -m artifacts.build --out $(ARTIFACT_DIR) --if-missing
 
-test: venv artifact
+# The Debian packages the tests use as real clients (a browser, nginx, Compose): installed when
+# missing. Not root and no sudo: a warning, and the tests that need them skip (CI runs as root).
+test-packages:
+	@missing=$$(sed 's/#.*//' tests/debian-packages.txt | xargs -n1 | while read -r p; do \
+	  dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q 'ok installed' || echo "$$p"; done | xargs); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null; then sudo=sudo; else \
+	  echo "WARNING: not root: the tests that need $$missing will skip"; exit 0; fi; \
+	echo "==> installing Debian packages for the tests: $$missing"; \
+	$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing
+
+test: venv artifact test-packages
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
