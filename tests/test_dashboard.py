@@ -236,29 +236,29 @@ def test_a_browser_logs_in_with_http_basic(
     redis_url: str, tmp_path: Path, jobs: dict[str, Any], open_browser: Callable[[], Browser]
 ) -> None:
     with service_stack(redis_url, tmp_path, workers=0, API_KEYS=OTHER_KEY, OPERATOR_KEYS=KEY) as stack:
-        browser = open_browser()
-        # No credentials: no dashboard. Chromium takes the 401 as a Basic challenge to answer; headless,
-        # it has no one to ask and shows its own error page where a desktop browser asks for a login.
-        # (Offered only a Bearer challenge, which it cannot answer, it shows the 401's JSON instead.)
-        browser.get(f"{stack.base}/rq/")
-        assert browser.title != "RQ dashboard"
-        assert browser.location.startswith("chrome-error://"), browser.text
-
         # The operator key as password: the dashboard, its queues filled in by its own scripts (whose
         # requests carry the credentials the browser logged in with).
-        browser.get(f"{with_key(stack.base, KEY)}/rq/")
-        assert browser.title == "RQ dashboard"
-        browser.wait_for(QUEUE_NAMES, what="the queues table")
-        assert sorted(browser.script(QUEUE_NAMES)) == ["inferq", "inferq-low"]
-        browser.get(f"{stack.base}/rq/0/view/jobs/inferq/failed/8/asc/1")  # logged in: no key needed
-        browser.wait_for(JOB_ROWS, what="the job list")
-        assert browser.script(JOB_ROWS) == [jobs["failed"][0]]
+        operator = open_browser()
+        operator.get(f"{with_key(stack.base, KEY)}/rq/")
+        assert operator.title == "RQ dashboard", operator.text
+        operator.wait_for(QUEUE_NAMES, what="the queues table")
+        assert sorted(operator.script(QUEUE_NAMES)) == ["inferq", "inferq-low"]
+        operator.get(f"{stack.base}/rq/0/view/jobs/inferq/failed/8/asc/1")  # logged in: no key needed
+        operator.wait_for(JOB_ROWS, what="the job list")
+        assert operator.script(JOB_ROWS) == [jobs["failed"][0]]
 
+        # No credentials (another browser: nothing remembered): no dashboard. Chromium takes the 401 as
+        # a Basic challenge to answer; headless, it has no one to ask and shows its own error page where
+        # a desktop browser asks for a login. (Offered only a Bearer challenge, which it cannot answer,
+        # it shows the 401's JSON instead.)
+        stranger = open_browser()
+        stranger.get(f"{stack.base}/rq/")
+        assert stranger.title != "RQ dashboard"
+        assert stranger.location.startswith("chrome-error://"), stranger.text
         # A tenant's key: the refusal, as the page.
-        tenant = open_browser()
-        tenant.get(f"{with_key(stack.base, OTHER_KEY)}/rq/")
-        assert tenant.title != "RQ dashboard"
-        assert json.loads(tenant.text)["error"]["code"] == "operator_only"
+        stranger.get(f"{with_key(stack.base, OTHER_KEY)}/rq/")
+        assert stranger.title != "RQ dashboard"
+        assert json.loads(stranger.text)["error"]["code"] == "operator_only"
 
 
 def test_the_read_only_dashboard_shows_no_button_it_refuses(
