@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, overload
 
 from flask import g, request
+from werkzeug.datastructures import Headers
 
 from api.errors import ApiError
 
@@ -103,7 +104,8 @@ def authenticate(*, allow_basic: bool = False) -> str | None:
     """Check the request's credentials: the key's owner id, or None when keys are disabled.
 
     Raises 401 `unauthorized` (with `WWW-Authenticate`) when keys are enabled and the request has
-    no valid one. Also stores the owner id as `g.inferq_owner` (`current_owner()`).
+    no valid one, 403 `tenant_only` when it has an operator key instead. Also stores the owner id as
+    `g.inferq_owner` (`current_owner()`).
     """
     ring = _keyring()
     if not ring.enabled:
@@ -111,9 +113,18 @@ def authenticate(*, allow_basic: bool = False) -> str | None:
         return None
     header = request.headers.get("Authorization")
     token = _presented_token(header, allow_basic)
+    candidate = token if token is not None else ""
     # Hash and compare even a malformed or missing token: every refusal costs the same.
-    owner = ring.match(token if token is not None else "")
+    owner = ring.match(candidate)
     if token is None or owner is None:
+        if _operator_ring().match(candidate) is not None:
+            # The mirror of `operator_only`: a valid key, in the wrong place, says so.
+            raise ApiError(
+                "this route is for tenants: it needs an API_KEYS key; an operator key (OPERATOR_KEYS) "
+                "opens only /rq and /metrics",
+                code="tenant_only",
+                http_status=403,
+            )
         raise _unauthorized(presented=header is not None, allow_basic=allow_basic)
     g.inferq_owner = owner
     return owner
@@ -217,11 +228,14 @@ _AUTH_FAILURES = _FailureLog()
 
 
 def _unauthorized(*, presented: bool, allow_basic: bool) -> ApiError:
-    challenge = f'Bearer realm="{REALM}"'
+    bearer = f'Bearer realm="{REALM}"'
     if presented:
-        challenge += ', error="invalid_token"'  # RFC 6750 3.1
+        bearer += ', error="invalid_token"'  # RFC 6750 3.1
+    # One header line per challenge: Chromium takes a line as one challenge, so with both on one line
+    # it sees only Bearer, which it cannot answer: no Basic prompt, no use of a user:pass@ URL.
+    challenges = Headers([("WWW-Authenticate", bearer)])
     if allow_basic:
-        challenge += f', Basic realm="{REALM}", charset="UTF-8"'
+        challenges.add("WWW-Authenticate", f'Basic realm="{REALM}", charset="UTF-8"')
     # Never log or echo the header: it may be a valid key in the wrong place, or a typo of one.
     _AUTH_FAILURES.note(request.method, request.path[:200], "bad" if presented else "no")
     return ApiError(
@@ -230,5 +244,5 @@ def _unauthorized(*, presented: bool, allow_basic: bool) -> ApiError:
         else "the API key is missing, malformed or unknown: send `Authorization: Bearer <key>`",
         code="unauthorized",
         http_status=401,
-        headers={"WWW-Authenticate": challenge},
+        headers=challenges,
     )

@@ -29,8 +29,10 @@ result, metadata (timings, batch id, attempts) and error. What 0.9.0 needs aroun
    `dashboard_read_only` unless DASHBOARD_ADMIN=1; with it they need POST and either the header
    `X-Requested-With: XMLHttpRequest` (jQuery sends it on the dashboard's own same-origin calls; a
    cross-site form cannot set it, and a cross-site script needs a CORS preflight the api never
-   grants) or a Bearer token (never sent by a browser on its own). RQ_DASHBOARD_DISABLE_DELETE
-   follows DASHBOARD_ADMIN, so the page hides the buttons it may not use.
+   grants) or a Bearer token (never sent by a browser on its own). Read-only, the page shows none of
+   the buttons it may not use: RQ_DASHBOARD_DISABLE_DELETE (which follows DASHBOARD_ADMIN) drops Delete
+   and Empty; Requeue, Requeue All and Compact, which 0.9.0 always renders and whose failure its
+   scripts show nowhere, are hidden by a style rule added to each page (`_hide_refused_buttons`).
 
 Standalone (no auth of its own: keep it on loopback / an SSH tunnel): `rq-dashboard --json
 --redis-url redis://... --bind 127.0.0.1 --port 9181` (or RQ_DASHBOARD_REDIS_URL in the environment);
@@ -154,6 +156,25 @@ def _guard_destructive() -> None:
         )
 
 
+# What read-only mode refuses and 0.9.0's templates render anyway: the failed registry's Requeue All and
+# each row's Requeue, the job page's Requeue (shown by its script for a failed job, hence !important)
+# and the queued registry's Compact. Clicked, they fail silently.
+_READ_ONLY_STYLE = (
+    "<style>#requeue-all-btn, #compact-btn, #requeue-job-btn, [data-role=requeue-job-btn]"
+    " { display: none !important; }</style>"
+)
+
+
+def _hide_refused_buttons(response: Response) -> Response:
+    if current_state().settings.dashboard_admin or response.mimetype != "text/html":
+        return response
+    if response.direct_passthrough:  # a file sent as is: not one of the rendered pages
+        return response
+    page = response.get_data(as_text=True)
+    response.set_data(page.replace("</head>", f"{_READ_ONLY_STYLE}</head>", 1))
+    return response
+
+
 def _no_framing(response: Response) -> Response:
     response.headers["X-Frame-Options"] = "DENY"
     response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"
@@ -175,4 +196,4 @@ def install(app: Flask) -> None:
     hooks[:] = [enforce_operator_or_basic, _one_instance, _guard_destructive] + [
         hook for hook in hooks if hook is not rq_web.push_rq_connection
     ]
-    app.after_request_funcs.setdefault(BLUEPRINT, []).append(_no_framing)
+    app.after_request_funcs.setdefault(BLUEPRINT, []).extend([_hide_refused_buttons, _no_framing])

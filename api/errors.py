@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeAlias
 
 from flask import Flask, Response, g, jsonify, request
 from redis.exceptions import (
@@ -20,6 +21,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from shared.errors import InferqError, QueuedBytesFull, RedisFull
@@ -32,6 +34,10 @@ _HTTP_CODES = {413: "payload_too_large", 415: "unsupported_media_type"}
 # Error replies of a Redis that is up but cannot serve writes (MasterDownError is a ClusterDownError).
 _UNAVAILABLE_ERRORS = (OutOfMemoryError, ReadOnlyError, ClusterDownError, TryAgainError)
 
+# Extra response headers: a mapping, or `Headers` where a name repeats (one `WWW-Authenticate` line
+# per challenge: a browser reads only the first challenge of a line, RFC 9110's comma list or not).
+ResponseHeaders: TypeAlias = Mapping[str, str] | Headers
+
 
 class ApiError(InferqError):
     """An InferqError raised by the api itself, optionally with extra response headers / fields."""
@@ -42,11 +48,11 @@ class ApiError(InferqError):
         *,
         code: str,
         http_status: int,
-        headers: dict[str, str] | None = None,
+        headers: ResponseHeaders | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message, code=code, http_status=http_status)
-        self.headers = headers or {}
+        self.headers = Headers(headers)
         self.extra = extra or {}
 
 
@@ -54,13 +60,14 @@ def error_response(
     code: str,
     message: str,
     status: int,
-    headers: dict[str, str] | None = None,
+    headers: ResponseHeaders | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Response:
     response = jsonify({"error": {"code": code, "message": message, **(extra or {})}})
     response.status_code = status
-    for name, value in (headers or {}).items():
-        response.headers[name] = value
+    given = Headers(headers)
+    for name in dict.fromkeys(given.keys(lower=True)):
+        response.headers.setlist(name, given.getlist(name))  # every line of a repeated header
     return response
 
 
@@ -102,7 +109,7 @@ def register_error_handlers(app: Flask) -> None:
             # Raised by Werkzeug when Content-Length or a chunked body exceeds the route's limit.
             return _inferq_error(payload_too_large(g.get("inferq_body_limit", request.max_content_length)))
         # Keep protocol headers Werkzeug adds (Allow on 405, WWW-Authenticate, Retry-After, ...).
-        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+        headers = Headers([(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"])
         message = exc.description or exc.name
         if status == 404:
             message = f"no route for {request.method} {request.path[:200]}"

@@ -226,6 +226,9 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     }
     common_errors = {
         **unauthorized,
+        "403": _error(
+            "`tenant_only`: an operator key (OPERATOR_KEYS), which opens /rq and /metrics, not /v1."
+        ),
         "503": {
             **_error("Redis is unreachable (`redis_unavailable`) or at its maxmemory (`redis_full`)."),
             "headers": retry_after,

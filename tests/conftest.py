@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from shared.config import PROJECT_ROOT, Settings
 from shared.jobs import make_queue
 from shared.manifest import MANIFEST_FILE
 from shared.redis_conn import redis_from_url
+from tests.browser import Browser, chromium
+from tests.browser import missing as browser_missing
 from tests.factories import settings_for
 
 # Freely licensed photos that scikit-image ships inside its wheel (see skimage/data/README.txt),
@@ -167,3 +171,23 @@ def job_store(fresh_redis_server: Callable[..., EmbeddedRedis]) -> Callable[...,
         return JobStore(server, conn, settings, make_queue(conn, settings))
 
     return make
+
+
+# --- a real browser ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def open_browser(tmp_path: Path) -> Iterator[Callable[[], Browser]]:
+    """Opens a fresh headless Chromium per call (tests.browser: an empty profile each, so nothing a
+    previous one logged in with is remembered); all closed after the test. Skipped, saying which
+    Debian package is missing, where the browser is not installed."""
+    reason = browser_missing()
+    if reason:
+        pytest.skip(reason)
+    with ExitStack() as opened:
+
+        def open_one() -> Browser:
+            profile = Path(tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_path))
+            return opened.enter_context(chromium(profile))
+
+        yield open_one

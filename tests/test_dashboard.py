@@ -1,4 +1,5 @@
-"""rq-dashboard mounted at /rq: the api's auth, JSON-serialized jobs everywhere, read-only by default."""
+"""rq-dashboard mounted at /rq: the api's auth, JSON-serialized jobs everywhere, read-only by default;
+and as a user sees it, in a real browser (headless Chromium) on the real service."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import base64
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,8 +20,11 @@ from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from api import create_app
+from launch.processes import wait_until
 from shared.config import PROJECT_ROOT, Settings
 from shared.jobs import make_queue, submit
+from tests.browser import Browser
+from tests.service import service_stack
 from tests.worker_stub import STUB_SHA256, png, stub_worker
 
 KEY = "dashboard-key-0123456789abcdef"
@@ -56,7 +62,11 @@ def test_auth_is_required_when_keys_are_configured(redis_url: str) -> None:
         response = client.get(path)
         assert response.status_code == 401, path
         assert response.get_json()["error"]["code"] == "unauthorized"
-        assert 'Basic realm="inferq"' in response.headers["WWW-Authenticate"]  # a browser can log in
+        # A browser can log in: each challenge on a line of its own (Chromium reads one per line).
+        assert response.headers.getlist("WWW-Authenticate") == [
+            'Bearer realm="inferq"',
+            'Basic realm="inferq", charset="UTF-8"',
+        ]
         assert client.get(path, headers=basic("wrong-key-0123456789abcdef")).status_code == 401
         # A tenant's key is valid for /v1, not here: the dashboard shows every tenant's jobs.
         tenant = client.get(path, headers=basic(OTHER_KEY))
@@ -149,7 +159,7 @@ def test_read_only_by_default(redis_url: str, redis_conn: redis.Redis, jobs: dic
         assert getattr(client, method)(path).status_code == 401  # auth comes first
     assert Job.fetch(failed_id, connection=redis_conn, serializer=JSONSerializer).get_status() == "failed"
     assert Job.fetch(done_id, connection=redis_conn, serializer=JSONSerializer).get_status() == "finished"
-    # The page hides the buttons it may not use.
+    # The page hides the buttons it may not use (a browser's view of them: below).
     page = client.get("/rq/0/view/jobs/inferq/failed/8/asc/1", headers=AUTH).get_data(as_text=True)
     assert 'id="empty-btn"' not in page
 
@@ -204,3 +214,97 @@ def test_another_rq_dashboard_version_refuses_to_load() -> None:
         [sys.executable, "-c", "import api.dashboard"], cwd=PROJECT_ROOT, capture_output=True, timeout=120
     )
     assert pinned.returncode == 0, pinned.stderr
+
+
+# --- in a real browser, on the real service ---------------------------------------------------------
+
+QUEUE_NAMES = (
+    "return Array.from(document.querySelectorAll('tr[data-role=queue] td:first-child'), td => td.innerText)"
+)
+JOB_ROWS = "return Array.from(document.querySelectorAll('tr[data-role=job]'), tr => tr.dataset.jobId)"
+JOB_STATUS_SHOWN = "return document.querySelector('#job-data').innerText.includes('Status')"
+# What read-only mode refuses, as rq-dashboard 0.9.0 renders it (api.dashboard._READ_ONLY_STYLE).
+REFUSED_BUTTONS = "#requeue-all-btn, #compact-btn, #requeue-job-btn, [data-role=requeue-job-btn]"
+
+
+def with_key(base: str, key: str) -> str:
+    """`base` with credentials, as a user types them: any user name, the key as password."""
+    return base.replace("http://", f"http://ops:{key}@", 1)
+
+
+def test_a_browser_logs_in_with_http_basic(
+    redis_url: str, tmp_path: Path, jobs: dict[str, Any], open_browser: Callable[[], Browser]
+) -> None:
+    with service_stack(redis_url, tmp_path, workers=0, API_KEYS=OTHER_KEY, OPERATOR_KEYS=KEY) as stack:
+        # The operator key as password: the dashboard, its queues filled in by its own scripts (whose
+        # requests carry the credentials the browser logged in with).
+        operator = open_browser()
+        operator.get(f"{with_key(stack.base, KEY)}/rq/")
+        assert operator.title == "RQ dashboard", operator.text
+        operator.wait_for(QUEUE_NAMES, what="the queues table")
+        assert sorted(operator.script(QUEUE_NAMES)) == ["inferq", "inferq-low"]
+        operator.get(f"{stack.base}/rq/0/view/jobs/inferq/failed/8/asc/1")  # logged in: no key needed
+        operator.wait_for(JOB_ROWS, what="the job list")
+        assert operator.script(JOB_ROWS) == [jobs["failed"][0]]
+
+        # No credentials (another browser: nothing remembered): no dashboard. Chromium takes the 401 as
+        # a Basic challenge to answer; headless, it has no one to ask and shows its own error page where
+        # a desktop browser asks for a login. (Offered only a Bearer challenge, which it cannot answer,
+        # it shows the 401's JSON instead.)
+        stranger = open_browser()
+        stranger.get(f"{stack.base}/rq/")
+        assert stranger.title != "RQ dashboard"
+        assert stranger.location.startswith("chrome-error://"), stranger.text
+        # A tenant's key: the refusal, as the page.
+        stranger.get(f"{with_key(stack.base, OTHER_KEY)}/rq/")
+        assert stranger.title != "RQ dashboard"
+        assert json.loads(stranger.text)["error"]["code"] == "operator_only"
+
+
+def test_the_read_only_dashboard_shows_no_button_it_refuses(
+    redis_url: str, tmp_path: Path, jobs: dict[str, Any], open_browser: Callable[[], Browser]
+) -> None:
+    failed_id = jobs["failed"][0]
+    with service_stack(redis_url, tmp_path, workers=0, API_KEYS=OTHER_KEY, OPERATOR_KEYS=KEY) as stack:
+        browser = open_browser()
+        site = with_key(stack.base, KEY)
+        browser.get(f"{site}/rq/0/view/jobs/inferq/failed/8/asc/1")
+        browser.wait_for(JOB_ROWS, what="the job list")
+        assert browser.script(JOB_ROWS) == [failed_id]  # the failed job is listed ...
+        assert browser.visible("[data-role=requeue-job-btn]") == [False]  # ... without its Requeue
+        assert browser.visible("#requeue-all-btn") == [False]
+        assert browser.visible("[data-role=delete-job-btn], #empty-btn") == []  # not even rendered
+        browser.get(f"{site}/rq/0/view/jobs/inferq/queued/8/asc/1")
+        assert browser.visible("#compact-btn") == [False]
+        # The job page's script shows its Requeue once it has read that the job failed: still hidden.
+        browser.get(f"{site}/rq/0/view/job/{failed_id}")
+        browser.wait_for(JOB_STATUS_SHOWN, what="the job's data")
+        assert "failed" in browser.text
+        assert browser.visible("#requeue-job-btn") == [False]
+        assert browser.visible("#delete-job-btn") == []
+
+
+def test_the_admin_dashboard_shows_its_buttons_and_they_work(
+    redis_url: str,
+    redis_conn: redis.Redis,
+    tmp_path: Path,
+    jobs: dict[str, Any],
+    open_browser: Callable[[], Browser],
+) -> None:
+    failed_id = jobs["failed"][0]
+    overrides = {"API_KEYS": OTHER_KEY, "OPERATOR_KEYS": KEY, "DASHBOARD_ADMIN": "1"}
+    with service_stack(redis_url, tmp_path, workers=0, **overrides) as stack:
+        browser = open_browser()
+        site = with_key(stack.base, KEY)
+        browser.get(f"{site}/rq/0/view/jobs/inferq/queued/8/asc/1")
+        assert browser.visible("#compact-btn") == [True]
+        browser.get(f"{site}/rq/0/view/job/{failed_id}")
+        browser.wait_for(JOB_STATUS_SHOWN, what="the job's data")
+        assert browser.visible("#requeue-job-btn, #delete-job-btn") == [True, True]
+        browser.get(f"{site}/rq/0/view/jobs/inferq/failed/8/asc/1")
+        browser.wait_for(JOB_ROWS, what="the job list")
+        assert browser.visible(REFUSED_BUTTONS) == [True, True]  # Requeue All, the row's Requeue
+        # The page's own request passes the CSRF guard (jQuery's X-Requested-With): the job is requeued.
+        browser.click("[data-role=requeue-job-btn]")
+        job = Job.fetch(failed_id, connection=redis_conn, serializer=JSONSerializer)
+        wait_until(lambda: job.get_status(refresh=True) == JobStatus.QUEUED, 30, 0.2, "the requeue")

@@ -190,6 +190,39 @@ def test_valid_keys_and_open_probes(client: FlaskClient, photo_bytes: dict[str, 
     assert client.get("/metrics", headers=OPS).status_code == 200
 
 
+def test_an_operator_key_on_v1_is_refused_by_name(
+    client: FlaskClient, redis_conn: redis.Redis, photo_bytes: dict[str, bytes]
+) -> None:
+    """The mirror of a tenant key on /metrics (403 `operator_only`): a valid key in the wrong place is
+    told so, not answered as if it were unknown (401, which would send its user hunting for a typo)."""
+    job_id = submit(client, photo_bytes)
+    for method, path in [
+        ("POST", "/v1/jobs"),
+        ("POST", "/v1/batches"),
+        ("GET", f"/v1/jobs/{job_id}"),
+        ("POST", f"/v1/jobs/{job_id}/cancel"),
+    ]:
+        posting = path in ("/v1/jobs", "/v1/batches")
+        response = client.open(
+            path,
+            method=method,
+            headers=OPS,
+            data=photo_bytes[PNG] if posting else None,
+            content_type="image/png" if posting else None,
+        )
+        error = assert_error(response, 403, "tenant_only")
+        assert "API_KEYS" in error["message"] and "OPERATOR_KEYS" in error["message"], error
+        assert "WWW-Authenticate" not in response.headers  # the key is valid: no other to try
+    assert queued(redis_conn) == (1, 0)  # nothing submitted, nothing canceled
+    assert fetch_job(redis_conn, job_id).get_status() == JobStatus.QUEUED
+    # Documented wherever the 401 is.
+    paths = client.get("/openapi.json").json["paths"]
+    documented = [(path, op) for path, item in paths.items() for op in item if path.startswith("/v1/")]
+    assert len(documented) == 4
+    for path, operation in documented:
+        assert "`tenant_only`" in paths[path][operation]["responses"]["403"]["description"], path
+
+
 def test_keys_are_hashed_and_compared_in_constant_time(
     redis_url: str, photo_bytes: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -278,7 +311,11 @@ def test_a_dashboard_style_blueprint_can_reuse_the_guard(redis_url: str) -> None
 
     response = client.get("/custom/")
     assert_error(response, 401, "unauthorized")
-    assert 'Basic realm="inferq"' in response.headers["WWW-Authenticate"]
+    # One challenge a line: a browser answers the Basic one only if it is not behind Bearer's.
+    assert response.headers.getlist("WWW-Authenticate") == [
+        'Bearer realm="inferq"',
+        'Basic realm="inferq", charset="UTF-8"',
+    ]
     basic = base64.b64encode(f"admin:{KEY_A}".encode()).decode()
     assert client.get("/custom/", headers={"Authorization": f"Basic {basic}"}).status_code == 200
     assert client.get("/custom/", headers=A).status_code == 200
