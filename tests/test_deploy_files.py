@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -17,7 +18,9 @@ from typing import Any
 import pytest
 from honcho.environ import parse_procfile
 
+from api.validation import MULTIPART_OVERHEAD_BYTES
 from shared.config import PROJECT_ROOT, Settings
+from tests import nginx
 
 PROCFILE = PROJECT_ROOT / "Procfile"
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
@@ -104,36 +107,65 @@ def test_the_pool_supervisor_does_not_import_torch() -> None:
 # --- docker-compose.yml ---------------------------------------------------------------------------
 
 
+def _run(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    # Compose v1 is a program of the system's Python: this interpreter's PYTHONPATH is not for it.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        argv, cwd=PROJECT_ROOT, input=stdin, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def _compose_cli() -> list[str] | None:
+    """The Compose that is installed: v2 (`docker compose`) first, else v1 (`docker-compose`)."""
+    docker = shutil.which("docker")
+    if docker and _run(docker, "compose", "version").returncode == 0:
+        return [docker, "compose"]
+    compose_v1 = shutil.which("docker-compose")
+    return [compose_v1] if compose_v1 else None
+
+
+def test_compose_accepts_the_file() -> None:
+    """Whichever Compose is installed validates the file (`make test` installs Debian's v1)."""
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("neither `docker compose` nor docker-compose is installed (make test-packages)")
+    out = _run(*cli, "-f", str(COMPOSE_FILE), "config", "--quiet")
+    assert out.returncode == 0, f"{' '.join(cli)} config rejects docker-compose.yml:\n{out.stderr}"
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    """The Compose Specification's JSON schema, which Compose v2 validates files against (v2 is not
+    installable here), as vendored by check-jsonschema (a dev dependency)."""
+    if importlib.util.find_spec("check_jsonschema") is None:
+        pytest.skip("check-jsonschema, which ships the Compose Specification schema, is not installed")
+    argv = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec"]
+    out = subprocess.run([*argv, str(COMPOSE_FILE)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def _compose_config() -> dict[str, Any]:
-    """docker-compose.yml as data: with PyYAML if installed, else as normalised and validated by
-    `docker compose config` (v2, JSON) or `docker-compose config` (v1, a Python program: its
-    interpreter has PyYAML). Skips when none of them is available."""
+    """docker-compose.yml as data, as normalised and validated by the installed Compose: `docker
+    compose config` (v2, JSON) or `docker-compose config` (v1, a Python program: its interpreter has
+    PyYAML). Without Compose, as PyYAML reads it."""
+    cli = _compose_cli()
+    if cli is not None and cli[-1] == "compose":
+        out = _run(*cli, "-f", str(COMPOSE_FILE), "config", "--format", "json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+    if cli is not None:
+        out = _run(*cli, "-f", str(COMPOSE_FILE), "config")
+        assert out.returncode == 0, f"docker-compose config rejects the file:\n{out.stderr}"
+        shebang = Path(cli[0]).read_text(encoding="utf-8", errors="replace").splitlines()[0]
+        interpreter = shebang.removeprefix("#!").split()
+        to_json = "import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))"
+        parsed = _run(*interpreter, "-c", to_json, stdin=out.stdout)
+        assert parsed.returncode == 0, parsed.stderr
+        return json.loads(parsed.stdout)  # type: ignore[no-any-return]
     try:
         import yaml
     except ImportError:
-        pass
-    else:
-        return yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
-
-    def run(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(argv, cwd=PROJECT_ROOT, input=stdin, capture_output=True, text=True, timeout=60)
-
-    docker = shutil.which("docker")
-    if docker and run(docker, "compose", "version").returncode == 0:
-        out = run(docker, "compose", "-f", str(COMPOSE_FILE), "config", "--format", "json")
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)  # type: ignore[no-any-return]
-    compose_v1 = shutil.which("docker-compose")
-    if compose_v1:
-        out = run(compose_v1, "-f", str(COMPOSE_FILE), "config")
-        assert out.returncode == 0, f"docker-compose config rejects the file:\n{out.stderr}"
-        shebang = Path(compose_v1).read_text(encoding="utf-8", errors="replace").splitlines()[0]
-        interpreter = shebang.removeprefix("#!").split()
-        to_json = "import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))"
-        parsed = run(*interpreter, "-c", to_json, stdin=out.stdout)
-        assert parsed.returncode == 0, parsed.stderr
-        return json.loads(parsed.stdout)  # type: ignore[no-any-return]
-    pytest.skip("no YAML reader: PyYAML is not installed and neither `docker compose` nor docker-compose is")
+        pytest.skip("no YAML reader: neither Compose nor PyYAML is installed")
+    return yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
@@ -163,37 +195,88 @@ def test_compose_has_the_five_services(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == {"nginx", "redis", "api", "worker", "dashboard"}
 
 
-def _nginx_conf(compose: dict[str, Any]) -> str:
-    nginx = compose["services"]["nginx"]
-    (mount,) = [c for c in nginx["configs"] if c["target"] == "/etc/nginx/nginx.conf"]
-    # `docker compose config` turns the `$$` of the file into `$`; the file itself has `$$`.
-    return str(compose["configs"][mount["source"]]["content"]).replace("$$", "$")
+def _bind_mount(service: dict[str, Any], target: str) -> tuple[Path, bool]:
+    """(host path, read-only) of the bind mount at `target`, whatever the notation: the file's
+    short syntax (relative source), v1's normalised string (absolute), v2's long syntax."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            mounts.append((volume["source"], volume["target"], bool(volume.get("read_only"))))
+        else:
+            source, mounted, *mode = str(volume).split(":")
+            mounts.append((source, mounted, "ro" in "".join(mode).split(",")))
+    (found,) = [(source, read_only) for source, mounted, read_only in mounts if mounted == target]
+    return (PROJECT_ROOT / found[0]).resolve(), found[1]
 
 
-def _directive(conf: str, name: str) -> str:
-    found = re.findall(rf"^\s*{name}\s+([^;]+);", conf, re.M)
-    assert len(found) == 1, (name, found)
-    return found[0].strip()
+def _default(name: str) -> Any:
+    """A setting's default: what the compose file's api runs with (it sets no limit of its own)."""
+    return Settings.model_fields[name].default
 
 
-def test_compose_nginx_is_a_buffering_front_door_with_timeouts(compose: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def nginx_http(compose: dict[str, Any]) -> nginx.Directive:
+    """The `http` block of the config file the compose file mounts into the nginx container."""
+    source, read_only = _bind_mount(compose["services"]["nginx"], nginx.CONTAINER_PATH)
+    assert source == nginx.NGINX_CONF.resolve() and read_only
+    return nginx.parse(source.read_text(encoding="utf-8")).one("http")
+
+
+def test_compose_nginx_is_a_buffering_front_door_with_timeouts(
+    compose: dict[str, Any], nginx_http: nginx.Directive
+) -> None:
     """Clients reach the api only through nginx, which buffers requests with header and body
-    deadlines and a body limit, and waits longer than the longest long-poll."""
-    nginx = compose["services"]["nginx"]
-    assert ("127.0.0.1", "8000") in _published(nginx)
+    deadlines, and waits longer than the longest long-poll."""
+    assert ("127.0.0.1", "8000") in _published(compose["services"]["nginx"])
     assert not _published(compose["services"]["api"]), "the api is reached through nginx only"
-    conf = _nginx_conf(compose)
-    assert "proxy_pass http://inferq_api" in conf and "server api:8000" in conf
-    assert _directive(conf, "proxy_request_buffering") == "on"
-    assert _directive(conf, "proxy_buffering") == "on"
+    assert nginx_http.one("upstream", "inferq_api").one("server").args == ["api:8000"]
+    server = nginx_http.one("server")
+    assert server.value("listen") == "8000"
+    for location in server.all("location"):
+        if not location.args[0].startswith("@"):
+            assert location.value("proxy_pass") == "http://inferq_api", location.args
+    assert server.value("proxy_request_buffering") == "on"
+    assert server.value("proxy_buffering") == "on"
     for timeout in ("client_header_timeout", "client_body_timeout"):
-        assert 0 < int(_directive(conf, timeout).rstrip("s")) <= 10
-    settings = Settings()
-    limit = _directive(conf, "client_max_body_size")
-    assert limit.endswith("m") and int(limit[:-1]) * 1024 * 1024 >= settings.max_batch_upload_bytes
-    assert int(_directive(conf, "proxy_read_timeout").rstrip("s")) > settings.max_wait_seconds
+        assert 0 < nginx.seconds(server.value(timeout)) <= 10
+    assert nginx.seconds(server.value("proxy_read_timeout")) > _default("max_wait_seconds")
     # Thousands of long-polls: nginx's connection budget must be far above its default 512.
-    assert int(re.search(r"worker_connections\s+(\d+)", conf).group(1)) >= 10_000  # type: ignore[union-attr]
+    events = nginx.parse(nginx.NGINX_CONF.read_text(encoding="utf-8")).one("events")
+    assert int(events.value("worker_connections")) >= 10_000
+
+
+def test_compose_nginx_body_limits_are_the_apis(nginx_http: nginx.Directive) -> None:
+    """Each upload route takes at most what the api takes there, so nginx never buffers a body the
+    api refuses; the rest take little. Its 413 names the route's limit."""
+    server = nginx_http.one("server")
+    limits = {
+        "/v1/jobs": _default("max_upload_bytes") + MULTIPART_OVERHEAD_BYTES,
+        "/v1/batches": _default("max_batch_upload_bytes"),
+    }
+    for path, limit in limits.items():
+        assert nginx.size_bytes(server.one("location", "=", path).value("client_max_body_size")) == limit
+    default_limit = nginx.size_bytes(server.value("client_max_body_size"))
+    assert default_limit <= min(limits.values())
+    messages = {d.name: d.args[0] for d in nginx_http.one("map", "$uri", "$inferq_body_limit").block or []}
+    assert f"{_default('max_upload_bytes'):,}" in messages["/v1/jobs"]
+    assert f"{MULTIPART_OVERHEAD_BYTES:,}" in messages["/v1/jobs"]
+    assert f"{_default('max_batch_upload_bytes'):,}" in messages["/v1/batches"]
+    assert f"{default_limit:,}" in messages["default"]
+
+
+@pytest.mark.parametrize("status", [413, 500, 502, 504])
+def test_compose_nginx_answers_its_own_errors_in_the_api_shape(
+    nginx_http: nginx.Directive, status: int
+) -> None:
+    server = nginx_http.one("server")
+    (page,) = [d.args[-1] for d in server.all("error_page") if str(status) in d.args[:-1]]
+    location = server.one("location", page)
+    assert location.one("types").block == [], "a path's extension must not change the type"
+    assert location.value("default_type") == "application/json"
+    code, body = location.one("return").args
+    assert code == str(status)
+    error = json.loads(body)["error"]
+    assert set(error) == {"code", "message"} and re.fullmatch(r"[a-z_]+", error["code"])
 
 
 def test_compose_redis_is_durable_and_never_evicts(compose: dict[str, Any]) -> None:
