@@ -121,7 +121,13 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                                 },
                                 "model": {
                                     "type": "object",
-                                    "properties": {"name": {"type": "string"}, "sha256": {"type": "string"}},
+                                    "description": "The model that served the job; `sha256` is of the "
+                                    "`file` actually served (`model.pt` on TorchScript, `model.onnx` on ONNX "
+                                    "Runtime and OpenVINO).",
+                                    "properties": {
+                                        name: {"type": "string"}
+                                        for name in ("name", "backend", "backend_version", "file", "sha256")
+                                    },
                                 },
                             },
                         },
