@@ -113,6 +113,12 @@ def register_error_handlers(app: Flask) -> None:
         message = exc.description or exc.name
         if status == 404:
             message = f"no route for {request.method} {request.path[:200]}"
+        if status == 405:
+            allowed = headers.get("Allow")
+            message = f"{request.method} is not allowed on {request.path[:200]} (allowed: {allowed})"
+            if request.method == "DELETE" and request.path.startswith("/v1/jobs/"):
+                # Clients written for the DELETE alias the api no longer has (api.routes.cancel_job).
+                message += "; a queued job is canceled with POST /v1/jobs/<id>/cancel"
         if status == 408:
             # The body stalled (api.gevent_worker): the rest of it is not worth waiting for.
             headers["Connection"] = "close"

@@ -1,6 +1,6 @@
 """Prometheus metrics of the api.
 
-Request metrics are labelled by route TEMPLATE (`/v1/jobs/<path:job_id>`), never by the raw path, and
+Request metrics are labelled by route TEMPLATE (`/v1/jobs/<job_id>`), never by the raw path, and
 by method from a fixed set (anything else is `<other>`), so job ids, scanners' junk URLs and invented
 methods cannot blow up the series count.
 

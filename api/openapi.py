@@ -121,7 +121,13 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                                 },
                                 "model": {
                                     "type": "object",
-                                    "properties": {"name": {"type": "string"}, "sha256": {"type": "string"}},
+                                    "description": "The model that served the job; `sha256` is of the "
+                                    "`file` actually served (`model.pt` on TorchScript, `model.onnx` on ONNX "
+                                    "Runtime and OpenVINO).",
+                                    "properties": {
+                                        name: {"type": "string"}
+                                        for name in ("name", "backend", "backend_version", "file", "sha256")
+                                    },
                                 },
                             },
                         },
@@ -373,8 +379,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "post": {
                     "summary": "Cancel a queued job",
                     "description": "The job stays readable, with status `canceled` (error `canceled`), for "
-                    "as long as a finished job would. `DELETE /v1/jobs/{job_id}` is an alias kept for older "
-                    "clients and left out of this document: it does not delete the job.",
+                    "as long as a finished job would: a cancel does not delete the job (so there is no "
+                    "`DELETE /v1/jobs/{job_id}`).",
                     "parameters": [job_id],
                     "responses": {
                         "200": _json("Canceled; the job, with status `canceled`.", _ref("Job")),

@@ -210,7 +210,9 @@ def create_batch() -> tuple[Response, int]:
     return jsonify({"jobs": [_created(job.id) for job in jobs]}), 202
 
 
-@bp.get("/jobs/<path:job_id>")
+# `<job_id>` matches one path segment: `/v1/jobs/<id>/cancel` is never read as a job whose id
+# is `<id>/cancel`, so each path answers (and advertises in `Allow`) only its own methods.
+@bp.get("/jobs/<job_id>")
 def get_job(job_id: str) -> dict[str, Any]:
     state = current_state()
     wait = parse_wait(request, state.settings)
@@ -237,10 +239,10 @@ def get_job(job_id: str) -> dict[str, Any]:
         slot.release()  # when no read gave it back (a 404, an early answer, an error)
 
 
-@bp.post("/jobs/<path:job_id>/cancel")
-@bp.delete("/jobs/<path:job_id>")
+@bp.post("/jobs/<job_id>/cancel")
 def cancel_job(job_id: str) -> dict[str, Any]:
-    """`POST /v1/jobs/<id>/cancel`; `DELETE /v1/jobs/<id>` is an alias kept for older clients."""
+    """No `DELETE /v1/jobs/<id>` (the alias older clients used is gone): a DELETE says the job is
+    removed, and a canceled job stays readable (405, whose message names this route)."""
     state = current_state()
     job, _ = _load_job(state, job_id)
     if not cancel(state.redis, job):

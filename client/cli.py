@@ -1,6 +1,7 @@
 """`inferq`: classify image files and read jobs from the command line.
 
     inferq classify photo.jpg more/ -r --format jsonl
+    inferq classify backlog/ --priority low --deadline-ms 60000
     inferq status <job-id> --wait 30
 
 Exit codes: 0 every image finished; 1 any image failed or was refused (or `status` of a failed, expired,
@@ -77,7 +78,12 @@ def run_classify(client: Client, args: argparse.Namespace) -> int:
     outcomes: list[Outcome] = []
     try:
         results = client.classify_many(
-            files, top_k=args.top_k, concurrency=args.concurrency, timeout=args.timeout
+            files,
+            top_k=args.top_k,
+            concurrency=args.concurrency,
+            timeout=args.timeout,
+            priority=args.priority,
+            deadline_ms=args.deadline_ms,
         )
         for path, outcome in results:
             outcomes.append(outcome)
@@ -315,6 +321,20 @@ def _parser() -> argparse.ArgumentParser:
         "-f", "--format", choices=sorted(_WRITERS), default="table", help="output format (default table)"
     )
     classify.add_argument("--timeout", type=_seconds, default=120.0, help="seconds to wait for each image")
+    classify.add_argument(
+        "--priority",
+        choices=("high", "low"),
+        default=None,
+        help="the jobs' lane (default: the server's, high); low jobs still get a share of every batch",
+    )
+    classify.add_argument(
+        "--deadline-ms",
+        type=_positive_int,
+        default=None,
+        metavar="MS",
+        help="a job no worker has started within MS milliseconds of its submission ends 'expired' "
+        "without running (default: no deadline)",
+    )
     classify.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,

@@ -4,7 +4,8 @@ branch on (the api's snake_case codes in api/openapi.py, plus a few client-side 
 
 Client-side codes (no HTTP reply behind them, `.status` is None): `connection_error`,
 `read_timeout`, `timeout` (JobTimeout), `file_not_found`, `is_a_directory`, `permission_denied`,
-`file_unreadable` (FileError), `bad_response` (a reply that is not the api's JSON).
+`file_unreadable` (FileError), `bad_response` (a reply that is not the api's JSON), and
+`job_not_found` (NotFound) for an id that cannot name a job (it has a `/`): nothing is sent.
 """
 
 from __future__ import annotations

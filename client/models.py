@@ -4,7 +4,7 @@ fields, or omits an optional one, does not break old clients. `JobResult.raw` ke
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any, Literal
 
@@ -22,8 +22,14 @@ class Prediction:
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
+    """The model that served a job: `file` (e.g. `model.onnx`) and `sha256` (of that file) tell
+    workers of one model on different backends apart."""
+
     name: str | None
     sha256: str | None
+    backend: str | None = None
+    backend_version: str | None = None
+    file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +101,7 @@ class JobResult:
                 Prediction(label=str(p["label"]), index=int(p["index"]), score=float(p["score"]))
                 for p in result.get("predictions") or ()
             ),
-            model=ModelInfo(name=model.get("name"), sha256=model.get("sha256")) if model else None,
+            model=ModelInfo(**{f.name: model.get(f.name) for f in fields(ModelInfo)}) if model else None,
             error=JobError(code=str(error.get("code", "")), message=str(error.get("message", "")))
             if error
             else None,
@@ -116,7 +122,7 @@ class JobResult:
             "id": self.id,
             "status": self.status,
             "predictions": [{"label": p.label, "index": p.index, "score": p.score} for p in self.predictions],
-            "model": {"name": self.model.name, "sha256": self.model.sha256} if self.model else None,
+            "model": asdict(self.model) if self.model else None,
             "error": {"code": self.error.code, "message": self.error.message} if self.error else None,
             "timings": {
                 "queue_ms": self.timings.queue_ms,

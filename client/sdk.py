@@ -114,10 +114,23 @@ class Client:
 
     # --- the api ---------------------------------------------------------------------------------
 
-    def submit(self, image: ImageInput, top_k: int = 5, idempotency_key: str | None = None) -> JobRef:
+    def submit(
+        self,
+        image: ImageInput,
+        top_k: int = 5,
+        idempotency_key: str | None = None,
+        *,
+        priority: str | None = None,
+        deadline_ms: int | None = None,
+    ) -> JobRef:
         """Queue one image (a path, or the bytes). Raises InvalidInput for bytes the api refuses
-        (e.g. `unsupported_image_format`), FileError for a path that cannot be read."""
-        return self._submit(image, top_k, idempotency_key, deadline=None)
+        (e.g. `unsupported_image_format`), FileError for a path that cannot be read.
+
+        priority: the lane, `high` (the server's default) or `low` (still owed a share of every
+        batch). deadline_ms: milliseconds from now within which a worker must START the job; if
+        none can, it ends `expired` (error `deadline_expired`) without running. The api refuses
+        values outside its range with InvalidInput (`invalid_priority`, `invalid_deadline`)."""
+        return self._submit(image, top_k, idempotency_key, priority, deadline_ms, deadline=None)
 
     def get(self, job_id: str, wait: float | None = None) -> JobResult:
         """The job now, or, with `wait` (seconds, at most the server's MAX_WAIT_SECONDS, 30 by
@@ -130,12 +143,21 @@ class Client:
         return self._wait(job_id, time.monotonic() + timeout)
 
     def classify(
-        self, image: ImageInput, top_k: int = 5, timeout: float = 60.0, idempotency_key: str | None = None
+        self,
+        image: ImageInput,
+        top_k: int = 5,
+        timeout: float = 60.0,
+        idempotency_key: str | None = None,
+        *,
+        priority: str | None = None,
+        deadline_ms: int | None = None,
     ) -> JobResult:
-        """Submit and wait: the finished job. Raises JobFailed if it ended otherwise,
-        JobTimeout after `timeout` seconds (the job is left running: fetch it later by `.job_id`)."""
+        """Submit and wait: the finished job. Raises JobFailed if it ended otherwise (`expired`
+        when `deadline_ms` passed before a worker started it), JobTimeout after `timeout` seconds
+        (the job is left running: fetch it later by `.job_id`). `priority`, `deadline_ms`: as
+        for `submit`."""
         deadline = time.monotonic() + timeout
-        ref = self._submit(image, top_k, idempotency_key, deadline=deadline)
+        ref = self._submit(image, top_k, idempotency_key, priority, deadline_ms, deadline=deadline)
         result = self._wait(ref.id, deadline)
         if not result.terminal:
             raise JobTimeout(
@@ -152,13 +174,17 @@ class Client:
         concurrency: int = 8,
         timeout: float = 120.0,
         ordered: bool = True,
+        *,
+        priority: str | None = None,
+        deadline_ms: int | None = None,
     ) -> Iterator[tuple[ImageInput, Outcome]]:
         """Classify many images, at most `concurrency` in flight; yields `(image, outcome)` per input,
         where outcome is the finished JobResult or the ClientError of that image alone (JobFailed,
         InvalidInput, FileError, JobTimeout, ...). One bad input never stops the others.
 
         A generator: nothing is sent until it is iterated. `ordered=True` yields in input order,
-        else as each one ends. `timeout` applies to each image, from its submission.
+        else as each one ends. `timeout` applies to each image, from its submission; `priority` and
+        `deadline_ms` (as for `submit`) to each image's job.
         """
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -166,7 +192,9 @@ class Client:
 
         def one(image: ImageInput) -> Outcome:
             try:
-                return self.classify(image, top_k=top_k, timeout=timeout)
+                return self.classify(
+                    image, top_k=top_k, timeout=timeout, priority=priority, deadline_ms=deadline_ms
+                )
             except ClientError as exc:
                 return exc
             except Exception as exc:  # a bug must not cost the other images their results
@@ -194,7 +222,13 @@ class Client:
     # --- internals -------------------------------------------------------------------------------
 
     def _submit(
-        self, image: ImageInput, top_k: int, idempotency_key: str | None, deadline: float | None
+        self,
+        image: ImageInput,
+        top_k: int,
+        idempotency_key: str | None,
+        priority: str | None,
+        deadline_ms: int | None,
+        deadline: float | None,
     ) -> JobRef:
         data = _read_image(image)
         headers = {
@@ -203,8 +237,14 @@ class Client:
             # Always sent (and the same on every retry): a retried POST replays, never duplicates.
             "Idempotency-Key": idempotency_key or f"inferq-client-{uuid.uuid4()}",
         }
+        params: dict[str, str | int] = {"top_k": top_k}
+        # Sent only when given: the server's defaults (the high lane, no deadline) are its own.
+        if priority is not None:
+            params["priority"] = priority
+        if deadline_ms is not None:
+            params["deadline_ms"] = deadline_ms
         response = self._request(
-            "POST", "/v1/jobs", params={"top_k": top_k}, data=data, headers=headers, deadline=deadline
+            "POST", "/v1/jobs", params=params, data=data, headers=headers, deadline=deadline
         )
         body = _json_object(response)
         job_id = body.get("id")
@@ -350,7 +390,15 @@ _END: Any = object()
 def _job_path(job_id: str) -> str:
     if not job_id:
         raise ValueError("a job id is required")
-    # Quoted: an id typed by a user must not be able to change the path (`../healthz`).
+    # A job id is one path segment, and servers decode `%2F` back into `/` before routing: an id
+    # with a slash would reach another route (`<id>/cancel`) or none, so it cannot name a job.
+    if "/" in job_id or job_id in (".", ".."):
+        raise NotFound(
+            f"{job_id[:64]!r} cannot be a job id: an id is one path segment",
+            code="job_not_found",
+            job_id=job_id,
+        )
+    # Quoted: the rest of what a user typed stays inside the segment (`?`, `#`, `%`).
     return f"/v1/jobs/{quote(job_id, safe='')}"
 
 

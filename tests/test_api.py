@@ -394,7 +394,7 @@ def test_get_queued_job(client: FlaskClient, photo_bytes: dict[str, bytes]) -> N
 def test_unknown_job_is_404(client: FlaskClient) -> None:
     missing = "0b7e3a4c-9d2f-4c1e-8a6b-5f4e3d2c1b0a"
     assert_error(client.get(f"/v1/jobs/{missing}"), 404, "job_not_found")
-    assert_error(client.delete(f"/v1/jobs/{missing}"), 404, "job_not_found")
+    assert_error(client.post(f"/v1/jobs/{missing}/cancel"), 404, "job_not_found")
 
 
 @pytest.mark.parametrize(
@@ -413,8 +413,7 @@ def test_ids_that_are_not_server_ids_never_reach_redis(
     client: FlaskClient, redis_conn: redis.Redis, path: str
 ) -> None:
     before = keyspace_reads(redis_conn)
-    for method in (client.get, client.delete):
-        response = method(path)
+    for response in (client.get(path), client.post(f"{path}/cancel")):
         assert response.status_code == 404
         assert response.json["error"]["code"] in {"job_not_found", "not_found"}
     assert keyspace_reads(redis_conn) == before
@@ -482,14 +481,14 @@ def test_wait_returns_as_soon_as_the_job_finishes(
     assert outcome["elapsed"] < 3
 
 
-def test_delete_cancels_a_queued_job_and_wakes_long_polls(
+def test_cancel_takes_a_queued_job_off_its_queue_and_wakes_long_polls(
     app: Flask, client: FlaskClient, redis_conn: redis.Redis, photo_bytes: dict[str, bytes]
 ) -> None:
     job_id = submit_png(client, photo_bytes)
     thread, outcome = _long_poll(app.test_client(), job_id, 10)
     time.sleep(0.3)  # let the long-poll block first
 
-    response = client.delete(f"/v1/jobs/{job_id}")
+    response = client.post(f"/v1/jobs/{job_id}/cancel")
     thread.join(5)
 
     assert response.status_code == 200
@@ -503,7 +502,7 @@ def test_delete_cancels_a_queued_job_and_wakes_long_polls(
     assert outcome["body"]["status"] == "canceled"
     assert outcome["elapsed"] < 3
     # Ended: canceling again is a conflict.
-    assert_error(client.delete(f"/v1/jobs/{job_id}"), 409, "job_not_cancelable")
+    assert_error(client.post(f"/v1/jobs/{job_id}/cancel"), 409, "job_not_cancelable")
 
 
 def test_job_taken_by_a_worker_cannot_be_canceled(
@@ -513,11 +512,11 @@ def test_job_taken_by_a_worker_cannot_be_canceled(
     # A worker's first step: move the id out of the queue (BLMOVE), before it marks the job started.
     assert redis_conn.lmove(QUEUE_KEY, "rq:queue:inferq:intermediate", "LEFT", "RIGHT") == job_id.encode()
 
-    assert_error(client.delete(f"/v1/jobs/{job_id}"), 409, "job_not_cancelable")
+    assert_error(client.post(f"/v1/jobs/{job_id}/cancel"), 409, "job_not_cancelable")
     assert fetch_job(redis_conn, job_id).get_status() == JobStatus.QUEUED  # untouched
 
     fetch_job(redis_conn, job_id).set_status(JobStatus.STARTED)
-    assert_error(client.delete(f"/v1/jobs/{job_id}"), 409, "job_not_cancelable")
+    assert_error(client.post(f"/v1/jobs/{job_id}/cancel"), 409, "job_not_cancelable")
 
 
 # --- health, readiness, metrics, openapi, errors -----------------------------------------------------
@@ -622,6 +621,36 @@ def test_http_errors_are_json(client: FlaskClient) -> None:
     assert "POST" in response.headers["Allow"]
 
 
+def _allowed(response: TestResponse) -> set[str]:
+    return {method.strip() for method in response.headers["Allow"].split(",")}
+
+
+def test_each_job_path_answers_only_the_methods_the_document_lists(
+    client: FlaskClient, redis_conn: redis.Redis, photo_bytes: dict[str, bytes]
+) -> None:
+    """A job id is one path segment: `/v1/jobs/<id>/cancel` is not a job read of the id
+    `<id>/cancel`, and `DELETE /v1/jobs/<id>` (which would not delete the job) is not a route."""
+    job_id = submit_png(client, photo_bytes)
+    document = client.get("/openapi.json").json["paths"]
+    implicit = {"HEAD", "OPTIONS"}  # answered by Flask for every route
+    for path, template in [
+        (f"/v1/jobs/{job_id}", "/v1/jobs/{job_id}"),
+        (f"/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/cancel"),
+    ]:
+        response = client.options(path)
+        assert response.status_code == 200
+        assert _allowed(response) - implicit == {method.upper() for method in document[template]}, path
+
+    response = client.get(f"/v1/jobs/{job_id}/cancel")
+    assert_error(response, 405, "method_not_allowed")
+    assert _allowed(response) == {"POST", "OPTIONS"}
+    deleted = client.delete(f"/v1/jobs/{job_id}")
+    error = assert_error(deleted, 405, "method_not_allowed")
+    assert "POST /v1/jobs/<id>/cancel" in error["message"]  # what a client of the old alias should call
+    assert fetch_job(redis_conn, job_id).get_status() == JobStatus.QUEUED  # neither touched the job
+    assert client.get(f"/v1/jobs/{job_id}").json["status"] == "queued"
+
+
 def test_metrics(client: FlaskClient, photo_bytes: dict[str, bytes]) -> None:
     submit_png(client, photo_bytes)
     client.get("/v1/jobs/not-an-id")
@@ -632,7 +661,7 @@ def test_metrics(client: FlaskClient, photo_bytes: dict[str, bytes]) -> None:
     assert response.content_type.startswith("text/plain")
     text = response.get_data(as_text=True)
     assert 'inferq_http_requests_total{method="POST",route="/v1/jobs",status="202"}' in text
-    assert 'route="/v1/jobs/<path:job_id>",status="404"' in text
+    assert 'route="/v1/jobs/<job_id>",status="404"' in text
     assert "not-an-id" not in text  # route templates, not raw paths
     assert "inferq_http_request_duration_seconds_bucket" in text
     assert 'inferq_queue_depth{queue="inferq"} 1.0' in text
@@ -648,7 +677,7 @@ def test_openapi_document(client: FlaskClient) -> None:
         document["paths"]
     )
     assert set(document["paths"]["/v1/jobs/{job_id}"]) == {"get"}
-    assert set(document["paths"]["/v1/jobs/{job_id}/cancel"]) == {"post"}  # DELETE: an alias, not documented
+    assert set(document["paths"]["/v1/jobs/{job_id}/cancel"]) == {"post"}
 
 
 # --- the real server --------------------------------------------------------------------------------

@@ -17,6 +17,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import redis
+import requests
+from rq.job import Job
 
 from api.openapi import openapi_document
 from client import (
@@ -26,6 +29,7 @@ from client import (
     InvalidInput,
     JobFailed,
     JobResult,
+    ModelInfo,
     NotFound,
     RateLimited,
     Readiness,
@@ -34,6 +38,8 @@ from client import (
 from client.retry import parse_retry_after
 from launch.redis_server import EmbeddedRedis
 from shared.config import PROJECT_ROOT, Settings
+from shared.job_meta import META_DEADLINE
+from shared.jobs import fetch, lane_queue_name
 from tests.conftest import PHOTO_LABELS
 from tests.service import free_port, http_ok, service_env, start_api, start_worker, stop, wait_until
 
@@ -77,7 +83,7 @@ def stub() -> Iterator[Stub]:
             self.end_headers()
             self.wfile.write(payload)
 
-        do_GET = do_POST = do_DELETE = _reply  # http.server dispatches on do_<METHOD>
+        do_GET = do_POST = _reply  # http.server dispatches on do_<METHOD>
 
         def log_message(self, *args: object) -> None:
             pass
@@ -139,6 +145,23 @@ def test_a_cancel_is_not_retried_after_a_503(stub: Stub):
     assert (stub.seen[0].method, stub.seen[0].path) == ("POST", f"/v1/jobs/{JOB_ID}/cancel")
 
 
+@pytest.mark.parametrize("job_id", [f"{JOB_ID}/cancel", "../healthz", "..", "a/b"])
+def test_an_id_with_a_slash_names_no_job_and_is_never_sent(stub: Stub, job_id: str):
+    """A job id is one path segment; a server decodes `%2F` into `/`, so `<id>/cancel` quoted as one
+    segment would still reach `GET /v1/jobs/<id>/cancel` (405) instead of naming a job."""
+    stub.script = [CREATED]
+    with Client(stub.url) as client:
+        for call in (client.get, client.cancel, lambda i: client.wait(i, 1)):
+            with pytest.raises(NotFound) as caught:
+                call(job_id)
+            assert (caught.value.code, caught.value.status, caught.value.job_id) == (
+                "job_not_found",
+                None,
+                job_id,
+            )
+    assert stub.seen == []
+
+
 def test_a_refused_api_key_is_an_authentication_error_and_not_retried(stub: Stub):
     refused = {"error": {"code": "unauthorized", "message": "no"}}
     stub.script = [(401, {"WWW-Authenticate": "Bearer"}, refused)]
@@ -167,6 +190,12 @@ def test_readiness_is_what_readyz_sends(stub: Stub):
     assert {f.name for f in fields(Readiness)} - {"ready"} <= set(sent)
 
 
+def test_model_info_holds_every_field_the_document_gives_the_model():
+    job = openapi_document(Settings())["components"]["schemas"]["Job"]["properties"]
+    finished = job["result"]["oneOf"][0]["properties"]["model"]["properties"]
+    assert {f.name for f in fields(ModelInfo)} == set(finished)
+
+
 def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "client", *args],
@@ -191,8 +220,14 @@ def test_cli_exits_2_when_the_service_is_unreachable(tmp_path: Path):
 # --- against a real stack ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Stack:
+    url: str  # the api
+    redis_url: str  # its Redis, to see what a submission stored
+
+
 @pytest.fixture(scope="module")
-def api_url(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def stack(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One Valkey, one api (gunicorn), one batch worker, for the module."""
     logs = tmp_path_factory.mktemp("client-stack")
     with EmbeddedRedis(logs / "redis") as server:
@@ -203,10 +238,26 @@ def api_url(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         base = f"http://127.0.0.1:{port}"
         try:
             wait_until(lambda: http_ok(base + "/readyz"), 180, 0.5, "api ready with a worker")
-            yield base
+            yield Stack(base, server.url)
         finally:
             stop(worker)
             stop(api)
+
+
+@pytest.fixture(scope="module")
+def api_url(stack: Stack) -> str:
+    return stack.url
+
+
+def stored_job(stack: Stack, job_id: str) -> Job:
+    """The RQ job the api stored for `job_id`, as a worker reads it."""
+    conn = redis.Redis.from_url(stack.redis_url)
+    try:
+        job = fetch(conn, job_id)
+    finally:
+        conn.close()
+    assert job is not None, job_id
+    return job
 
 
 @pytest.fixture(scope="module")
@@ -314,3 +365,70 @@ def test_cli_exits_0_for_good_photos_and_shows_a_job(
     assert job["id"] == job_id and job["status"] == "finished"
     assert job["predictions"][0]["label"] == "espresso"
     assert run_cli("status", JOB_ID, "--url", api_url).returncode == 1
+
+
+@pytest.mark.slow
+def test_priority_and_deadline_reach_the_job(stack: Stack, sample_dir: Path, photo_bytes: dict[str, bytes]):
+    low_lane = lane_queue_name(Settings(), "low")
+    with Client(stack.url) as client:
+        submitted = time.time()
+        ref = client.submit(sample_dir / "coffee.png", priority="low", deadline_ms=60_000)
+        job = stored_job(stack, ref.id)
+        assert job.origin == low_lane
+        assert submitted + 59 < job.meta[META_DEADLINE] < time.time() + 61
+        # A deadline the worker meets: the job runs.
+        assert client.wait(ref.id, 60).status == "finished"
+        assert stored_job(stack, client.submit(photo_bytes["coffee.png"]).id).origin != low_lane
+
+        # Behind a backlog, a deadline of 1 ms passes before the worker reaches the job: it ends
+        # `expired` without running (the worker is busy with the backlog when it is queued).
+        files = [("image", (f"{i}.png", photo_bytes["coffee.png"])) for i in range(12)]
+        backlog = requests.post(f"{stack.url}/v1/batches", files=files, timeout=30)
+        assert backlog.status_code == 202, backlog.text
+        with pytest.raises(JobFailed) as caught:
+            client.classify(photo_bytes["rocket.jpg"], deadline_ms=1, timeout=120)
+        assert caught.value.code == "deadline_expired"
+        assert caught.value.result.status == "expired" and not caught.value.result.predictions
+
+        with pytest.raises(InvalidInput) as refused:
+            client.submit(photo_bytes["coffee.png"], priority="urgent")
+        assert (refused.value.status, refused.value.code) == (422, "invalid_priority")
+
+
+@pytest.mark.slow
+def test_cli_sends_priority_and_deadline(stack: Stack, sample_dir: Path):
+    done = run_cli(
+        "classify",
+        str(sample_dir / "coffee.png"),
+        "--url",
+        stack.url,
+        "--format",
+        "jsonl",
+        "--priority",
+        "low",
+        "--deadline-ms",
+        "60000",
+    )
+    assert done.returncode == 0, done.stderr
+    (record,) = map(json.loads, done.stdout.splitlines())
+    assert record["status"] == "finished"
+    job = stored_job(stack, record["id"])
+    assert job.origin == lane_queue_name(Settings(), "low")
+    assert job.meta[META_DEADLINE] > time.time() + 30
+
+
+@pytest.mark.slow
+def test_cli_status_shows_the_whole_model_block(stack: Stack, photo_bytes: dict[str, bytes]):
+    with Client(stack.url) as client:
+        job_id = client.classify(photo_bytes["coffee.png"]).id
+    done = run_cli("status", job_id, "--url", stack.url)
+    assert done.returncode == 0, done.stderr
+    model = json.loads(done.stdout)["model"]
+    # Everything the api says about the model: its backend and file too.
+    served = requests.get(f"{stack.url}/v1/jobs/{job_id}", timeout=10).json()["result"]["model"]
+    assert {"backend", "file"} <= set(served)
+    assert model == served, (model, served)
+
+    done = run_cli("status", f"{job_id}/cancel", "--url", stack.url)
+    assert done.returncode == 1
+    assert "job_not_found" in done.stderr

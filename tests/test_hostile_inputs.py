@@ -369,9 +369,9 @@ def test_submission(stack: dict[str, Any], photo_bytes: dict[str, bytes], case: 
 
 
 @pytest.mark.parametrize("job_id", list(BAD_IDS.values()), ids=list(BAD_IDS))
-@pytest.mark.parametrize("method", ["GET", "DELETE"])
-def test_ids_that_name_no_job(stack: dict[str, Any], method: str, job_id: str) -> None:
-    response = requests.request(method, f"{stack['base']}/v1/jobs/{job_id}", timeout=10)
+@pytest.mark.parametrize(("method", "suffix"), [("GET", ""), ("POST", "/cancel")])
+def test_ids_that_name_no_job(stack: dict[str, Any], method: str, suffix: str, job_id: str) -> None:
+    response = requests.request(method, f"{stack['base']}/v1/jobs/{job_id}{suffix}", timeout=10)
     assert response.status_code == 404, response.text
     assert response.json()["error"]["code"] in {"job_not_found", "not_found"}
 

@@ -280,7 +280,7 @@ def test_cancel_and_deadline_expiry_release_their_bytes(redis_url: str, redis_co
     late = job_id_of(submit(client, "?deadline_ms=1"))
     assert image_budget.queued_bytes(redis_conn) == 2 * len(IMAGE)
 
-    assert client.delete(f"/v1/jobs/{canceled}").status_code == 200
+    assert client.post(f"/v1/jobs/{canceled}/cancel").status_code == 200
     assert image_budget.queued_bytes(redis_conn) == len(IMAGE)
     time.sleep(0.05)
     stub_worker(settings).work(burst=True)

@@ -145,7 +145,7 @@ MALFORMED = {
         "POST /v1/batches",
         "GET /v1/jobs/{id}",
         "GET /v1/jobs/{id}?wait=5",
-        "DELETE /v1/jobs/{id}",
+        "POST /v1/jobs/{id}/cancel",
         "GET /metrics",
     ],
 )
@@ -336,14 +336,14 @@ def test_a_job_is_visible_to_its_key_only(
 
     unknown = client.get(f"/v1/jobs/{UNKNOWN_ID}", headers=B)
     assert_error(unknown, 404, "job_not_found")
-    for method, path in [("GET", ""), ("GET", "?wait=5"), ("DELETE", "")]:
+    for method, path in [("GET", ""), ("GET", "?wait=5"), ("POST", "/cancel")]:
         started = time.monotonic()
         response = client.open(f"/v1/jobs/{job_id}{path}", method=method, headers=B)
         assert time.monotonic() - started < 2  # B does not even get to wait on it
         error = assert_error(response, 404, "job_not_found")
         # Exactly what an unknown id gets (the id aside): existence does not leak.
         assert error["message"].replace(job_id, UNKNOWN_ID) == unknown.json["error"]["message"]
-    assert fetch_job(redis_conn, job_id).get_status() == JobStatus.QUEUED  # B's DELETE did nothing
+    assert fetch_job(redis_conn, job_id).get_status() == JobStatus.QUEUED  # B's cancel did nothing
 
     # A's long-poll wakes when A cancels; the job lands in RQ's canceled registry of its lane.
     outcome: dict[str, Any] = {}
@@ -356,7 +356,7 @@ def test_a_job_is_visible_to_its_key_only(
     thread.start()
     time.sleep(0.3)
     assert client.get(f"/v1/jobs/{job_id}", headers=A).json["status"] == "queued"
-    canceled = client.delete(f"/v1/jobs/{job_id}", headers=A)
+    canceled = client.post(f"/v1/jobs/{job_id}/cancel", headers=A)
     thread.join(5)
     assert canceled.status_code == 200 and canceled.json["status"] == "canceled"
     assert outcome == {"status": 200, "body": outcome["body"]} and outcome["body"]["status"] == "canceled"
@@ -568,7 +568,7 @@ def test_queue_full_retry_after_is_backlog_over_the_measured_rate(
     assert "inferq_backlog 4.0" in metrics
     assert 'inferq_queue_depth{queue="inferq-low"} 2.0' in metrics
     assert "inferq_completion_rate 50.5" in metrics  # (3000 + 24 + 6) / 60
-    assert client.delete(f"/v1/jobs/{ids[2]}", headers=A).status_code == 200
+    assert client.post(f"/v1/jobs/{ids[2]}/cancel", headers=A).status_code == 200
     assert post_png(client, photo_bytes, A).status_code == 202  # room again
 
 
@@ -665,7 +665,7 @@ def test_expired_jobs_are_410_to_their_owner_then_404(
 
     # The job's key expires (RESULT_TTL): its tombstone stays.
     redis_conn.delete(Job.key_for(job_id))
-    for method, path in [("GET", ""), ("GET", "?wait=5"), ("DELETE", "")]:
+    for method, path in [("GET", ""), ("GET", "?wait=5"), ("POST", "/cancel")]:
         response = client.open(f"/v1/jobs/{job_id}{path}", method=method, headers=A)
         assert_error(response, 410, "job_expired")
         assert_error(client.open(f"/v1/jobs/{job_id}{path}", method=method, headers=B), 404, "job_not_found")
@@ -768,7 +768,7 @@ def test_a_job_past_its_deadline_reads_expired(
     started = time.monotonic()
     assert client.get(f"/v1/jobs/{job_id}?wait=5", headers=A).json["status"] == "expired"
     assert time.monotonic() - started < 1
-    assert_error(client.delete(f"/v1/jobs/{job_id}", headers=A), 409, "job_not_cancelable")
+    assert_error(client.post(f"/v1/jobs/{job_id}/cancel", headers=A), 409, "job_not_cancelable")
 
 
 def test_readyz_counts_workers_on_any_lane_and_says_little(
@@ -808,6 +808,6 @@ def test_canceling_frees_the_image(
 ) -> None:
     job_id = submit(client, photo_bytes, query="?priority=low")
     assert redis_conn.exists(image_key(job_id))
-    assert client.delete(f"/v1/jobs/{job_id}", headers=A).json["status"] == "canceled"
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=A).json["status"] == "canceled"
     assert not redis_conn.exists(image_key(job_id))
     assert job_id in CanceledJobRegistry("inferq-low", connection=redis_conn, serializer=JSONSerializer)
