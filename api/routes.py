@@ -16,10 +16,10 @@ from rq.job import Job
 
 from api.auth import current_owner, enforce_api_key
 from api.cancel import cancel
-from api.capacity import check_capacity, queue_backlog
+from api.capacity import check_capacity
 from api.errors import ApiError
-from api.fairness import LongPollSlot, TooManyWaiters, client_key, pending_key
-from api.idempotency import expired_job, submit_once
+from api.fairness import Admitted, LongPollSlot, TooManyWaiters, client_key
+from api.idempotency import claim_key, expired_job, submit_once
 from api.job_view import JOB_READ_REPLIES, client_status, job_view, parse_job_read, queue_job_read, read_job
 from api.metrics import note_enqueued
 from api.state import ApiState, current_state
@@ -33,8 +33,9 @@ from api.validation import (
     read_job_upload,
 )
 from shared.image_budget import end_if_image_expired
-from shared.jobs import META_DEADLINE, META_OWNER, TERMINAL_STATUSES, fetch, submit, submit_many, unreserve
+from shared.jobs import META_DEADLINE, META_OWNER, TERMINAL_STATUSES, fetch, new_job_id, submit, submit_many
 from shared.keys import is_job_id, known_key
+from shared.recorded_writes import RecordedWrites
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 bp.before_request(enforce_api_key)
@@ -48,29 +49,34 @@ def _created(job_id: str, status: str = "queued") -> dict[str, str]:
     return {"id": job_id, "status": status, "url": job_url(job_id)}
 
 
-def _admit(state: ApiState, incoming: int, *, queue_bounds: bool = True) -> str:
+def _admit(
+    state: ApiState,
+    incoming: int,
+    *,
+    queue_bounds: bool = True,
+    cost: int | None = None,
+    claim: str | None = None,
+) -> tuple[str, Admitted]:
     """Every limit a submission of `incoming` images passes, from its headers alone (the body is
-    not read yet): the key's rate, the queue bound, the key's share of it. Returns the client key.
+    not read yet), in one round trip: the key's rate (counting `cost`, by default `incoming`), the
+    queue bound, the key's share of it. Returns the client key and what that round trip read (the
+    counts behind the bounds; the idempotency claim key `claim`'s value).
     `queue_bounds=False` (idempotent submits): the bounds are checked only if a job is really
-    enqueued, since a replay adds nothing to the queue."""
+    enqueued, with the counts read here, since a replay adds nothing to the queue."""
     client = client_key()
-    state.fairness.check_submit_rate(client, incoming)
+    lanes = [queue.key for queue in state.queue_list]
+    admitted = state.fairness.admit(client, incoming if cost is None else cost, lanes, claim)
     if queue_bounds:
-        _check_queue_bounds(state, client, incoming)
-    return client
+        _check_queue_bounds(state, client, incoming, admitted)
+    return client, admitted
 
 
-def _check_queue_bounds(state: ApiState, client: str, incoming: int) -> None:
+def _check_queue_bounds(state: ApiState, client: str, incoming: int, admitted: Admitted) -> None:
     if not state.settings.max_queue_depth:
         return  # unbounded: no share of it either
-    # What both bounds count, in one round trip: the key's waiting jobs and the lanes' backlog.
-    with state.redis.pipeline(transaction=False) as pipe:
-        pipe.zcard(pending_key(client))
-        queue_backlog(pipe, state.queue_list)
-        key_waiting, *lanes = pipe.execute()
     # The key's own share first: when it is over it, that is the more useful refusal.
-    state.fairness.check_queue_share(client, incoming, state.queue_list, waiting=int(key_waiting))
-    _ensure_capacity(state, incoming, waiting=sum(int(n) for n in lanes))
+    state.fairness.check_queue_share(client, incoming, state.queue_list, waiting=admitted.waiting)
+    _ensure_capacity(state, incoming, waiting=admitted.backlog)
 
 
 def _ensure_capacity(state: ApiState, incoming: int, waiting: int | None = None) -> None:
@@ -150,21 +156,19 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     lane = parse_priority(request)
     deadline_ms = parse_deadline_ms(request, state.settings)
     idempotency_key = parse_idempotency_key(request)
-    client = _admit(state, 1, queue_bounds=idempotency_key is None)
+    claim = claim_key(idempotency_key, current_owner()) if idempotency_key is not None else None
+    client, admitted = _admit(state, 1, queue_bounds=idempotency_key is None, claim=claim)
     upload = read_job_upload(request, state.settings)
     queue = state.queues[lane]
     if idempotency_key is None:
-        with state.redis.pipeline() as pipe:
-            pipe.multi()  # RQ's enqueue must not start its own MULTI (shared.jobs.submit)
-            job_id = submit(
-                queue, upload.data, top_k, state.settings, _job_meta(deadline_ms), pipeline=pipe
-            ).id
-            state.fairness.note_pending(pipe, client, [job_id])
-            try:
-                pipe.execute()
-            except BaseException:
-                unreserve(state.redis, [job_id])  # its bytes no longer count against MAX_QUEUED_BYTES
-                raise
+        # One round trip (shared.jobs.submit): the byte budget, the image, RQ's job and the key's
+        # pending count in one script, nothing stored when it refuses.
+        job_id = new_job_id()
+        writes = RecordedWrites()
+        state.fairness.note_pending(writes, client, [job_id])
+        submit(
+            queue, upload.data, top_k, state.settings, _job_meta(deadline_ms), job_id=job_id, writes=writes
+        )
         note_enqueued([job_id])
         body = _created(job_id)
     else:
@@ -177,14 +181,15 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
             owner=current_owner(),
             params={"priority": lane, "deadline_ms": deadline_ms},
             make_meta=lambda: _job_meta(deadline_ms),
-            before_enqueue=lambda: _check_queue_bounds(state, client, 1),
+            before_enqueue=lambda: _check_queue_bounds(state, client, 1, admitted),
+            claimed=admitted.claim,
+            record=lambda writes, new_id: state.fairness.note_pending(writes, client, [new_id]),
         )
         body = _created(job_id)
         if replayed:
             job = fetch(state.redis, job_id)
             body["status"] = client_status(job) if job is not None else "queued"
         else:
-            state.fairness.note_pending(state.redis, client, [job_id])
             note_enqueued([job_id])
     return jsonify(body), 202, {"Location": job_url(job_id)}
 
@@ -197,17 +202,23 @@ def create_batch() -> tuple[Response, int]:
     deadline_ms = parse_deadline_ms(request, state.settings)
     # The image count is only known from the body: the rate and shares are checked for one image
     # before it is read, and for all of them after (still before anything is enqueued).
-    client = _admit(state, 1)
+    client, _ = _admit(state, 1)
     uploads = read_batch_uploads(request, state.settings)  # all validated: all-or-nothing
     if len(uploads) > 1:
-        state.fairness.check_submit_rate(client, len(uploads) - 1)
-        _check_queue_bounds(state, client, len(uploads))
-    jobs = submit_many(
-        state.queues[lane], [(u.data, top_k) for u in uploads], state.settings, _job_meta(deadline_ms)
+        _admit(state, len(uploads), cost=len(uploads) - 1)
+    job_ids = [new_job_id() for _ in uploads]
+    writes = RecordedWrites()
+    state.fairness.note_pending(writes, client, job_ids)
+    submit_many(
+        state.queues[lane],
+        [(u.data, top_k) for u in uploads],
+        state.settings,
+        _job_meta(deadline_ms),
+        job_ids=job_ids,
+        writes=writes,
     )
-    state.fairness.note_pending(state.redis, client, [job.id for job in jobs])
-    note_enqueued([job.id for job in jobs])
-    return jsonify({"jobs": [_created(job.id) for job in jobs]}), 202
+    note_enqueued(job_ids)
+    return jsonify({"jobs": [_created(job_id) for job_id in job_ids]}), 202
 
 
 # `<job_id>` matches one path segment: `/v1/jobs/<id>/cancel` is never read as a job whose id
