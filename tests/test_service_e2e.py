@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 from rq import Worker
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
@@ -29,6 +28,7 @@ from tests.service import (
     Stack,
     all_ended,
     enqueue_photos,
+    jobs_failed_by_code,
     post_image,
     results_of,
     service_env,
@@ -188,15 +188,7 @@ def test_a_long_poll_wakes_when_a_real_worker_ends_its_job(
 
 
 def failed_counts(base: str) -> dict[str, float]:
-    """`inferq_jobs_failed_total` by code, as a scraper reads it from /metrics."""
-    text = requests.get(f"{base}/metrics", timeout=10).text
-    return {
-        sample.labels["code"]: sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "inferq_jobs_failed"
-        for sample in family.samples
-        if sample.name == "inferq_jobs_failed_total"
-    }
+    return jobs_failed_by_code(requests.get(f"{base}/metrics", timeout=10).text)
 
 
 def test_a_job_whose_deadline_passed_before_its_grab_is_counted_once(

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 from rq.job import Job
 from rq.results import Result
 from rq.suspension import resume, suspend
@@ -40,7 +39,7 @@ from shared.jobs import (
 )
 from shared.keys import ended_channel
 from shared.telemetry import read_snapshot
-from tests.service import service_env, stop, wait_until
+from tests.service import jobs_failed_by_code, service_env, stop, wait_until
 from tests.worker_stub import MeanRunner, png, stub_handler, truncated_png
 from worker import failed_elsewhere, rq_writes
 from worker.batch_worker import BatchWorker
@@ -438,12 +437,4 @@ def test_a_job_rq_itself_failed_is_counted_once_under_the_code_the_api_shows(
 
 
 def failed_by_code(client: Any) -> dict[str, float]:
-    """`inferq_jobs_failed_total` by code, from /metrics."""
-    text = client.get("/metrics").get_data(as_text=True)
-    return {
-        sample.labels["code"]: sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "inferq_jobs_failed"
-        for sample in family.samples
-        if sample.name == "inferq_jobs_failed_total"
-    }
+    return jobs_failed_by_code(client.get("/metrics").get_data(as_text=True))
