@@ -15,9 +15,10 @@ rate behind a 429's Retry-After) is global, not per process: it is read from Red
 custom collector, so every process reports the same truth.
 
 Worker telemetry (queue wait, batch size, preprocess and inference histograms, jobs finished/failed by
-error code, the live workers and the model each serves) is recorded by the workers into the shared
-Redis (`shared.telemetry`, which says why) and read here at scrape time the same way: one scrape of
-any api process shows every worker, on every machine, and a worker restart loses nothing.
+error code, the live workers and the model each serves) is recorded into the shared Redis by the
+workers, and by the api and the image sweep for the jobs they end (`shared.telemetry`, which says
+why), and read here at scrape time the same way: one scrape of any api process shows every worker,
+on every machine, and a worker restart loses nothing.
 
 Submissions (`inferq_jobs_submitted_total{lane}`, and the `job submitted` log line that starts a
 job's trail) are noted after the response of a successful submit, from the jobs the route says it
@@ -74,6 +75,15 @@ SUBMITTED = Counter(
     "inferq_jobs_submitted_total",
     "Jobs enqueued by the api, by priority lane (idempotent replays not counted).",
     ["lane"],
+)
+
+# The README's metrics table says the same of it (tests/test_telemetry.py holds them together).
+JOBS_FAILED_HELP = (
+    "Jobs that ended failed or expired (deadline_expired), by error code, each counted once whoever "
+    "ended it: a worker (its batch, its grab past a deadline, a timeout, a dead worker's job: "
+    "worker_crashed), the api or the image sweep (a queued job whose image is gone: image_expired, or "
+    "deadline_expired past its deadline), or RQ itself (internal_error: its registry cleanup, run by "
+    "rq info or a dashboard, failing a dead worker's job; counted by the workers' maintenance)."
 )
 
 UNMATCHED_ROUTE = "<unmatched>"
@@ -256,12 +266,7 @@ class WorkerTelemetryCollector(Collector):
         )
         finished.add_metric([], snapshot.finished)
         yield finished
-        failed = CounterMetricFamily(
-            "inferq_jobs_failed",
-            "Jobs a worker ended with an error, by error code, all workers (recorded in Redis). Not counted: "
-            "jobs whose deadline passed before they started, and jobs failed by RQ after their worker died.",
-            labels=["code"],
-        )
+        failed = CounterMetricFamily("inferq_jobs_failed", JOBS_FAILED_HELP, labels=["code"])
         for code, count in snapshot.failed_by_code.items():
             failed.add_metric([code], count)
         yield failed

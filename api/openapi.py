@@ -146,13 +146,27 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 },
                 "created_at": nullable_time,
                 "started_at": nullable_time,
-                "ended_at": nullable_time,
+                "ended_at": {
+                    **nullable_time,
+                    "description": "When the job finished, failed, expired or was canceled; null before.",
+                },
                 "timings": {
                     "type": "object",
                     "properties": {
-                        "queue_ms": nullable_number,
-                        "inference_ms": nullable_number,
-                        "batch_size": {"type": ["integer", "null"]},
+                        "queue_ms": {
+                            **nullable_number,
+                            "description": "From submit to a worker starting the job; null for a job no "
+                            "worker started.",
+                        },
+                        "inference_ms": {
+                            **nullable_number,
+                            "description": "The forward pass the job was part of; null for a job that had "
+                            "none (not started, its image failed to decode or was gone, or it timed out).",
+                        },
+                        "batch_size": {
+                            "type": ["integer", "null"],
+                            "description": "Jobs in that forward pass; null when `inference_ms` is.",
+                        },
                     },
                 },
             },

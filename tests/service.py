@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 from rq.job import Job
 from rq.results import Result
 
@@ -205,3 +206,14 @@ def all_ended(conn: redis.Redis, ids: list[str]) -> bool:
 def results_of(conn: redis.Redis, job_id: str) -> list[Result]:
     """Every result RQ holds for the job: exactly one for a job that ended once."""
     return Result.all(Job.fetch(job_id, connection=conn, serializer=SERIALIZER), serializer=SERIALIZER)
+
+
+def jobs_failed_by_code(metrics: str) -> dict[str, float]:
+    """`inferq_jobs_failed_total` by code, as a scraper reads it from a /metrics page."""
+    return {
+        sample.labels["code"]: sample.value
+        for family in text_string_to_metric_families(metrics)
+        if family.name == "inferq_jobs_failed"
+        for sample in family.samples
+        if sample.name == "inferq_jobs_failed_total"
+    }

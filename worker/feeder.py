@@ -298,7 +298,13 @@ class Feeder:
             return 0
         worker = self.worker
         started = rq_writes.start_grabbed(
-            worker, grabbed, self.grabbed_keys, jobs, worker.execution_ttl, worker.top_k_of
+            worker,
+            grabbed,
+            self.grabbed_keys,
+            jobs,
+            worker.execution_ttl,
+            worker.top_k_of,
+            namespace=worker.settings.queue_name,
         )
         if not started:
             return 0
