@@ -329,3 +329,20 @@ class InferqTarget:
                     "ended_at": view.get("ended_at"),
                 }
         return {"ok": False, "error": "timeout"}
+
+
+class OneRequestTarget(InferqTarget):
+    """A synchronous server's target: `POST <path>` with the image as the raw body; the request ends
+    with its answer, a 200 (the bench's LitServe peer). Same keep-alive connection per thread as
+    `InferqTarget`, whose plumbing it reuses."""
+
+    def __init__(self, host: str, port: int, path: str, images: Sequence[bytes], *, timeout: float = 60.0):
+        # The connection's socket timeout is `wait + 15` s: the whole request's timeout here.
+        super().__init__(host, port, images, wait=max(1.0, timeout - 15), timeout=timeout)
+        self.path = path
+
+    def __call__(self, i: int) -> dict[str, Any]:
+        status, body = self._request("POST", self.path, self.images[i % len(self.images)])
+        if status != 200:
+            return {"ok": False, "error": f"POST {status}: {body[:120]!r}"}
+        return {"ok": True}
