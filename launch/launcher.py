@@ -8,13 +8,18 @@
    worker that dies) under `launch.supervisor`, from the project root, with the current
    interpreter's bin dir first on PATH and the project root on PYTHONPATH.
 4. Waits (at most `--ready-timeout`, 180 s) until `http://HOST:PORT/readyz` answers 200, printing
-   progress; then prints the URL, an example and the cold-start time, and keeps running. If a
-   process exits first, or readiness never comes, it stops everything and exits 1 with the tail
-   of the processes' output.
+   progress; then prints the URL, examples, where the dashboard (/rq) and /metrics are and which
+   key opens them, and the cold-start time, and keeps running. A /readyz that answers 503 because
+   the workers are suspended (`rq:suspended`, which the embedded Redis keeps in its AOF) counts as
+   up: the banner then says so, with the `rq resume` command. If a process exits first, or
+   readiness never comes, it stops everything and exits 1 with the tail of the processes' output.
 5. On Ctrl-C / SIGTERM (whatever is being printed at that moment): SIGTERM to each process group
    (gunicorn drains its requests, the pool stops its workers after their batch), SIGKILL to what
    is left after `API_GRACEFUL_TIMEOUT` + a margin; the Redis server is stopped last and the
-   launcher exits 0. A second Ctrl-C kills the processes at once; a third exits the launcher at once.
+   launcher exits 0. Signals within `SAME_REQUEST_SECONDS` (1 s) of the first are copies of the same
+   stop request (`kill -TERM -- -<pgid>` on `make up` reaches the launcher twice: make forwards it);
+   a second request (a Ctrl-C 1 s or more later) kills the processes at once; a third exits the
+   launcher at once.
 
 Process tree: launcher ─┬─ valkey-server (own process group)
                         ├─ gunicorn master ── gunicorn workers         (own session)

@@ -83,15 +83,19 @@ def test_a_deliberate_later_second_signal_kills(tmp_path: Path) -> None:
 # --- `make up`, stopped as `docker stop` / systemd / CI runners stop it ---------------------------
 
 READY_TIMEOUT = 180.0
-JOBS = 400
+JOBS = 200
 WAIT_S = 8  # each long-poll's wait: it answers within this after the stop, whatever the job does
-POLLED = range(0, JOBS, 20)  # the jobs whose long-polls are in flight at the stop
+POLLED = range(0, JOBS, 10)  # the jobs long-polled from just before the stop
 
 
 def make_up(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """The real `make up`, in a session of its own (its own process group, as under a container or a
     service manager), with the Python environment of this test run."""
-    make = ["make", "--no-print-directory", "up", f"VENV={Path(sys.prefix).resolve()}"]
+    venv = Path(sys.prefix).resolve()
+    if not (venv / ".complete").exists():
+        # Another VENV would make `make up` build (or wipe and rebuild) a Python environment there.
+        pytest.skip("the tests do not run in a Python environment that `make venv` built")
+    make = ["make", "--no-print-directory", "up", f"VENV={venv}"]
     with log.open("wb") as out:
         return subprocess.Popen(
             make, env=env, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -165,12 +169,13 @@ def test_sigterm_to_make_ups_process_group_stops_gracefully_under_load(
         pollers = [
             threading.Thread(target=lambda j=ids[i]: polls.__setitem__(j, long_poll(base, j))) for i in POLLED
         ]
-        for poller in pollers:
-            poller.start()
-        with cpu_load(os.cpu_count() or 2):
+        with cpu_load(min(len(os.sched_getaffinity(0)), 4)):
             wait_until(
                 lambda: any(v["status"] == "finished" for v in views(conn, ids)), 60, 0.05, "the worker busy"
             )
+            for poller in pollers:
+                poller.start()
+            time.sleep(0.5)  # the long-polls are waiting
             seen.update(descendants(make.pid))
             # `kill -TERM -- -<pgid>`, with make a little slow to run, as on a loaded machine (or
             # under strace): the launcher handles the group's copy first, and make's forwarded copy
@@ -190,9 +195,11 @@ def test_sigterm_to_make_ups_process_group_stops_gracefully_under_load(
         assert "stopped (SIGTERM)" in output, output[-3000:]
         assert "killed at once" not in output, "one stop request was taken for two"
         assert "was killed" not in output, output[-3000:]
-        # Every long-poll in flight got its answer: its job ended, or it is still queued.
+        # Every long-poll in flight got its answer: its job ended, or it is still queued (those
+        # waited through the stop).
         assert len(polls) == len(POLLED)
         assert {answer.split(" ", 1)[0] for answer in polls.values()} == {"200"}, polls
+        assert "200 queued" in polls.values(), polls
         wait_until(lambda: not any(alive(p, s) for p, s in seen.items()), 10, what="no process left")
         assert not port_open(port) and not port_open(redis_port)
         assert not list(temp.glob("inferq-*")), f"temporary folders left behind: {list(temp.iterdir())}"
