@@ -414,11 +414,17 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             },
             "/readyz": {
                 "get": {
-                    "summary": "Readiness: Redis answers and at least one worker (model loaded) listens",
+                    "summary": "Readiness: Redis answers and at least one worker (model loaded) listens; "
+                    "the workers are not suspended",
                     "security": [],
                     "responses": {
                         "200": _json("Ready.", _ref("Status")),
-                        "503": _json("Not ready; `reason` says why (briefly).", _ref("Status")),
+                        "503": _json(
+                            "Not ready; `reason` says why (briefly). `status` is `suspended` while the "
+                            "workers are suspended (`rq suspend`; `rq resume` resumes them), else "
+                            "`unavailable`.",
+                            _ref("Status"),
+                        ),
                     },
                 }
             },
