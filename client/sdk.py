@@ -217,7 +217,9 @@ class Client:
         """`GET /readyz`: not-ready (503) is an answer, not an error; Unavailable if unreachable."""
         response = self._request("GET", "/readyz", retries=0, accept=frozenset({503}))
         body = _json_or_empty(response)
-        return Readiness(ready=response.status_code == 200, reason=body.get("reason"))
+        return Readiness(
+            ready=response.status_code == 200, reason=body.get("reason"), status=body.get("status")
+        )
 
     # --- internals -------------------------------------------------------------------------------
 

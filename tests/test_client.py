@@ -185,7 +185,10 @@ def test_readiness_is_what_readyz_sends(stub: Stub):
     """`Client.ready()` holds the answer's status (as `ready`) and the fields /readyz documents."""
     stub.script = [(503, {"Retry-After": "1"}, {"status": "unavailable", "reason": "no live worker"})]
     with Client(stub.url) as client:
-        assert client.ready() == Readiness(ready=False, reason="no live worker")
+        assert client.ready() == Readiness(ready=False, reason="no live worker", status="unavailable")
+    stub.script = [(503, {"Retry-After": "1"}, {"status": "suspended", "reason": "workers suspended"})]
+    with Client(stub.url) as client:
+        assert client.ready().status == "suspended"
     sent = openapi_document(Settings())["components"]["schemas"]["Status"]["properties"]
     assert {f.name for f in fields(Readiness)} - {"ready"} <= set(sent)
 
