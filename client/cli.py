@@ -270,6 +270,8 @@ def _progress_bar(total: int) -> Any:
 
 
 def run_status(client: Client, args: argparse.Namespace) -> int:
+    if not args.job_id:
+        raise UsageError("a job id is required: inferq status <job-id>")
     _preflight(client, need_workers=False)
     try:
         result = client.wait(args.job_id, args.wait) if args.wait else client.get(args.job_id)

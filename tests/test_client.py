@@ -209,6 +209,13 @@ def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str
     )
 
 
+def test_cli_status_of_an_empty_id_is_a_usage_error():
+    done = run_cli("--url", "http://127.0.0.1:1", "status", "")
+    assert done.returncode == 2
+    assert "a job id is required" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_cli_exits_2_when_the_service_is_unreachable(tmp_path: Path):
     image = tmp_path / "a.png"
     image.write_bytes(b"\x89PNG")
