@@ -220,7 +220,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "refused. The wait counts as a long-poll of the key: when it already holds LONG_POLLS_PER_KEY "
         f"({settings.long_polls_per_key}) the preference is declined (a 202 at once, without "
         "`Preference-Applied`).",
-        "schema": {"type": "string", "example": "wait=10"},
+        "schema": {"type": "string"},
     }
     preference_applied = {
         "Preference-Applied": {

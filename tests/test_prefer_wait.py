@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis
 import requests
+import schemathesis
 
 from api import create_app
 from api.long_poll import CompletionListener
@@ -87,6 +88,11 @@ def queued(stack: Stack) -> set[str]:
     return set(make_queue(stack.conn, Settings()).job_ids)
 
 
+def conforms(base: str, path: str, response: requests.Response) -> None:
+    """The answer is what the service's own OpenAPI document says of `POST <path>` (schemathesis)."""
+    schemathesis.openapi.from_url(f"{base}/openapi.json")[path]["POST"].validate_response(response)
+
+
 def until(check: Callable[[], bool], patience: float = 20) -> None:
     deadline = time.monotonic() + patience
     while not check():
@@ -110,6 +116,7 @@ def test_a_job_that_ends_within_the_wait_is_the_answer(stack: Stack, photo_bytes
     assert view["result"]["predictions"][0]["label"] in PHOTO_LABELS["coffee.png"]
     # Exactly what a read of the job gives.
     assert requests.get(stack.base + response.headers["Location"], timeout=10).json() == view
+    conforms(stack.base, "/v1/jobs", response)
     after = request_counts(stack.base)
     assert after["one_request"] == before["one_request"] + 1
     assert after["submitted"] == before["submitted"]
@@ -180,6 +187,7 @@ def test_a_job_that_cannot_end_in_time_is_queued_after_the_wait(
     assert response.headers["Location"] == body["url"] == f"/v1/jobs/{body['id']}"
     assert response.headers["Preference-Applied"] == "wait=1"
     assert elapsed >= 1.0  # it did wait
+    conforms(idle.base, "/v1/jobs", response)
     # The client long-polls as after any submit; the job is there, queued.
     assert requests.get(f"{idle.base}{body['url']}?wait=1", timeout=10).json()["status"] == "queued"
     assert idle.conn.zcard(LEASES) == 0  # the wait's lease was given back
@@ -329,6 +337,7 @@ def test_a_batch_that_ends_within_the_wait_is_the_answer(stack: Stack, photo_byt
     for name, job in zip(names, jobs, strict=True):  # in upload order, each as a read gives it
         assert job["result"]["predictions"][0]["label"] in PHOTO_LABELS[name]
         assert requests.get(f"{stack.base}/v1/jobs/{job['id']}", timeout=10).json() == job
+    conforms(stack.base, "/v1/batches", response)
 
 
 def test_a_batch_not_all_ended_is_queued_after_the_wait(idle: Stack, photo_bytes: dict[str, bytes]) -> None:
@@ -347,6 +356,7 @@ def test_a_batch_not_all_ended_is_queued_after_the_wait(idle: Stack, photo_bytes
     statuses = {job["id"]: job["status"] for job in response.json()["jobs"]}
     assert set(statuses) == queued(idle) - before
     assert sorted(statuses.values()) == ["finished", "queued"] and statuses[ended] == "finished"
+    conforms(idle.base, "/v1/batches", response)
     assert idle.conn.zcard(LEASES) == 0
 
 
