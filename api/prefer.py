@@ -81,6 +81,13 @@ def applied(wait: int) -> dict[str, str]:
     return {PREFERENCE_APPLIED: f"wait={wait}"}
 
 
+def drop_uploaded_files(request: Request) -> None:
+    """Close a multipart request's files once their images are enqueued: a submit that then waits up
+    to MAX_WAIT_SECONDS holds no copy of them (a long-poll holds nothing of the kind either)."""
+    for _, file in request.files.items(multi=True):
+        file.close()
+
+
 class SubmitWait:
     """The waiting side of one submit that prefers to wait: an `shared.jobs.EnqueueHook` that, once
     the new jobs' ids are known and before their transaction runs, registers a waiter for each with

@@ -26,7 +26,7 @@ from api.fairness import LongPollSlot, TooManyWaiters, client_key, pending_key
 from api.idempotency import expired_job, submit_once
 from api.job_view import JOB_READ_REPLIES, client_status, job_view, parse_job_read, queue_job_read, read_job
 from api.metrics import note_enqueued
-from api.prefer import SubmitWait, applied, preferred_wait
+from api.prefer import SubmitWait, applied, drop_uploaded_files, preferred_wait
 from api.state import ApiState, current_state
 from api.validation import (
     Upload,
@@ -173,6 +173,8 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         job_id, replayed = _enqueue(
             state, client, queue, upload, top_k, lane, deadline_ms, idempotency_key, waiting
         )
+        del upload  # in Redis now: the wait holds no copy of the image
+        drop_uploaded_files(request)
         if replayed:
             return _preferred_answer(job_id, _replay_after_wait(state, client, job_id, wait))
         return _preferred_answer(job_id, _after_wait(state, [job_id], waiting))
@@ -325,6 +327,8 @@ def create_batch() -> tuple[Response, int, dict[str, str]]:
         ids = [job.id for job in jobs]
         state.fairness.note_pending(state.redis, client, ids)
         note_enqueued(ids, now=True)
+        del uploads, items  # in Redis now: the wait holds no copy of the images
+        drop_uploaded_files(request)
         reads, applied_wait = _after_wait(state, ids, waiting)
     headers = applied(applied_wait) if applied_wait is not None else {}
     if reads is not None and all(_ended(read) for read in reads):

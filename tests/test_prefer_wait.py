@@ -17,6 +17,7 @@ import pytest
 import redis
 import requests
 import schemathesis
+from prometheus_client.parser import text_string_to_metric_families
 
 from api import create_app
 from api.long_poll import CompletionListener
@@ -88,6 +89,17 @@ def queued(stack: Stack) -> set[str]:
     return set(make_queue(stack.conn, Settings()).job_ids)
 
 
+def jobs_submitted(base: str) -> float:
+    """`inferq_jobs_submitted_total`, all lanes: the jobs the api says it enqueued."""
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "inferq_jobs_submitted_total"
+    )
+
+
 def conforms(base: str, path: str, response: requests.Response) -> None:
     """The answer is what the service's own OpenAPI document says of `POST <path>` (schemathesis)."""
     schemathesis.openapi.from_url(f"{base}/openapi.json")[path]["POST"].validate_response(response)
@@ -104,7 +116,7 @@ def until(check: Callable[[], bool], patience: float = 20) -> None:
 
 
 def test_a_job_that_ends_within_the_wait_is_the_answer(stack: Stack, photo_bytes: dict[str, bytes]) -> None:
-    before = request_counts(stack.base)
+    before, submitted = request_counts(stack.base), jobs_submitted(stack.base)
     response = post(stack.base, photo_bytes["coffee.png"], {"Prefer": "wait=5"}, top_k=3)
 
     assert response.status_code == 200, response.text
@@ -120,6 +132,7 @@ def test_a_job_that_ends_within_the_wait_is_the_answer(stack: Stack, photo_bytes
     after = request_counts(stack.base)
     assert after["one_request"] == before["one_request"] + 1
     assert after["submitted"] == before["submitted"]
+    assert jobs_submitted(stack.base) == submitted + 1  # counted though not answered 202
 
 
 def test_a_job_that_fails_within_the_wait_is_the_answer_too(stack: Stack) -> None:
@@ -148,6 +161,17 @@ def test_the_wait_is_read_among_other_preferences(
     assert response.status_code == 200, response.text
     assert response.headers["Preference-Applied"] == "wait=10"
     assert response.json()["status"] == "finished"
+
+
+def test_a_multipart_submit_waits_too(stack: Stack, photo_bytes: dict[str, bytes]) -> None:
+    response = requests.post(
+        f"{stack.base}/v1/jobs",
+        files={"image": ("photo.png", photo_bytes["coffee.png"], "image/png")},
+        headers={"Prefer": "wait=10"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["result"]["predictions"][0]["label"] in PHOTO_LABELS["coffee.png"]
 
 
 def test_preferences_on_several_header_lines(stack: Stack, photo_bytes: dict[str, bytes]) -> None:
@@ -277,6 +301,36 @@ def test_a_waiting_submit_is_woken_by_its_job_end(idle: Stack, photo_bytes: dict
     assert response.json()["id"] == job_id and response.json()["status"] == "finished"
     assert response.json() == requests.get(f"{idle.base}/v1/jobs/{job_id}", timeout=10).json()
     assert idle.conn.zcard(LEASES) == 0
+
+
+def test_waiting_submits_hold_no_redis_connection(photo_bytes: dict[str, bytes], tmp_path: Path) -> None:
+    """More submits wait at once than the api process has Redis connections (one of which is its
+    completion listener's subscription), and the api still serves other requests meanwhile."""
+    waiting_submits = 8
+    with (
+        EmbeddedRedis(tmp_path / "redis") as server,
+        service_stack(
+            server.url,
+            tmp_path,
+            workers=0,
+            WEB_CONCURRENCY=1,
+            API_REDIS_CONNECTIONS=3,
+            LONG_POLLS_PER_KEY=100,
+        ) as stack,
+    ):
+        before = queued(stack)
+        waiting = [
+            in_thread(lambda: post(stack.base, photo_bytes["coffee.png"], {"Prefer": "wait=20"}))
+            for _ in range(waiting_submits)
+        ]
+        until(lambda: stack.conn.zcard(LEASES) == waiting_submits)
+        assert post(stack.base, photo_bytes["coffee.png"]).status_code == 202  # served meanwhile
+        ids = sorted(queued(stack) - before)
+        assert len(ids) == waiting_submits + 1
+        end_jobs(server.url, ids)
+        for thread, out in waiting:
+            thread.join(30)
+            assert out[0].status_code == 200 and out[0].json()["status"] == "finished"
 
 
 # --- Idempotency-Key -----------------------------------------------------------------------------------
