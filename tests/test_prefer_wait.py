@@ -10,6 +10,7 @@ import http.client
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,21 +49,20 @@ def stack(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield stack
 
 
-@pytest.fixture(scope="module")
-def idle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """One Valkey and one api, no worker: jobs stay queued."""
-    logs = tmp_path_factory.mktemp("prefer-idle")
+@contextmanager
+def worker_less(logs: Path, **settings: str | int) -> Iterator[Stack]:
+    """One Valkey and one api process, no worker: jobs stay queued unless a test ends them."""
     with (
         EmbeddedRedis(logs / "redis") as server,
-        service_stack(
-            server.url,
-            logs,
-            workers=0,
-            WEB_CONCURRENCY=1,
-            MAX_WAIT_SECONDS=IDLE_MAX_WAIT,
-            LONG_POLLS_PER_KEY=IDLE_LONG_POLLS,
-        ) as stack,
+        service_stack(server.url, logs, workers=0, WEB_CONCURRENCY=1, **settings) as stack,
     ):
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def idle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    logs = tmp_path_factory.mktemp("prefer-idle")
+    with worker_less(logs, MAX_WAIT_SECONDS=IDLE_MAX_WAIT, LONG_POLLS_PER_KEY=IDLE_LONG_POLLS) as stack:
         yield stack
 
 
@@ -307,17 +307,7 @@ def test_waiting_submits_hold_no_redis_connection(photo_bytes: dict[str, bytes],
     """More submits wait at once than the api process has Redis connections (one of which is its
     completion listener's subscription), and the api still serves other requests meanwhile."""
     waiting_submits = 8
-    with (
-        EmbeddedRedis(tmp_path / "redis") as server,
-        service_stack(
-            server.url,
-            tmp_path,
-            workers=0,
-            WEB_CONCURRENCY=1,
-            API_REDIS_CONNECTIONS=3,
-            LONG_POLLS_PER_KEY=100,
-        ) as stack,
-    ):
+    with worker_less(tmp_path, API_REDIS_CONNECTIONS=3, LONG_POLLS_PER_KEY=100) as stack:
         before = queued(stack)
         waiting = [
             in_thread(lambda: post(stack.base, photo_bytes["coffee.png"], {"Prefer": "wait=20"}))
@@ -327,7 +317,7 @@ def test_waiting_submits_hold_no_redis_connection(photo_bytes: dict[str, bytes],
         assert post(stack.base, photo_bytes["coffee.png"]).status_code == 202  # served meanwhile
         ids = sorted(queued(stack) - before)
         assert len(ids) == waiting_submits + 1
-        end_jobs(server.url, ids)
+        end_jobs(stack.env["REDIS_URL"], ids)
         for thread, out in waiting:
             thread.join(30)
             assert out[0].status_code == 200 and out[0].json()["status"] == "finished"
