@@ -9,8 +9,9 @@
 - Concurrent long-polls per key (LONG_POLLS_PER_KEY), over all api processes: each waiting request
   holds a lease in the key's sorted set (`inferq:long-polls:<key>`, scored by when the lease lapses),
   taken in the same round trip as the request's first read of the job and given back in the same
-  round trip as its last (`LongPollSlot`). A lease of a process that died lapses by itself, after the
-  request's wait plus a margin.
+  round trip as its last (`LongPollSlot`). A submit that prefers to wait for its job (`api.prefer`)
+  holds one too, taken in its enqueue's transaction. A lease of a process that died lapses by
+  itself, after the request's wait plus a margin.
 
 Every refusal is a 429 with `Retry-After` and an error code naming the limit, decided from the headers
 (key, Content-Length) before any of the body is read.
@@ -74,12 +75,28 @@ LONG_POLL_LEASE_MARGIN_SECONDS = 10.0
 _lease_ids = itertools.count()
 
 
+# A lease in a key's set unless the key already holds `cap` of them (leases that lapsed are dropped
+# first): 1 taken, -1 refused. Shared by the scripts below.
+_TAKE_LEASE = """
+local function take_lease(leases, member, now, lease_end, cap, ttl)
+  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+  if redis.call('ZCARD', leases) >= tonumber(cap) then
+    return -1
+  end
+  redis.call('ZADD', leases, lease_end, member)
+  redis.call('EXPIRE', leases, ttl)
+  return 1
+end
+"""
+
 # A long-poll's first read: the job hash, its latest result and whether its image exists (what
 # `api.job_view.queue_job_read` reads), and a lease in the key's set only if the job has not ended
 # (a request that answers at once needs none, and gives none back). One script: one round trip.
 # KEYS: job hash, result stream, image, leases. ARGV: member, now, lease end, cap, set ttl.
 # Returns {hash as a flat list, latest result entry or {}, image exists, 1 held / 0 none / -1 refused}.
-_FIRST_READ = """
+_FIRST_READ = (
+    _TAKE_LEASE
+    + """
 local raw = redis.call('HGETALL', KEYS[1])
 local latest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 local image = redis.call('EXISTS', KEYS[3])
@@ -87,22 +104,21 @@ local lease = 0
 local status = redis.call('HGET', KEYS[1], 'status')
 local ended = {finished = true, failed = true, canceled = true, stopped = true}
 if status and not ended[status] then
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[2])
-  if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[4]) then
-    lease = -1
-  else
-    redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
-    redis.call('EXPIRE', KEYS[4], ARGV[5])
-    lease = 1
-  end
+  lease = take_lease(KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 end
 return {raw, latest, image, lease}
 """
+)
+
+# The lease of a submit that prefers to wait (api.prefer), queued on the enqueue's own transaction:
+# the job is new, so there is nothing to read. KEYS: leases. ARGV as `_FIRST_READ`'s.
+_TAKE_ON_SUBMIT = _TAKE_LEASE + "return take_lease(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])\n"
 
 
 class LongPollSlot:
     """One long-poll's lease in its key's set (LONG_POLLS_PER_KEY over all api processes): taken by
-    `first_read`, in the round trip of the request's first read and only if the job has not ended;
+    `first_read`, in the round trip of the request's first read and only if the job has not ended
+    (or by `queue_take`, on the transaction of a submit that waits for its new job: `api.prefer`);
     given back by `queue_release` on the pipeline of the request's last read, or by `release` (a
     round trip of its own) when there is none. A lease of a process that died lapses by itself."""
 
@@ -123,19 +139,26 @@ class LongPollSlot:
     def first_read_done(self) -> bool:
         return self._read
 
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def _lease_args(self) -> list[Any]:
+        now = time.time()
+        return [
+            self._member,
+            now,
+            now + self._wait + LONG_POLL_LEASE_MARGIN_SECONDS,
+            self._cap,
+            math.ceil(self._max_wait + LONG_POLL_LEASE_MARGIN_SECONDS),
+        ]
+
     def first_read(self, job_id: str) -> list[Any]:
         """The replies `api.job_view.parse_job_read` takes, with the lease taken if the job has not
         ended; TooManyWaiters when the key already holds its cap."""
-        now = time.time()
         raw, latest, image, lease = self._script(
             keys=[Job.key_for(job_id), Result.get_key(job_id), image_key(job_id), self._key],
-            args=[
-                self._member,
-                now,
-                now + self._wait + LONG_POLL_LEASE_MARGIN_SECONDS,
-                self._cap,
-                math.ceil(self._max_wait + LONG_POLL_LEASE_MARGIN_SECONDS),
-            ],
+            args=self._lease_args(),
         )
         self._read = True
         if lease == -1:
@@ -147,6 +170,19 @@ class LongPollSlot:
             [(entry_id, dict(zip(fields[0::2], fields[1::2], strict=True))) for entry_id, fields in latest],
             image,
         ]
+
+    def queue_take(self, pipe: Pipeline) -> None:
+        """Queue the taking of the lease on `pipe` (a submit's transaction: its job is new, there is
+        nothing to read first); `took` gets the reply. EVAL rather than the cached script's EVALSHA:
+        a pipeline with a script object checks it exists first, one more round trip."""
+        pipe.eval(_TAKE_ON_SUBMIT, 1, self._key, *self._lease_args())
+
+    def took(self, reply: Any) -> bool:
+        """The reply of `queue_take`'s command: whether the lease is held (else the key was at its
+        cap). The request's next read is its last, and gives the lease back (`queue_release`)."""
+        self._read = True
+        self._held = int(reply) == 1
+        return self._held
 
     def queue_release(self, pipe: Pipeline) -> None:
         if self._held:

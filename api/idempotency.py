@@ -27,7 +27,7 @@ from rq.job import Job
 
 from api.errors import ApiError
 from shared.config import Settings
-from shared.jobs import submit
+from shared.jobs import EnqueueHook, submit
 from shared.keys import PREFIX, known_key
 
 # Conflicting writers retry at once; a handful of rounds is plenty for one key.
@@ -66,13 +66,14 @@ def submit_once(
     params: Mapping[str, Any],
     make_meta: Callable[[], dict[str, Any]],
     before_enqueue: Callable[[], None],
+    also: EnqueueHook | None = None,
 ) -> tuple[str, bool]:
     """`(job_id, replayed)`.
 
     `params` are the request's other parameters (they must match on a replay); `make_meta` builds
     the new job's meta (called only when a job is made: its deadline counts from then).
     `before_enqueue` runs only when a new job is about to be made (the queue-capacity check: a
-    replay must succeed even when the queue is full)."""
+    replay must succeed even when the queue is full); so do `also`'s commands, in its transaction."""
     key = claim_key(idempotency_key, owner)
     mark = fingerprint(image, {"top_k": top_k, **params})
     with queue.connection.pipeline() as pipe:
@@ -98,7 +99,11 @@ def submit_once(
                 pipe.multi()
                 job = submit(queue, image, top_k, settings, make_meta(), pipeline=pipe)
                 pipe.set(key, f"{job.id} {mark}", ex=settings.known_job_ttl)
-                pipe.execute()
+                if also is not None:
+                    also.queue(pipe, [job.id])
+                replies = pipe.execute()
+                if also is not None:
+                    also.executed(replies)
                 return job.id, False
             except WatchError:
                 continue

@@ -22,7 +22,8 @@ on every machine, and a worker restart loses nothing.
 
 Submissions (`inferq_jobs_submitted_total{lane}`, and the `job submitted` log line that starts a
 job's trail) are noted after the response of a successful submit, from the jobs the route says it
-enqueued (`note_enqueued`; an idempotent replay enqueues none).
+enqueued (`note_enqueued`; an idempotent replay enqueues none); a submit that waits for its jobs'
+end (`Prefer: wait`) notes them as soon as they are enqueued.
 """
 
 from __future__ import annotations
@@ -114,10 +115,7 @@ def install_request_metrics(app: Flask) -> None:
             count.inc()
             latency.observe(time.perf_counter() - started)
         if request.endpoint in SUBMIT_ENDPOINTS and response.status_code == 202:
-            try:
-                _note_submissions(response)
-            except Exception:  # bookkeeping must never fail a submit that succeeded
-                log.warning("could not note a submission", exc_info=True)
+            _note_submissions(g.get("inferq_enqueued"))
         return response
 
 
@@ -135,17 +133,27 @@ def _request_series(method: str, route: str, status: int) -> tuple[Any, Any]:
     return series
 
 
-def note_enqueued(job_ids: list[str]) -> None:
+def note_enqueued(job_ids: list[str], *, now: bool = False) -> None:
     """Called by a submit route with the jobs this request enqueued (none for an idempotent replay):
-    counted and logged once its 202 is answered."""
-    g.inferq_enqueued = job_ids
+    counted and logged once its 202 is answered, or `now` (a submit that waits for its jobs' end,
+    `api.prefer`: their trail must start before their worker's lines)."""
+    if now:
+        _note_submissions(job_ids)
+    else:
+        g.inferq_enqueued = job_ids
 
 
-def _note_submissions(response: Response) -> None:
-    """Count the jobs a 202 created and log `job submitted` for each (the start of its trail)."""
-    ids = g.get("inferq_enqueued")
+def _note_submissions(ids: list[str] | None) -> None:
     if not ids:
         return  # nothing new was enqueued (an idempotent replay)
+    try:
+        _count_and_log(ids)
+    except Exception:  # bookkeeping must never fail a submit that succeeded
+        log.warning("could not note a submission", exc_info=True)
+
+
+def _count_and_log(ids: list[str]) -> None:
+    """Count the jobs a submit created and log `job submitted` for each (the start of its trail)."""
     from api.state import current_state
 
     settings = current_state().settings

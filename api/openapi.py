@@ -228,6 +228,26 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
     }
     location = {"Location": {"description": "/v1/jobs/<id>", "schema": {"type": "string"}}}
+    max_wait = int(settings.max_wait_seconds)
+    prefer = {
+        "name": "Prefer",
+        "in": "header",
+        "required": False,
+        "description": "RFC 7240. `wait=<seconds>`: answer with the ended job (200; a batch: once every "
+        "job has ended) if it ends within that many seconds (at most MAX_WAIT_SECONDS = "
+        f"{max_wait}: a longer wait is shortened), else with the 202 once they have passed. A "
+        "malformed or zero `wait` and other preferences (`respond-async`) are ignored, never "
+        "refused. The wait counts as a long-poll of the key: when it already holds LONG_POLLS_PER_KEY "
+        f"({settings.long_polls_per_key}) the preference is declined (a 202 at once, without "
+        "`Preference-Applied`).",
+        "schema": {"type": "string"},
+    }
+    preference_applied = {
+        "Preference-Applied": {
+            "description": "`wait=<seconds>`: the submit waited (up to) that long for its job's end.",
+            "schema": {"type": "string"},
+        }
+    }
     retry_after = {
         "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
     }
@@ -302,6 +322,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         priority,
                         deadline,
                         idempotency_key,
+                        prefer,
                     ],
                     "requestBody": {
                         "required": True,
@@ -311,7 +332,17 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         },
                     },
                     "responses": {
-                        "202": _json("Queued.", _ref("JobCreated"), location),
+                        "200": _json(
+                            "With `Prefer: wait`: the job ended within the wait; the body "
+                            "`GET /v1/jobs/{job_id}` gives.",
+                            _ref("Job"),
+                            {**location, **preference_applied},
+                        ),
+                        "202": _json(
+                            "Queued (with `Prefer: wait`: not ended within the wait, its status now).",
+                            _ref("JobCreated"),
+                            {**location, **preference_applied},
+                        ),
                         **upload_errors,
                         **common_errors,
                     },
@@ -322,7 +353,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "summary": f"Submit up to {settings.max_batch_submit} images at once (all or nothing)",
                     "description": "Every image is validated before any is queued; an error names the "
                     "failing file's `index`.",
-                    "parameters": [top_k, priority, deadline],
+                    "parameters": [top_k, priority, deadline, prefer],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -337,12 +368,23 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         },
                     },
                     "responses": {
+                        "200": _json(
+                            "With `Prefer: wait`: every job ended within the wait; each as "
+                            "`GET /v1/jobs/{job_id}` gives it, in upload order.",
+                            {
+                                "type": "object",
+                                "properties": {"jobs": {"type": "array", "items": _ref("Job")}},
+                            },
+                            preference_applied,
+                        ),
                         "202": _json(
-                            "Queued.",
+                            "Queued (with `Prefer: wait`: not all ended within the wait; each job's "
+                            "status now).",
                             {
                                 "type": "object",
                                 "properties": {"jobs": {"type": "array", "items": _ref("JobCreated")}},
                             },
+                            preference_applied,
                         ),
                         **upload_errors,
                         "413": _error(

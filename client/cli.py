@@ -4,6 +4,9 @@
     inferq classify backlog/ --priority low --deadline-ms 60000
     inferq status <job-id> --wait 30
 
+Each image is one request when it ends within 30 s (`Client.classify`: `Prefer: wait`), else its
+submit is followed by long-polls.
+
 Exit codes: 0 every image finished; 1 any image failed or was refused (or `status` of a failed, expired,
 canceled or unknown job); 2 usage error, or the service cannot be reached / refuses the API key.
 """

@@ -22,7 +22,7 @@ import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from redis import Redis
 from redis.client import Pipeline
@@ -103,6 +103,17 @@ def timings(
     }
 
 
+class EnqueueHook(Protocol):
+    """A caller's own commands that belong in the transaction enqueueing new jobs (e.g. the lease
+    and the waiters of a submit that waits for its job: `api.prefer`): `queue` adds them LAST, once
+    the jobs' ids are known and before the transaction runs (it may be called again with new ids if
+    the transaction is tried again); `executed` gets the transaction's replies once it has run."""
+
+    def queue(self, pipe: Pipeline, job_ids: Sequence[str]) -> None: ...
+
+    def executed(self, replies: list[Any]) -> None: ...
+
+
 def new_job_id() -> str:
     return str(uuid.uuid4())
 
@@ -144,10 +155,15 @@ def submit(
 
 
 def submit_many(
-    queue: Queue, items: Sequence[tuple[bytes, int]], settings: Settings, meta: dict[str, Any] | None = None
+    queue: Queue,
+    items: Sequence[tuple[bytes, int]],
+    settings: Settings,
+    meta: dict[str, Any] | None = None,
+    also: EnqueueHook | None = None,
 ) -> list[Job]:
     """`submit` for several `(image, top_k)` at once: all counted, stored and enqueued in ONE
-    transaction, so either every job exists or none does (a batch upload is all-or-nothing)."""
+    transaction, so either every job exists or none does (a batch upload is all-or-nothing).
+    `also`: the caller's commands in that transaction."""
     job_ids = [new_job_id() for _ in items]
     image_budget.reserve(
         queue.connection,
@@ -161,10 +177,14 @@ def submit_many(
                 _queue_job(queue, pipe, job_id, image, top_k, settings, meta)
                 for job_id, (image, top_k) in zip(job_ids, items, strict=True)
             ]
-            pipe.execute()
+            if also is not None:
+                also.queue(pipe, job_ids)
+            replies = pipe.execute()
     except BaseException:
         unreserve(queue.connection, job_ids)
         raise
+    if also is not None:
+        also.executed(replies)
     return jobs
 
 
