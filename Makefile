@@ -60,8 +60,9 @@ classify: venv artifact
 up: venv artifact
 	$(PY) -m launch.launcher
 
+# `make bench BENCH_ARGS="--only service,litserve --quick"`: some phases, small counts.
 bench: venv artifact
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 # The long drills (bench/soak_*.py: worker deaths, a full Redis, decode bombs) → SOAK.md.
 # `make soak SOAK_ARGS=--quick`: small counts, a smoke run of every drill.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from redis import Redis
 from rq import Queue
 from rq.job import Job, JobStatus
+from rq.utils import now, utcformat
 
 from shared import image_budget
 from shared.jobs import SERIALIZER
@@ -31,6 +32,9 @@ def cancel(conn: Redis, job: Job) -> bool:
     # client asked for; once its image expires, the image sweep ends it (shared.image_budget).
     with conn.pipeline() as pipe:
         job.cancel(pipeline=pipe)
+        # RQ's cancel records no end time; the job's view shows when it ended like any other end.
+        job.ended_at = now()
+        pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
         image_budget.release(pipe, [job.id])  # deletes the image and un-counts its bytes
         pipe.publish(ended_channel(), job.id)
         pipe.execute()

@@ -81,8 +81,15 @@ def _retry_after(exc: QueuedBytesFull | RedisFull) -> str:
     return str(exc.retry_after)
 
 
-def payload_too_large(limit: int | None) -> ApiError:
-    limit_text = f" (at most {limit:,} bytes)" if limit else ""
+def payload_too_large(limit: int | None, *, per_image: bool = False) -> ApiError:
+    """413 `payload_too_large`, stating the limit the client controls: the body's, or (`per_image`)
+    one image's, where the body may add a multipart envelope on top of it."""
+    if not limit:
+        limit_text = ""
+    elif per_image:
+        limit_text = f" (an image may be at most {limit:,} bytes)"
+    else:
+        limit_text = f" (at most {limit:,} bytes)"
     return ApiError(f"the request body is too large{limit_text}", code="payload_too_large", http_status=413)
 
 
@@ -107,7 +114,8 @@ def register_error_handlers(app: Flask) -> None:
         status = exc.code or 500
         if isinstance(exc, RequestEntityTooLarge):
             # Raised by Werkzeug when Content-Length or a chunked body exceeds the route's limit.
-            return _inferq_error(payload_too_large(g.get("inferq_body_limit", request.max_content_length)))
+            too_large = g.get("inferq_body_too_large") or payload_too_large(request.max_content_length)
+            return _inferq_error(too_large)
         # Keep protocol headers Werkzeug adds (Allow on 405, WWW-Authenticate, Retry-After, ...).
         headers = Headers([(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"])
         message = exc.description or exc.name

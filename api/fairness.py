@@ -12,8 +12,10 @@
 - Concurrent long-polls per key (LONG_POLLS_PER_KEY), over all api processes: each waiting request
   holds a lease in the key's sorted set (`inferq:long-polls:<key>`, scored by when the lease lapses),
   taken in the same round trip as the request's first read of the job and given back in the same
-  round trip as its last (`LongPollSlot`). A lease of a process that died lapses by itself, after the
-  request's wait plus a margin.
+  round trip as its last (`LongPollSlot`). A submit that prefers to wait for its job (`api.prefer`)
+  holds one too: `Fairness.admit` reads the key's count of leases, and the lease is one of the
+  writes of the submit's store script (no round trip of its own). A lease of a process that died
+  lapses by itself, after the request's wait plus a margin.
 
 Every refusal is a 429 with `Retry-After` and an error code naming the limit, decided from the headers
 (key, Content-Length) before any of the body is read.
@@ -92,12 +94,28 @@ LONG_POLL_LEASE_MARGIN_SECONDS = 10.0
 _lease_ids = itertools.count()
 
 
+# A lease in a key's set unless the key already holds `cap` of them (leases that lapsed are dropped
+# first): 1 taken, -1 refused. Shared by the scripts below.
+_TAKE_LEASE = """
+local function take_lease(leases, member, now, lease_end, cap, ttl)
+  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+  if redis.call('ZCARD', leases) >= tonumber(cap) then
+    return -1
+  end
+  redis.call('ZADD', leases, lease_end, member)
+  redis.call('EXPIRE', leases, ttl)
+  return 1
+end
+"""
+
 # A long-poll's first read: the job hash, its latest result and whether its image exists (what
 # `api.job_view.queue_job_read` reads), and a lease in the key's set only if the job has not ended
 # (a request that answers at once needs none, and gives none back). One script: one round trip.
 # KEYS: job hash, result stream, image, leases. ARGV: member, now, lease end, cap, set ttl.
 # Returns {hash as a flat list, latest result entry or {}, image exists, 1 held / 0 none / -1 refused}.
-_FIRST_READ = """
+_FIRST_READ = (
+    _TAKE_LEASE
+    + """
 local raw = redis.call('HGETALL', KEYS[1])
 local latest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 local image = redis.call('EXISTS', KEYS[3])
@@ -105,26 +123,24 @@ local lease = 0
 local status = redis.call('HGET', KEYS[1], 'status')
 local ended = {finished = true, failed = true, canceled = true, stopped = true}
 if status and not ended[status] then
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[2])
-  if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[4]) then
-    lease = -1
-  else
-    redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
-    redis.call('EXPIRE', KEYS[4], ARGV[5])
-    lease = 1
-  end
+  lease = take_lease(KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 end
 return {raw, latest, image, lease}
 """
+)
 
 
 # A submission's round trip before its body is read: the key's submit rate, each limit in turn through
 # `limits`' own acquire script (the text `RedisStorage.acquire_sliding_window_entry` runs, called here
 # as a function of its KEYS and ARGV), then, if every limit admits it, what the queue bounds count
-# (the key's waiting jobs, each lane's backlog) and an idempotency claim.
-# KEYS: per limit, its previous and current window keys; the pending key; the lanes; [the claim key].
-# ARGV: number of limits; per limit: amount, expiry, cost; number of lanes; 1 if there is a claim key.
-# Returns {index of the limit that refused} or {0, waiting, claim value or nil, backlog per lane...}.
+# (the key's waiting jobs, each lane's backlog), an idempotency claim and, for a submit that prefers
+# to wait (api.prefer), the key's long-poll leases (those that lapsed dropped first, as `take_lease`
+# does: the store script adds the submit's own lease only if this count is under the cap).
+# KEYS: per limit, its previous and current window keys; the pending key; the lanes; [the claim key];
+# [the leases key]. ARGV: number of limits; per limit: amount, expiry, cost; number of lanes; 1 if
+# there is a claim key; now if there is a leases key, else ''.
+# Returns {index of the limit that refused} or
+# {0, waiting, claim value or nil, leases held or -1 (not asked), backlog per lane...}.
 _ADMIT = (
     "local function acquire_sliding_window(KEYS, ARGV)\n"
     + RedisStorage.SCRIPT_ACQUIRE_SLIDING_WINDOW.decode()
@@ -140,9 +156,19 @@ end
 local k = 2 * limits + 1
 local lanes = tonumber(ARGV[3 * limits + 2])
 local claim = false
-if ARGV[3 * limits + 3] == '1' then claim = redis.call('GET', KEYS[k + lanes + 1]) end
-local reply = {0, redis.call('ZCARD', KEYS[k]), claim}
-for j = 1, lanes do reply[3 + j] = redis.call('LLEN', KEYS[k + j]) end
+local last = k + lanes
+if ARGV[3 * limits + 3] == '1' then
+  last = last + 1
+  claim = redis.call('GET', KEYS[last])
+end
+local leases = -1
+local now = ARGV[3 * limits + 4]
+if now and now ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[last + 1], '-inf', now)
+  leases = redis.call('ZCARD', KEYS[last + 1])
+end
+local reply = {0, redis.call('ZCARD', KEYS[k]), claim, leases}
+for j = 1, lanes do reply[4 + j] = redis.call('LLEN', KEYS[k + j]) end
 return reply
 """
 )
@@ -155,11 +181,14 @@ class Admitted:
     waiting: int  # the key's waiting jobs (ZCARD of `pending_key`)
     backlog: int  # jobs waiting in all lanes
     claim: bytes | None  # the idempotency claim's value (None: unclaimed, or none was asked)
+    long_polls: int | None = None  # the key's long-poll leases held (None: not asked)
 
 
 class LongPollSlot:
     """One long-poll's lease in its key's set (LONG_POLLS_PER_KEY over all api processes): taken by
-    `first_read`, in the round trip of the request's first read and only if the job has not ended;
+    `first_read`, in the round trip of the request's first read and only if the job has not ended
+    (or recorded by `record_take` among the store script's writes of a submit that waits for its
+    new job, `api.prefer`, once `Fairness.admit` read the key under its cap);
     given back by `queue_release` on the pipeline of the request's last read, or by `release` (a
     round trip of its own) when there is none. A lease of a process that died lapses by itself."""
 
@@ -180,19 +209,26 @@ class LongPollSlot:
     def first_read_done(self) -> bool:
         return self._read
 
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def _lease_args(self) -> list[Any]:
+        now = time.time()
+        return [
+            self._member,
+            now,
+            now + self._wait + LONG_POLL_LEASE_MARGIN_SECONDS,
+            self._cap,
+            math.ceil(self._max_wait + LONG_POLL_LEASE_MARGIN_SECONDS),
+        ]
+
     def first_read(self, job_id: str) -> list[Any]:
         """The replies `api.job_view.parse_job_read` takes, with the lease taken if the job has not
         ended; TooManyWaiters when the key already holds its cap."""
-        now = time.time()
         raw, latest, image, lease = self._script(
             keys=[Job.key_for(job_id), Result.get_key(job_id), image_key(job_id), self._key],
-            args=[
-                self._member,
-                now,
-                now + self._wait + LONG_POLL_LEASE_MARGIN_SECONDS,
-                self._cap,
-                math.ceil(self._max_wait + LONG_POLL_LEASE_MARGIN_SECONDS),
-            ],
+            args=self._lease_args(),
         )
         self._read = True
         if lease == -1:
@@ -204,6 +240,20 @@ class LongPollSlot:
             [(entry_id, dict(zip(fields[0::2], fields[1::2], strict=True))) for entry_id, fields in latest],
             image,
         ]
+
+    def record_take(self, writes: RecordedWrites) -> None:
+        """Record the lease among a submit's writes (its job is new, there is nothing to read first):
+        what `take_lease` writes, its cap already checked by `Fairness.admit`. `taken` once the
+        submit's script has made them."""
+        member, _, lease_end, _, ttl = self._lease_args()
+        writes.zadd(self._key, {member: lease_end})
+        writes.expire(self._key, ttl)
+
+    def taken(self) -> None:
+        """The writes of `record_take` were made: the request's next read is its last, and gives the
+        lease back (`queue_release`)."""
+        self._read = True
+        self._held = True
 
     def queue_release(self, pipe: Pipeline) -> None:
         if self._held:
@@ -243,10 +293,19 @@ class Fairness:
             self._settings.max_wait_seconds,
         )
 
-    def admit(self, client: str, cost: int, lanes: Sequence[str], claim: str | None = None) -> Admitted:
+    def admit(
+        self,
+        client: str,
+        cost: int,
+        lanes: Sequence[str],
+        claim: str | None = None,
+        *,
+        long_polls: bool = False,
+    ) -> Admitted:
         """Count `cost` submissions against `client`'s rate (429 `rate_limited` when a limit refuses:
         the limits before it have counted them, as `limits` does) and read, in the same round trip,
-        what the queue bounds count over the lane keys `lanes`, and the idempotency claim key `claim`."""
+        what the queue bounds count over the lane keys `lanes`, the idempotency claim key `claim`
+        and, if `long_polls` (a submit that prefers to wait), the key's long-poll leases held."""
         keys: list[str] = []
         args: list[Any] = [len(self._submit_limits)]
         for item in self._submit_limits:
@@ -259,6 +318,9 @@ class Fairness:
         args += [len(lanes), 1 if claim is not None else 0]
         if claim is not None:
             keys.append(claim)
+        if long_polls:
+            keys.append(long_polls_key(client))
+            args.append(time.time())
         reply = self._admit(keys=keys, args=args)
         if int(reply[0]):
             item = self._submit_limits[int(reply[0]) - 1]
@@ -270,7 +332,18 @@ class Fairness:
                 http_status=429,
                 headers={"Retry-After": str(retry)},
             )
-        return Admitted(waiting=int(reply[1]), backlog=sum(int(n) for n in reply[3:]), claim=reply[2])
+        leases = int(reply[3])
+        return Admitted(
+            waiting=int(reply[1]),
+            backlog=sum(int(n) for n in reply[4:]),
+            claim=reply[2],
+            long_polls=leases if leases >= 0 else None,
+        )
+
+    def declines_wait(self, admitted: Admitted) -> bool:
+        """Whether a submit's `Prefer: wait` is declined: its key held LONG_POLLS_PER_KEY when
+        `admit` read it."""
+        return admitted.long_polls is None or admitted.long_polls >= self._settings.long_polls_per_key
 
     @property
     def share_limit(self) -> int:

@@ -2,6 +2,11 @@
 
 /healthz and /readyz stay open (probes carry no credentials) and say no more than a status and a
 short reason; /metrics needs an operator key (OPERATOR_KEYS) when keys are configured.
+
+/readyz is not ready while the workers are suspended (`rq suspend` sets `rq:suspended`, which a
+Redis with persistence keeps across restarts): they are up but take no job, so jobs would only
+wait. Its status is then `suspended` (`make up`'s launcher tells that apart from a service still
+starting).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 from redis.exceptions import RedisError
+from rq.suspension import WORKERS_SUSPENDED
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from api import metrics
@@ -22,6 +28,9 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("ops", __name__)
 
+# /readyz's status while the workers are suspended (other 503s say "unavailable").
+SUSPENDED = "suspended"
+
 
 @bp.get("/healthz")
 def healthz() -> dict[str, str]:
@@ -30,8 +39,9 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def live_workers(state: ApiState) -> int:
-    """Workers registered on any lane's queue whose registration key still exists (each counted once).
+def worker_status(state: ApiState) -> tuple[int, bool]:
+    """Workers registered on any lane's queue whose registration key still exists (each counted
+    once), and whether the workers are suspended (`rq suspend`), read with them (no extra round trip).
 
     Same source as `rq.Worker.count(connection, queue=queue)`, but a worker that died without
     deregistering (SIGKILL, OOM) stays in RQ's set until some worker's maintenance cleans it; its
@@ -39,11 +49,13 @@ def live_workers(state: ApiState) -> int:
     """
     names = state.redis_probe.sunion([WORKERS_BY_QUEUE_KEY % queue.name for queue in state.queue_list])
     if not names:
-        return 0
+        return 0, False
     with state.redis_probe.pipeline(transaction=False) as pipe:
+        pipe.exists(WORKERS_SUSPENDED)
         for name in names:
             pipe.exists(name)
-        return sum(pipe.execute())
+        suspended, *alive = pipe.execute()
+    return sum(alive), bool(suspended)
 
 
 @bp.get("/readyz")
@@ -55,7 +67,7 @@ def readyz() -> tuple[Response, int]:
         log.warning("readyz: Redis unreachable: %s", exc)
         return _unready("Redis is unreachable")
     try:
-        workers = live_workers(state)
+        workers, suspended = worker_status(state)
     except RedisError as exc:
         log.warning("readyz: cannot read workers from Redis: %s", exc)
         return _unready("Redis is unreachable")
@@ -63,11 +75,17 @@ def readyz() -> tuple[Response, int]:
         # Workers register only once their model is loaded and warmed up. (Probes are
         # unauthenticated: no queue names, counts or addresses here; /metrics has the details.)
         return _unready("no live worker")
+    if suspended:
+        return _unready(
+            "the workers are suspended (rq:suspended is set, by `rq suspend`): they take no job "
+            "until `rq resume`",
+            status=SUSPENDED,
+        )
     return jsonify({"status": "ok"}), 200
 
 
-def _unready(reason: str) -> tuple[Response, int]:
-    response = jsonify({"status": "unavailable", "reason": reason})
+def _unready(reason: str, status: str = "unavailable") -> tuple[Response, int]:
+    response = jsonify({"status": status, "reason": reason})
     response.headers["Retry-After"] = "1"
     return response, 503
 

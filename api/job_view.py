@@ -14,7 +14,14 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.results import Result
 
-from shared.jobs import DEADLINE_EXPIRED, META_ERROR, META_TIMINGS, SERIALIZER
+from shared.jobs import (
+    DEADLINE_EXPIRED,
+    FAILED_BY_RQ,
+    FAILED_BY_RQ_MESSAGE,
+    META_ERROR,
+    META_TIMINGS,
+    SERIALIZER,
+)
 from shared.keys import image_key
 
 # RQ statuses a client never needs to tell apart: a job waiting for a retry is still queued.
@@ -57,10 +64,10 @@ def job_error(job: Job, status: str, result: Result | None) -> dict[str, str] | 
     error = job.meta.get(META_ERROR)
     if isinstance(error, dict) and "code" in error:
         return {"code": str(error["code"]), "message": str(error.get("message", ""))}
-    # Every failure an inferq worker writes carries its code (a crash too: `shared.jobs.WORKER_CRASHED`);
-    # one without it was failed by something else (a plain RQ worker running `worker.tasks.classify`
-    # that raised, an operator's tool).
-    return {"code": "internal_error", "message": "The job failed inside the worker."}
+    # Every failure inferq writes carries its code (a crash too: `shared.jobs.WORKER_CRASHED`); one
+    # without it was failed by RQ itself, until the workers' maintenance writes it this same code
+    # (`worker.failed_elsewhere`).
+    return {"code": FAILED_BY_RQ, "message": FAILED_BY_RQ_MESSAGE}
 
 
 def job_view(job: Job, result: Result | None = None) -> dict[str, Any]:

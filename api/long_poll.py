@@ -12,7 +12,10 @@ listener reads the RQ status of every waited id in one pipelined round trip and 
 jobs that ended or vanished. No waiter sleeps its full wait on a job that ended.
 
 No lost wake-up: a request registers its waiter BEFORE it reads the job; a publish from then on wakes
-it, and an end before then is seen by the read.
+it, and an end before then is seen by the read. A submit that waits for its new job (`api.prefer`)
+registers its waiter before the enqueue runs, while the job does not exist yet: the re-check must not
+take it for one that vanished, so such a waiter counts as vanishable only for re-checks that began
+after the listener was told its job exists (`jobs_exist`).
 
 Per-key fairness (LONG_POLLS_PER_KEY over all api processes) is `api.fairness.LongPollSlot`'s.
 """
@@ -23,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 
 from redis import Redis
@@ -44,6 +47,9 @@ class CompletionListener:
         self._redis = redis
         self._recheck_seconds = recheck_seconds
         self._waiters: dict[str, set[threading.Event]] = {}
+        # Each waiter whose job is known to exist, with the re-check generation it was known from.
+        self._exists_since: dict[threading.Event, int] = {}
+        self._generation = 0  # advanced by each re-check before it reads
         self._lock = threading.Lock()
         self._pid: int | None = None  # the process the listener runs in (a fork needs its own)
 
@@ -53,21 +59,31 @@ class CompletionListener:
             return sum(len(events) for events in self._waiters.values())
 
     @contextmanager
-    def waiter(self, job_id: str) -> Iterator[threading.Event]:
-        """Register a waiter for `job_id`; the Event is set when the job ends."""
+    def waiter(self, job_id: str, *, job_exists: bool = True) -> Iterator[threading.Event]:
+        """Register a waiter for `job_id`; the Event is set when the job ends (or vanishes).
+        `job_exists=False`: the job is about to be enqueued; call `jobs_exist` once it has been."""
         self._ensure_running()
         event = threading.Event()
         with self._lock:
             self._waiters.setdefault(job_id, set()).add(event)
+            if job_exists:
+                self._exists_since[event] = self._generation
         try:
             yield event
         finally:
             with self._lock:
+                self._exists_since.pop(event, None)
                 events = self._waiters.get(job_id)
                 if events is not None:
                     events.discard(event)
                     if not events:
                         del self._waiters[job_id]
+
+    def jobs_exist(self, events: Iterable[threading.Event]) -> None:
+        """The jobs of these waiters (registered with `job_exists=False`) are enqueued now."""
+        with self._lock:
+            for event in events:
+                self._exists_since[event] = self._generation
 
     def _ensure_running(self) -> None:
         if self._pid == os.getpid():
@@ -78,9 +94,16 @@ class CompletionListener:
             self._pid = os.getpid()
             threading.Thread(target=self._run, name="inferq-completion-listener", daemon=True).start()
 
-    def _wake(self, job_ids: list[str]) -> None:
+    def _wake(self, job_ids: list[str], existing_before: int | None = None) -> None:
+        """Wake the waiters of `job_ids`; with `existing_before`, only those whose job was known to
+        exist before that re-check generation (a job not there then has not vanished)."""
         with self._lock:
-            events = [e for job_id in job_ids for e in self._waiters.get(job_id, ())]
+            events = [
+                e
+                for job_id in job_ids
+                for e in self._waiters.get(job_id, ())
+                if existing_before is None or self._exists_since.get(e, existing_before) < existing_before
+            ]
         for event in events:
             event.set()
 
@@ -107,6 +130,8 @@ class CompletionListener:
 
     def _recheck(self) -> None:
         with self._lock:
+            self._generation += 1
+            generation = self._generation
             ids = list(self._waiters)
         for start in range(0, len(ids), _RECHECK_CHUNK):
             chunk = ids[start : start + _RECHECK_CHUNK]
@@ -114,4 +139,6 @@ class CompletionListener:
                 for job_id in chunk:
                     pipe.hget(Job.key_for(job_id), "status")
                 statuses = pipe.execute()
-            self._wake([i for i, s in zip(chunk, statuses, strict=True) if s is None or s in _ENDED])
+            self._wake([i for i, s in zip(chunk, statuses, strict=True) if s in _ENDED])
+            vanished = [i for i, s in zip(chunk, statuses, strict=True) if s is None]
+            self._wake(vanished, existing_before=generation)

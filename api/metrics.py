@@ -15,13 +15,15 @@ rate behind a 429's Retry-After) is global, not per process: it is read from Red
 custom collector, so every process reports the same truth.
 
 Worker telemetry (queue wait, batch size, preprocess and inference histograms, jobs finished/failed by
-error code, the live workers and the model each serves) is recorded by the workers into the shared
-Redis (`shared.telemetry`, which says why) and read here at scrape time the same way: one scrape of
-any api process shows every worker, on every machine, and a worker restart loses nothing.
+error code, the live workers and the model each serves) is recorded into the shared Redis by the
+workers, and by the api and the image sweep for the jobs they end (`shared.telemetry`, which says
+why), and read here at scrape time the same way: one scrape of any api process shows every worker,
+on every machine, and a worker restart loses nothing.
 
 Submissions (`inferq_jobs_submitted_total{lane}`, and the `job submitted` log line that starts a
 job's trail) are noted after the response of a successful submit, from the jobs the route says it
-enqueued (`note_enqueued`; an idempotent replay enqueues none).
+enqueued (`note_enqueued`; an idempotent replay enqueues none); a submit that waits for its jobs'
+end (`Prefer: wait`) notes them as soon as they are enqueued.
 """
 
 from __future__ import annotations
@@ -76,6 +78,15 @@ SUBMITTED = Counter(
     ["lane"],
 )
 
+# The README's metrics table says the same of it (tests/test_telemetry.py holds them together).
+JOBS_FAILED_HELP = (
+    "Jobs that ended failed or expired (deadline_expired), by error code, each counted once whoever "
+    "ended it: a worker (its batch, its grab past a deadline, a timeout, a dead worker's job: "
+    "worker_crashed), the api or the image sweep (a queued job whose image is gone: image_expired, or "
+    "deadline_expired past its deadline), or RQ itself (internal_error: its registry cleanup, run by "
+    "rq info or a dashboard, failing a dead worker's job; counted by the workers' maintenance)."
+)
+
 UNMATCHED_ROUTE = "<unmatched>"
 # Label values come from fixed sets: a client inventing methods must not grow the series count.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -104,10 +115,7 @@ def install_request_metrics(app: Flask) -> None:
             count.inc()
             latency.observe(time.perf_counter() - started)
         if request.endpoint in SUBMIT_ENDPOINTS and response.status_code == 202:
-            try:
-                _note_submissions(response)
-            except Exception:  # bookkeeping must never fail a submit that succeeded
-                log.warning("could not note a submission", exc_info=True)
+            _note_submissions(g.get("inferq_enqueued"))
         return response
 
 
@@ -125,17 +133,27 @@ def _request_series(method: str, route: str, status: int) -> tuple[Any, Any]:
     return series
 
 
-def note_enqueued(job_ids: list[str]) -> None:
+def note_enqueued(job_ids: list[str], *, now: bool = False) -> None:
     """Called by a submit route with the jobs this request enqueued (none for an idempotent replay):
-    counted and logged once its 202 is answered."""
-    g.inferq_enqueued = job_ids
+    counted and logged once its 202 is answered, or `now` (a submit that waits for its jobs' end,
+    `api.prefer`: their trail must start before their worker's lines)."""
+    if now:
+        _note_submissions(job_ids)
+    else:
+        g.inferq_enqueued = job_ids
 
 
-def _note_submissions(response: Response) -> None:
-    """Count the jobs a 202 created and log `job submitted` for each (the start of its trail)."""
-    ids = g.get("inferq_enqueued")
+def _note_submissions(ids: list[str] | None) -> None:
     if not ids:
         return  # nothing new was enqueued (an idempotent replay)
+    try:
+        _count_and_log(ids)
+    except Exception:  # bookkeeping must never fail a submit that succeeded
+        log.warning("could not note a submission", exc_info=True)
+
+
+def _count_and_log(ids: list[str]) -> None:
+    """Count the jobs a submit created and log `job submitted` for each (the start of its trail)."""
     from api.state import current_state
 
     settings = current_state().settings
@@ -256,12 +274,7 @@ class WorkerTelemetryCollector(Collector):
         )
         finished.add_metric([], snapshot.finished)
         yield finished
-        failed = CounterMetricFamily(
-            "inferq_jobs_failed",
-            "Jobs a worker ended with an error, by error code, all workers (recorded in Redis). Not counted: "
-            "jobs whose deadline passed before they started, and jobs failed by RQ after their worker died.",
-            labels=["code"],
-        )
+        failed = CounterMetricFamily("inferq_jobs_failed", JOBS_FAILED_HELP, labels=["code"])
         for code, count in snapshot.failed_by_code.items():
             failed.add_metric([code], count)
         yield failed

@@ -146,13 +146,27 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 },
                 "created_at": nullable_time,
                 "started_at": nullable_time,
-                "ended_at": nullable_time,
+                "ended_at": {
+                    **nullable_time,
+                    "description": "When the job finished, failed, expired or was canceled; null before.",
+                },
                 "timings": {
                     "type": "object",
                     "properties": {
-                        "queue_ms": nullable_number,
-                        "inference_ms": nullable_number,
-                        "batch_size": {"type": ["integer", "null"]},
+                        "queue_ms": {
+                            **nullable_number,
+                            "description": "From submit to a worker starting the job; null for a job no "
+                            "worker started.",
+                        },
+                        "inference_ms": {
+                            **nullable_number,
+                            "description": "The forward pass the job was part of; null for a job that had "
+                            "none (not started, its image failed to decode or was gone, or it timed out).",
+                        },
+                        "batch_size": {
+                            "type": ["integer", "null"],
+                            "description": "Jobs in that forward pass; null when `inference_ms` is.",
+                        },
                     },
                 },
             },
@@ -214,6 +228,26 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
     }
     location = {"Location": {"description": "/v1/jobs/<id>", "schema": {"type": "string"}}}
+    max_wait = int(settings.max_wait_seconds)
+    prefer = {
+        "name": "Prefer",
+        "in": "header",
+        "required": False,
+        "description": "RFC 7240. `wait=<seconds>`: answer with the ended job (200; a batch: once every "
+        "job has ended) if it ends within that many seconds (at most MAX_WAIT_SECONDS = "
+        f"{max_wait}: a longer wait is shortened), else with the 202 once they have passed. A "
+        "malformed or zero `wait` and other preferences (`respond-async`) are ignored, never "
+        "refused. The wait counts as a long-poll of the key: when it already holds LONG_POLLS_PER_KEY "
+        f"({settings.long_polls_per_key}) the preference is declined (a 202 at once, without "
+        "`Preference-Applied`).",
+        "schema": {"type": "string"},
+    }
+    preference_applied = {
+        "Preference-Applied": {
+            "description": "`wait=<seconds>`: the submit waited (up to) that long for its job's end.",
+            "schema": {"type": "string"},
+        }
+    }
     retry_after = {
         "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
     }
@@ -288,6 +322,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         priority,
                         deadline,
                         idempotency_key,
+                        prefer,
                     ],
                     "requestBody": {
                         "required": True,
@@ -297,7 +332,17 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         },
                     },
                     "responses": {
-                        "202": _json("Queued.", _ref("JobCreated"), location),
+                        "200": _json(
+                            "With `Prefer: wait`: the job ended within the wait; the body "
+                            "`GET /v1/jobs/{job_id}` gives.",
+                            _ref("Job"),
+                            {**location, **preference_applied},
+                        ),
+                        "202": _json(
+                            "Queued (with `Prefer: wait`: not ended within the wait, its status now).",
+                            _ref("JobCreated"),
+                            {**location, **preference_applied},
+                        ),
                         **upload_errors,
                         **common_errors,
                     },
@@ -308,7 +353,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "summary": f"Submit up to {settings.max_batch_submit} images at once (all or nothing)",
                     "description": "Every image is validated before any is queued; an error names the "
                     "failing file's `index`.",
-                    "parameters": [top_k, priority, deadline],
+                    "parameters": [top_k, priority, deadline, prefer],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -323,12 +368,23 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         },
                     },
                     "responses": {
+                        "200": _json(
+                            "With `Prefer: wait`: every job ended within the wait; each as "
+                            "`GET /v1/jobs/{job_id}` gives it, in upload order.",
+                            {
+                                "type": "object",
+                                "properties": {"jobs": {"type": "array", "items": _ref("Job")}},
+                            },
+                            preference_applied,
+                        ),
                         "202": _json(
-                            "Queued.",
+                            "Queued (with `Prefer: wait`: not all ended within the wait; each job's "
+                            "status now).",
                             {
                                 "type": "object",
                                 "properties": {"jobs": {"type": "array", "items": _ref("JobCreated")}},
                             },
+                            preference_applied,
                         ),
                         **upload_errors,
                         "413": _error(
@@ -400,11 +456,17 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             },
             "/readyz": {
                 "get": {
-                    "summary": "Readiness: Redis answers and at least one worker (model loaded) listens",
+                    "summary": "Readiness: Redis answers and at least one worker (model loaded) listens; "
+                    "the workers are not suspended",
                     "security": [],
                     "responses": {
                         "200": _json("Ready.", _ref("Status")),
-                        "503": _json("Not ready; `reason` says why (briefly).", _ref("Status")),
+                        "503": _json(
+                            "Not ready; `reason` says why (briefly). `status` is `suspended` while the "
+                            "workers are suspended (`rq suspend`; `rq resume` resumes them), else "
+                            "`unavailable`.",
+                            _ref("Status"),
+                        ),
                     },
                 }
             },

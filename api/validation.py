@@ -132,17 +132,20 @@ def parse_idempotency_key(request: Request) -> str | None:
     return raw
 
 
-def limit_body(request: Request, limit: int) -> None:
-    """Refuse a body over `limit` from its Content-Length, before reading a byte of it.
+def limit_body(request: Request, limit: int, too_large: ApiError | None = None) -> ApiError:
+    """Refuse a body over `limit` from its Content-Length, before reading a byte of it, with
+    `too_large` (default: a 413 that states `limit`); returns that error, for the caller's own checks.
 
     Bodies without a Content-Length (chunked) are bounded while they are read: Werkzeug stops
     reading at `request.max_content_length`. It stops *silently* when the body ends exactly there,
     so the cap is `limit + 1` and reaching it means "too large" (see `body_overflowed`).
     """
-    g.inferq_body_limit = limit  # for the message of Werkzeug's own 413 (api.errors)
+    error = too_large or payload_too_large(limit)
+    g.inferq_body_too_large = error  # also the answer to Werkzeug's own 413 (api.errors)
     if request.content_length is not None and request.content_length > limit:
-        raise payload_too_large(limit)
+        raise error
     request.max_content_length = limit + 1
+    return error
 
 
 def body_overflowed(request: Request) -> bool:
@@ -174,9 +177,15 @@ def read_job_upload(request: Request, settings: Settings) -> Upload:
     """The one image of `POST /v1/jobs`: a raw body, or the `image` file of a multipart form."""
     mimetype = request.mimetype
     if mimetype == MULTIPART:
-        limit_body(request, settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+        # The envelope's allowance is ours, not a limit the client needs to know: the message
+        # states MAX_UPLOAD_BYTES.
+        too_large = limit_body(
+            request,
+            settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+            payload_too_large(settings.max_upload_bytes, per_image=True),
+        )
         request.max_form_parts = 1 + _EXTRA_FORM_PARTS
-        files = _image_files(request, settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+        files = _image_files(request, too_large)
         if len(files) > 1:
             raise ApiError(
                 f"send exactly one {IMAGE_FIELD!r} file (got {len(files)}); use POST /v1/batches for several",
@@ -198,9 +207,9 @@ def read_batch_uploads(request: Request, settings: Settings) -> list[Upload]:
     """Every `image` file of a `POST /v1/batches` form, ALL validated before the caller enqueues any."""
     if request.mimetype != MULTIPART:
         raise _unsupported_media_type(request.mimetype, raw_allowed=False)
-    limit_body(request, settings.max_batch_upload_bytes)
+    too_large = limit_body(request, settings.max_batch_upload_bytes)
     request.max_form_parts = settings.max_batch_submit + _EXTRA_FORM_PARTS
-    files = _image_files(request, settings.max_batch_upload_bytes)
+    files = _image_files(request, too_large)
     if len(files) > settings.max_batch_submit:
         raise ApiError(
             f"a batch holds at most {settings.max_batch_submit} images, got {len(files)}",
@@ -210,12 +219,12 @@ def read_batch_uploads(request: Request, settings: Settings) -> list[Upload]:
     return [check_image(_read_file(f, settings, i), settings, i) for i, f in enumerate(files)]
 
 
-def _image_files(request: Request, limit: int) -> list[FileStorage]:
+def _image_files(request: Request, too_large: ApiError) -> list[FileStorage]:
     files = request.files.getlist(IMAGE_FIELD)
     # A chunked form cut off at the cap parses as a truncated form (Werkzeug drops the parse
     # error): report the size, not whatever the truncation looks like.
     if body_overflowed(request):
-        raise payload_too_large(limit)
+        raise too_large
     if files:
         return files
     if IMAGE_FIELD in request.form:

@@ -6,6 +6,7 @@ drift between processes on a shared machine far more than their ratios do.
 
 Layout: `common` (images, statistics, processes), `limit` (raw in-process pipeline),
 `baselines` (stock RQ workers), `loadgen` (closed- and open-loop HTTP clients), `service`
-(end to end over HTTP), `queue_layer` (no-op model: Redis/RQ alone), `variants` (bench-only
-batching variants), `report` + `plot` (the output), `__main__` (the orchestration).
+(end to end over HTTP), `peer` + `litserve_peer` (LitServe beside inferq), `queue_layer` (no-op
+model: Redis/RQ alone), `variants` (bench-only batching variants), `report` + `plot` (the
+output), `__main__` (the orchestration).
 """

@@ -6,6 +6,9 @@ reported as failed and the others still run):
  2. baselines   stock `rq worker` (forking) and `rq worker -w SimpleWorker` at batch 1
  3. service     inferq over HTTP: closed-loop saturation, open-loop Poisson rates, as deployed;
                 saturation + 25 % / 80 % load for the other layouts, BACKEND=torchscript among them
+3b. litserve    the same model, decode and backend behind LitServe (PyPI, a venv of its own, built
+                once if missing: bench.peer), batch 8, 1 and 2 threads: the same saturation and
+                open-loop runs, CPU per image, cold start; the targets' ratios against it
  4. queue       no-op model: enqueue path, drain with 1/2/4/8 workers, sustained
  5. memory      worker RSS over 20,000 no-op jobs and a smaller real-model count
  6. cold start  api + worker processes started → first prediction (the first start measures the
@@ -48,7 +51,7 @@ from bench.common import (
     run_json,
     summarize,
 )
-from bench.targets import LATENCY_FRACTIONS, knee, rss_growth
+from bench.targets import LATENCY_FRACTIONS, knee, med, rss_growth
 from launch.slim_venv import cache_root
 from shared.config import PROJECT_ROOT
 
@@ -95,6 +98,11 @@ class Plan:
     # Worker starts per environment after the first (which measures the backends), jobs per start.
     slim_runs: int = 3
     slim_jobs: int = 50
+    # The LitServe peer: intra-op threads tried (the best by saturation gets the open-loop runs),
+    # fractions of its own saturation and fixed rates (the targets compare p99 at 50 req/s).
+    litserve_threads: tuple[int, ...] = (1, 2)
+    litserve_fractions: tuple[float, ...] = (0.25, 0.5, 0.8)
+    litserve_rates: tuple[float, ...] = (50.0,)
 
     @classmethod
     def quick(cls) -> Plan:
@@ -108,7 +116,8 @@ class Plan:
             sat_clients=16,
             sat_seconds=5.0,
             sat_warmup=1.0,
-            rates=(10, 25),
+            # 50: the rate the targets compare with the LitServe phase's p99.
+            rates=(10, 25, 50),
             rate_fractions=(0.25, 0.8),
             rate_seconds=3.0,
             enqueue_jobs=300,
@@ -696,6 +705,54 @@ class Bench:
         self.flush()
         return out
 
+    # --- 3b. LitServe beside inferq ---------------------------------------------------------------------
+
+    def litserve(self) -> dict[str, Any]:
+        """The peer at each thread setting: a cold start, then saturation as the service's (same
+        clients, runs, photos); the best setting by saturation is started again for the open-loop
+        runs at fractions of its own saturation and at the fixed rates."""
+        from bench import peer
+
+        p = self.plan
+        Log.say("litserve: the LitServe venv (built once if missing) and the backend BACKEND=auto chooses")
+        env = peer.litserve_environment(self.env_cache)
+        choice = peer.chosen_backend(deployed()[0], self.logs / "litserve-choose.log")
+        out: dict[str, Any] = {
+            "version": env.litserve,
+            "python": str(env.python),
+            "backend": choice,
+            "max_batch_size": peer.MAX_BATCH_SIZE,
+            "batch_timeout_ms": peer.BATCH_TIMEOUT_MS,
+            "threads": {},
+        }
+        for threads in p.litserve_threads:
+            with peer.PeerServer(env, self.logs, choice["backend"], threads, self.uploads) as server:
+                Log.say(f"litserve: saturation, {threads} thread(s) (cold start {server.cold_start_s:.2f} s)")
+                sat = self._saturation(server, p.sat_seconds, p.runs, p.sat_clients)
+                out["threads"][str(threads)] = {"cold_start_s": [server.cold_start_s], "saturation": sat}
+        best = max(out["threads"], key=lambda t: med(out["threads"][t]["saturation"]["images_per_s"]))
+        out["best_threads"] = int(best)
+        measured = out["threads"][best]
+        with peer.PeerServer(env, self.logs, choice["backend"], int(best), self.uploads) as server:
+            measured["cold_start_s"].append(server.cold_start_s)
+            s = med(measured["saturation"]["images_per_s"])
+            plan = [(round(f * s, 1), f) for f in p.litserve_fractions]
+            plan += [(rate, rate / s if s else math.nan) for rate in p.litserve_rates]
+            rates = []
+            for i, (rate, fraction) in enumerate(plan):
+                Log.say(f"litserve: open loop {rate} req/s × {p.runs} runs ({best} thread(s))")
+                overloaded = rate > 1.1 * s
+                runs = 1 if overloaded else p.runs
+                r = self._rate(server, rate, runs, p.rate_seconds, seed=70 + i, overloaded=overloaded)
+                r.update(fraction_of_saturation=fraction, overloaded_by_saturation=overloaded)
+                rates.append(r)
+        out["saturation"] = measured["saturation"]
+        out["rates"] = rates
+        out["cold_start_s"] = summarize(c for t in out["threads"].values() for c in t["cold_start_s"])
+        for t in out["threads"].values():
+            t["cold_start_s"] = summarize(t["cold_start_s"])
+        return out
+
     # --- everything ------------------------------------------------------------------------------------
 
     def run(self, only: set[str] | None) -> dict[str, Any]:
@@ -713,6 +770,8 @@ class Bench:
                 ("limit", self.limit),
                 ("baselines", self.baselines),
                 ("service", self.service),
+                # Right after the service: the same load, and the backend choice it measured.
+                ("litserve", self.litserve),
                 ("queue", self.queue),
                 ("memory", self.memory),
                 ("cold_start", self.cold_start),

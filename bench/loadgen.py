@@ -2,7 +2,8 @@
 
 Both drive a `target(i)` callable that performs request number `i` and returns a dict with at least
 `ok` (bool); everything else it returns (e.g. the achieved `batch_size`) is kept per request. The
-HTTP target for inferq (submit + long-poll) is `InferqTarget`; tests drive fake targets.
+HTTP target for inferq is `InferqTarget` (one request, `Prefer: wait`, by default; or submit then
+long-poll); tests drive fake targets.
 
 Open loop without coordinated omission: the arrival times are drawn up front (seeded exponential
 gaps), and each request's latency is measured from its SCHEDULED send time, not from when a
@@ -248,10 +249,13 @@ class _Conn(threading.local):
 
 
 class InferqTarget:
-    """`POST /v1/jobs` (raw body) then `GET /v1/jobs/<id>?wait=…` until the job ends.
+    """`POST /v1/jobs` (raw body) with `Prefer: wait=…`, answered with the ended job (one request);
+    if it has not ended by then (or `prefer_wait=False`: submit + long-poll, two requests),
+    `GET /v1/jobs/<id>?wait=…` until it ends.
 
     One keep-alive `http.client` connection per thread (lean: the client shares the 2 cores with
-    the service). Returns `ok`, the job's `status` and its `timings` (achieved batch size)."""
+    the service). Returns `ok`, the job's `status`, its `timings` (achieved batch size) and the
+    number of HTTP `requests` it took."""
 
     def __init__(
         self,
@@ -263,6 +267,7 @@ class InferqTarget:
         wait: float = 30.0,
         timeout: float = 60.0,
         submit_only: bool = False,
+        prefer_wait: bool = True,
     ) -> None:
         self.host, self.port = host, port
         self.images = list(images)
@@ -270,16 +275,21 @@ class InferqTarget:
         self.wait = wait
         self.timeout = timeout
         self.submit_only = submit_only
+        self.prefer_wait = prefer_wait and not submit_only
         self._local = _Conn()
 
-    def _request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    def _request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
+        headers = dict(headers or {})
+        if body is not None:
+            headers["Content-Type"] = "application/octet-stream"
         for attempt in (1, 2):
             conn = self._local.conn
             if conn is None:
                 conn = http.client.HTTPConnection(self.host, self.port, timeout=self.wait + 15)
                 self._local.conn = conn
             try:
-                headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
                 conn.request(method, path, body=body, headers=headers)
                 response = conn.getresponse()
                 return response.status, response.read()
@@ -292,40 +302,69 @@ class InferqTarget:
                     raise
         raise AssertionError("unreachable")
 
+    def _wait_s(self, deadline: float) -> int:
+        return max(1, min(math.floor(self.wait), math.ceil(deadline - time.monotonic())))
+
     def __call__(self, i: int) -> dict[str, Any]:
         deadline = time.monotonic() + self.timeout
         post_sent = time.time()
+        prefer = {"Prefer": f"wait={self._wait_s(deadline)}"} if self.prefer_wait else {}
         status, body = self._request(
-            "POST", f"/v1/jobs?top_k={self.top_k}", self.images[i % len(self.images)]
+            "POST", f"/v1/jobs?top_k={self.top_k}", self.images[i % len(self.images)], prefer
         )
+        post_done = time.time()
+        if status == 200 and self.prefer_wait:  # it ended within the wait: the reply is the job
+            return self._ended(json.loads(body), post_sent, post_done, requests=1)
         if status != 202:
             return {"ok": False, "error": f"POST {status}: {body[:120]!r}"}
-        post_done = time.time()
         job_id = json.loads(body)["id"]
         if self.submit_only:
             return {"ok": True, "id": job_id}
+        requests = 1
         while time.monotonic() < deadline:
-            wait = max(1, min(self.wait, math.ceil(deadline - time.monotonic())))
-            status, body = self._request("GET", f"/v1/jobs/{job_id}?wait={wait}")
+            status, body = self._request("GET", f"/v1/jobs/{job_id}?wait={self._wait_s(deadline)}")
+            requests += 1
             if status != 200:
                 return {"ok": False, "error": f"GET {status}: {body[:120]!r}"}
             view = json.loads(body)
-            if view["status"] in ("finished", "failed", "canceled"):
-                timings = view.get("timings") or {}
-                return {
-                    "ok": view["status"] == "finished",
-                    "error": view.get("error"),
-                    "id": job_id,
-                    "batch_size": timings.get("batch_size"),
-                    "queue_ms": timings.get("queue_ms"),
-                    "inference_ms": timings.get("inference_ms"),
-                    # Wall-clock times (client and service share the machine's clock): the latency
-                    # breakdown per stage (bench.service).
-                    "post_sent": post_sent,
-                    "post_done": post_done,
-                    "done": time.time(),
-                    "enqueued_at": view.get("created_at"),
-                    "started_at": view.get("started_at"),
-                    "ended_at": view.get("ended_at"),
-                }
+            if view["status"] in ("finished", "failed", "canceled", "expired"):
+                return self._ended(view, post_sent, post_done, requests)
         return {"ok": False, "error": "timeout"}
+
+    @staticmethod
+    def _ended(view: dict[str, Any], post_sent: float, post_done: float, requests: int) -> dict[str, Any]:
+        timings = view.get("timings") or {}
+        return {
+            "ok": view["status"] == "finished",
+            "error": view.get("error"),
+            "id": view["id"],
+            "requests": requests,
+            "batch_size": timings.get("batch_size"),
+            "queue_ms": timings.get("queue_ms"),
+            "inference_ms": timings.get("inference_ms"),
+            # Wall-clock times (client and service share the machine's clock): the latency
+            # breakdown per stage (bench.service). With one request, the POST's answer is the end.
+            "post_sent": post_sent,
+            "post_done": post_done,
+            "done": time.time(),
+            "enqueued_at": view.get("created_at"),
+            "started_at": view.get("started_at"),
+            "ended_at": view.get("ended_at"),
+        }
+
+
+class OneRequestTarget(InferqTarget):
+    """A synchronous server's target: `POST <path>` with the image as the raw body; the request ends
+    with its answer, a 200 (the bench's LitServe peer). Same keep-alive connection per thread as
+    `InferqTarget`, whose plumbing it reuses."""
+
+    def __init__(self, host: str, port: int, path: str, images: Sequence[bytes], *, timeout: float = 60.0):
+        # The connection's socket timeout is `wait + 15` s: the whole request's timeout here.
+        super().__init__(host, port, images, wait=max(1.0, timeout - 15), timeout=timeout)
+        self.path = path
+
+    def __call__(self, i: int) -> dict[str, Any]:
+        status, body = self._request("POST", self.path, self.images[i % len(self.images)])
+        if status != 200:
+            return {"ok": False, "error": f"POST {status}: {body[:120]!r}"}
+        return {"ok": True}

@@ -18,8 +18,10 @@ import jinja2
 from bench.plot import plot
 from bench.targets import (
     CONTAMINATED_CORES,
+    PEER_ROLES,
     Results,
     TargetRow,
+    cpu_ms_per_image,
     evaluate,
     headline,
     knee,
@@ -27,6 +29,7 @@ from bench.targets import (
     layout_rates,
     layouts,
     med,
+    peer_headline,
     ratio,
     rss_growth,
     service_targets,
@@ -175,13 +178,31 @@ def _targets(results: Results) -> dict[str, Any]:
                 "preloaded": fmt(h.preloaded),
                 "p99_at_50": fmt(h.p99_at_50, 0),
                 "p99_at_80": fmt(h.p99_at_80, 0),
+                "cpu_ms_per_image": fmt(h.cpu_ms_per_image),
+                "p99_at_50_rps": fmt(h.p99_at_50_rps, 0),
             }
         )
+    peer = peer_headline(results) if results.get("litserve") else None
     return {
         "deployed_label": layout_label(results, "deployed"),
         "table": table(header, cells),
         "headlines": headlines,
+        "litserve": (
+            {
+                "label": _peer_label(peer),
+                "saturation": fmt(peer.saturation),
+                "cpu_ms_per_image": fmt(peer.cpu_ms_per_image),
+                "p99": " / ".join(fmt(v, 0) for v in (peer.p99_at_25, peer.p99_at_50, peer.p99_at_80)),
+                "p99_at_50_rps": fmt(peer.p99_at_50_rps, 0),
+            }
+            if peer
+            else None
+        ),
     }
+
+
+def _peer_label(peer: Any) -> str:
+    return f"LitServe {peer.version} + {peer.backend}, batch 8, {peer.threads} thread(s)"
 
 
 def _limit(results: Results) -> View:
@@ -247,7 +268,7 @@ def _cpu(saturations: dict[str, Any]) -> list[dict[str, str]]:
             continue
         rate = med(sat["images_per_s"])
         parts = []
-        for role in ("worker", "api", "redis", "client", "others"):
+        for role in ("worker", "api", "front", "redis", "client", "others"):
             if role in cores:
                 per_image = med(cores[role]) / rate * 1000 if rate else math.nan
                 parts.append(f"{role} {fmt(cores[role], 2)} ({fmt(per_image, 1)} ms/img)")
@@ -261,6 +282,37 @@ def _cpu(saturations: dict[str, Any]) -> list[dict[str, str]]:
             }
         )
     return out
+
+
+_OPEN_LOOP_HEADER = [
+    "offered req/s",
+    "runs",
+    "achieved /s",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "mean batch",
+    "max batch",
+    "lost/err",
+]
+
+
+def _open_loop_row(name: str, r: dict[str, Any]) -> list[str]:
+    """One open-loop run as a row of `_OPEN_LOOP_HEADER`, after `name`."""
+    lat = r["pooled_latency_ms"]
+    frac = r.get("fraction_of_saturation", r.get("fraction"))
+    return [
+        name,
+        f"{fmt(r['offered_rate'])}" + (f" ({fmt(frac * 100, 0)} % sat.)" if frac is not None else ""),
+        str(r["runs"]),
+        fmt(r["achieved_rate"]),
+        fmt(lat["p50"], 0),
+        fmt(lat["p95"], 0),
+        f"{fmt(lat['p99'], 0)} ({fmt(r['p99_ms']['min'], 0)}–{fmt(r['p99_ms']['max'], 0)})",
+        fmt(r["batch_size_mean"]),
+        fmt(r["batch_size_max"], 0),
+        f"{r['lost']}/{r['errors']}",
+    ]
 
 
 def _service(results: Results) -> View:
@@ -309,41 +361,8 @@ def _service(results: Results) -> View:
                 "preloaded": fmt(ratio(h.saturation, h.preloaded), 2),
             }
         )
-    rows = []
-    for layout in layouts(results):
-        for r in layout_rates(results, layout):
-            lat = r["pooled_latency_ms"]
-            frac = r.get("fraction_of_saturation", r.get("fraction"))
-            rows.append(
-                [
-                    layout,
-                    f"{fmt(r['offered_rate'])}"
-                    + (f" ({fmt(frac * 100, 0)} % sat.)" if frac is not None else ""),
-                    str(r["runs"]),
-                    fmt(r["achieved_rate"]),
-                    fmt(lat["p50"], 0),
-                    fmt(lat["p95"], 0),
-                    f"{fmt(lat['p99'], 0)} ({fmt(r['p99_ms']['min'], 0)}–{fmt(r['p99_ms']['max'], 0)})",
-                    fmt(r["batch_size_mean"]),
-                    fmt(r["batch_size_max"], 0),
-                    f"{r['lost']}/{r['errors']}",
-                ]
-            )
-    open_loop = table(
-        [
-            "layout",
-            "offered req/s",
-            "runs",
-            "achieved /s",
-            "p50 ms",
-            "p95 ms",
-            "p99 ms",
-            "mean batch",
-            "max batch",
-            "lost/err",
-        ],
-        rows,
-    )
+    rows = [_open_loop_row(layout, r) for layout in layouts(results) for r in layout_rates(results, layout)]
+    open_loop = table(["layout", *_OPEN_LOOP_HEADER], rows)
     kept = service.get("knee")
     return {
         "saturation": saturation,
@@ -351,6 +370,91 @@ def _service(results: Results) -> View:
         "ratios": ratios,
         "open_loop": open_loop,
         "knee": fmt(kept) if kept else "none of the tested rates",
+    }
+
+
+def _litserve(results: Results) -> View:
+    data = results.get("litserve")
+    if not data:
+        return None
+    peer = peer_headline(results)
+    rows = []
+    for threads, measured in data.get("threads", {}).items():
+        sat = measured["saturation"]
+        cores = sat.get("cpu_cores") or {}
+        rate = med(sat["images_per_s"])
+        rows.append(
+            [
+                f"{threads}{' (best)' if int(threads) == peer.threads else ''}",
+                fmt(measured["cold_start_s"], 2),
+                fmt(sat["images_per_s"]),
+                fmt(sat["latency_p50_ms"], 0),
+                fmt(sat["latency_p99_ms"], 0),
+                fmt(cpu_ms_per_image(sat, PEER_ROLES)),
+                *(fmt(ratio(med(cores.get(role)) * 1000, rate)) for role in PEER_ROLES),
+                str(sat["errors"]),
+            ]
+        )
+    threads = table(
+        [
+            "intra-op threads",
+            "cold start s",
+            "saturation img/s",
+            "p50 ms",
+            "p99 ms",
+            "CPU ms/img, whole tree",
+            "inference worker ms/img",
+            "front ms/img",
+            "errors",
+        ],
+        rows,
+    )
+    h = headline(results)
+    cold = results.get("cold_start", {}).get("api_and_worker_s")
+    side = table(
+        [
+            "system",
+            "saturation img/s",
+            "CPU ms per image (whole process tree)",
+            "p99 at 25 / 50 / 80 % of own saturation",
+            "p99 at 50 req/s",
+            "cold start s",
+        ],
+        [
+            [
+                layout_label(results, "deployed"),
+                fmt(h.saturation),
+                fmt(h.cpu_ms_per_image),
+                " / ".join(fmt(v, 0) for v in (h.p99_at_25, h.p99_at_50, h.p99_at_80)) + " ms",
+                f"{fmt(h.p99_at_50_rps, 0)} ms",
+                fmt(cold, 2),
+            ],
+            [
+                _peer_label(peer),
+                fmt(peer.saturation),
+                fmt(peer.cpu_ms_per_image),
+                " / ".join(fmt(v, 0) for v in (peer.p99_at_25, peer.p99_at_50, peer.p99_at_80)) + " ms",
+                f"{fmt(peer.p99_at_50_rps, 0)} ms",
+                fmt(data.get("cold_start_s"), 2),
+            ],
+        ],
+    )
+    best = data.get("saturation") or {}
+    backend = data.get("backend") or {}
+    return {
+        "version": data.get("version", "?"),
+        "backend": peer.backend,
+        "backend_source": backend.get("source", "?"),
+        "max_batch_size": data.get("max_batch_size", "?"),
+        "batch_timeout_ms": fmt(data.get("batch_timeout_ms"), 0),
+        "threads": threads,
+        "best_threads": peer.threads,
+        "side_by_side": side,
+        "cpu": _cpu({_peer_label(peer): best}),
+        "open_loop": table(
+            ["system", *_OPEN_LOOP_HEADER],
+            [_open_loop_row(f"LitServe {peer.threads}t", r) for r in data.get("rates", [])],
+        ),
     }
 
 
@@ -657,6 +761,9 @@ _PLAN_KEYS = (
     "front_pairs",
     "slim_runs",
     "slim_jobs",
+    "litserve_threads",
+    "litserve_fractions",
+    "litserve_rates",
 )
 
 
@@ -682,6 +789,7 @@ def render(results: Results, plot_name: str | None = None) -> str:
         limit=_limit(results),
         baselines=_baselines(results),
         service=_service(results),
+        litserve=_litserve(results),
         plot_name=plot_name,
         queue=_queue(results),
         memory=_memory(results),

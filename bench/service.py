@@ -3,7 +3,9 @@
 `python -m bench.service --variant NAME[:KEY=VALUE,...] ...` (see `--help`) compares service variants
 (settings, or another checkout of inferq with ROOT=<path>) in one interleaved run, each on its own
 Valkey, and splits every request's latency into its stages (`request_stages`); TRACE=1 runs that
-variant's worker under `bench.trace_worker` for the stages inside the worker."""
+variant's worker under `bench.trace_worker` for the stages inside the worker. Clients send each image
+in one request (`Prefer: wait`); REQUESTS=2 makes a variant whose clients submit, then long-poll
+(`--variant one --variant two:REQUESTS=2`: both ways, on two services of the same settings)."""
 
 from __future__ import annotations
 
@@ -288,11 +290,11 @@ def request_stages(
     trace: dict[str, dict[str, float]] | None = None,
 ) -> list[dict[str, float]]:
     """Each request's stages (ms), from the client's and the job's own wall-clock times: submit (POST
-    round trip), api→enqueue, queue (enqueue → started by a feeder: queue wait, grab, fetch, start),
-    decode (the job's share of its decode step), forward (its batch's pass), rest (started → ended
-    minus decode and forward: waiting ready, risk marks, hand-over to the writer), end→client (the
-    end's transaction, publish, long-poll wake-up, read, response), total; with a trace, the
-    `TRACED_STAGES` too."""
+    round trip; with one request, the whole of it), api→enqueue, queue (enqueue → started by a
+    feeder: queue wait, grab, fetch, start), decode (the job's share of its decode step), forward
+    (its batch's pass), rest (started → ended minus decode and forward: waiting ready, risk marks,
+    hand-over to the writer), end→client (the end's transaction, publish, long-poll wake-up, read,
+    response), total; with a trace, the `TRACED_STAGES` too."""
     rows: list[dict[str, float]] = []
     for e in extras:
         enqueued, started, ended = (_stamp(e.get(k)) for k in ("enqueued_at", "started_at", "ended_at"))
@@ -352,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         "--variant",
         action="append",
         required=True,
-        help="NAME[:KEY=VALUE,...] environment of api and worker; ROOT=<checkout> runs that code",
+        help="NAME[:KEY=VALUE,...] environment of api and worker; ROOT=<checkout> runs that code; "
+        "REQUESTS=2: clients submit then long-poll (default 1: one request, `Prefer: wait`)",
     )
     parser.add_argument("--rates", default="", help="absolute req/s, comma-separated")
     parser.add_argument("--fractions", default="", help="fractions of each variant's own saturation")
@@ -369,12 +372,17 @@ def main(argv: list[str] | None = None) -> int:
     variants = [_variant(v) for v in args.variant]
     args.workdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"variants": dict(variants), "saturation": {}, "rates": {}}
+    prefer: dict[str, bool] = {}  # per variant: its clients send one request (Prefer: wait)
     with contextlib.ExitStack() as stack:
         stacks = {}
         for name, env in variants:
             server = stack.enter_context(EmbeddedRedis(args.workdir / f"redis-{name}", appendonly=False))
             root = Path(env.pop("ROOT")) if "ROOT" in env else None
             trace = args.workdir / f"trace-{name}.jsonl" if env.pop("TRACE", "") else None
+            requests = env.pop("REQUESTS", "1")
+            if requests not in ("1", "2"):
+                parser.error(f"{name}: REQUESTS must be 1 (Prefer: wait) or 2 (submit, long-poll)")
+            prefer[name] = requests == "1"
             worker_cmd = [PY, "-m", "bench.trace_worker", "--out", str(trace)] if trace else None
             if root is not None:
                 env.setdefault("ARTIFACT_DIR", str(get_settings().artifact_dir))
@@ -396,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
                 svc.check_alive()
                 meter = svc.cpu_meter(server.pid)
                 meter.start()
-                r = run_closed_loop(svc.target(images), args.clients, args.sat_seconds, warmup=2.0)
+                target = svc.target(images, prefer_wait=prefer[name])
+                r = run_closed_loop(target, args.clients, args.sat_seconds, warmup=2.0)
                 used = meter.stop()
                 s = r.summary()
                 per_img = {k: used[k] / max(r.ok, 1) * 1000 for k in ("worker", "api", "redis", "client")}
@@ -420,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
                     svc, server, trace = stacks[name]
                     svc.check_alive()
                     rate = value if kind == "rate" else round(value * sat[name], 1)
-                    r = run_open_loop(svc.target(images), rate, args.seconds, seed=round_ * 100 + i)
+                    target = svc.target(images, prefer_wait=prefer[name])
+                    r = run_open_loop(target, rate, args.seconds, seed=round_ * 100 + i)
                     s = r.summary()
                     ids = [e["id"] for e in r.extras]
                     rows = request_stages(r.extras, _preprocess_ms(server.url, ids), read_trace(trace))

@@ -1,8 +1,8 @@
 """The targets `make bench` judges, and the figures they are judged on, from one run's results.
 
 Pure functions of the results dict that `python -m bench` writes (`results.json`): `headline`
-(the figures of one service layout), `evaluate` (one `TargetRow` per target), plus the analysis
-helpers the run itself uses (`knee`, `rss_growth`).
+(the figures of one service layout), `peer_headline` (the LitServe phase's), `evaluate` (one
+`TargetRow` per target), plus the analysis helpers the run itself uses (`knee`, `rss_growth`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,15 @@ SAT_VS_FORKING = 4.0
 SAT_VS_PRELOADED = 1.5
 P99_AT_25_MS = 25.0
 P99_AT_80_MS = 50.0
+# Against the LitServe phase of the same run: CPU per image at saturation (whole process tree) at most
+# this fraction of LitServe's, saturation at least this multiple, p99 at 50 req/s below LitServe's.
+CPU_VS_LITSERVE = 0.9
+SAT_VS_LITSERVE = 1.2
+P99_VS_LITSERVE = 1.0
+# The process groups of a saturation run's `cpu_cores` that make up the whole service: inferq's
+# (bench.service.Stack.cpu_meter) and LitServe's (bench.peer.PeerServer.cpu_meter).
+SERVICE_ROLES = ("worker", "api", "redis")
+PEER_ROLES = ("worker", "front")
 # The fractions of saturation the latency targets are judged at (the service phase runs these).
 LATENCY_FRACTIONS = (0.25, 0.8)
 # Fixed offered rates reported with their errors and p99 (zero errors expected).
@@ -62,6 +71,24 @@ class Headline:
     p99_at_25: float
     p99_at_50: float
     p99_at_80: float
+    cpu_ms_per_image: float  # at saturation, the whole service (SERVICE_ROLES)
+    p99_at_50_rps: float  # offered 50 req/s
+
+
+@dataclass(frozen=True)
+class PeerHeadline:
+    """The LitServe phase's figures (its best thread setting; medians over runs), nan when not run."""
+
+    version: str
+    backend: str
+    threads: int
+    saturation: float
+    cpu_ms_per_image: float  # at saturation, the whole process tree (PEER_ROLES)
+    p99_at_25: float
+    p99_at_50: float
+    p99_at_80: float
+    p99_at_50_rps: float
+    cold_start_s: float
 
 
 def med(summary: Any) -> float:
@@ -90,6 +117,43 @@ def rate_at(rates: list[dict[str, Any]], fraction: float, tolerance: float = 0.0
         if abs(f - fraction) <= gap:
             best, gap = r, abs(f - fraction)
     return best
+
+
+def run_at_rate(rates: list[dict[str, Any]], rate: float) -> dict[str, Any] | None:
+    """The open-loop run offered `rate` req/s (within 3 %)."""
+    return next((r for r in rates if abs(r["offered_rate"] - rate) <= 0.03 * rate), None)
+
+
+def p99(run: dict[str, Any] | None) -> float:
+    """The pooled p99 of an open-loop run; nan when there is none."""
+    return float(run["pooled_latency_ms"]["p99"]) if run else math.nan
+
+
+def cpu_ms_per_image(saturation: dict[str, Any], roles: tuple[str, ...]) -> float:
+    """CPU ms per image at saturation, summed over the process groups `roles` (cores busy ÷ img/s)."""
+    cores = saturation.get("cpu_cores") or {}
+    if not cores or not all(role in cores for role in roles):
+        return math.nan
+    return ratio(sum(med(cores[role]) for role in roles) * 1000, med(saturation.get("images_per_s")))
+
+
+def peer_headline(results: Results) -> PeerHeadline:
+    """The LitServe phase's figures, as `headline` gives inferq's."""
+    peer = results.get("litserve") or {}
+    rates = peer.get("rates") or []
+    backend = peer.get("backend") or {}
+    return PeerHeadline(
+        version=peer.get("version", ""),
+        backend=f"{backend.get('backend', '?')} {backend.get('version', '')}".strip(),
+        threads=int(peer.get("best_threads", 0)),
+        saturation=med((peer.get("saturation") or {}).get("images_per_s")),
+        cpu_ms_per_image=cpu_ms_per_image(peer.get("saturation") or {}, PEER_ROLES),
+        p99_at_25=p99(rate_at(rates, 0.25)),
+        p99_at_50=p99(rate_at(rates, 0.5)),
+        p99_at_80=p99(rate_at(rates, 0.8)),
+        p99_at_50_rps=p99(run_at_rate(rates, REPORTED_RATES[0])),
+        cold_start_s=med(peer.get("cold_start_s")),
+    )
 
 
 def layouts(results: Results) -> dict[str, dict[str, Any]]:
@@ -129,7 +193,8 @@ def headline(results: Results, layout: str = "deployed") -> Headline:
     allocator = layouts(results).get(layout, {}).get("allocator", "glibc")
     base = results.get("baselines", {})
     service = results.get("service", {})
-    sat = med(service.get("saturation", {}).get(layout, {}).get("images_per_s"))
+    saturation = service.get("saturation", {}).get(layout, {})
+    sat = med(saturation.get("images_per_s"))
     ts_sat = med(service.get("saturation", {}).get("torchscript", {}).get("images_per_s"))
     rates = layout_rates(results, layout)
     at25, at50, at80 = rate_at(rates, 0.25), rate_at(rates, 0.5), rate_at(rates, 0.8)
@@ -154,9 +219,11 @@ def headline(results: Results, layout: str = "deployed") -> Headline:
         preloaded=med(base.get("preloaded", {}).get("images_per_s")),
         saturation=sat,
         torchscript_saturation=ts_sat,
-        p99_at_25=at25["pooled_latency_ms"]["p99"] if at25 else math.nan,
-        p99_at_50=at50["pooled_latency_ms"]["p99"] if at50 else math.nan,
-        p99_at_80=at80["pooled_latency_ms"]["p99"] if at80 else math.nan,
+        p99_at_25=p99(at25),
+        p99_at_50=p99(at50),
+        p99_at_80=p99(at80),
+        cpu_ms_per_image=cpu_ms_per_image(saturation, SERVICE_ROLES),
+        p99_at_50_rps=p99(run_at_rate(rates, REPORTED_RATES[0])),
     )
 
 
@@ -165,6 +232,23 @@ def _row(name: str, value: float, threshold: str, ok: bool, unit: str = "") -> T
 
 
 SAT_VS_LIMIT_TARGET = "saturation / limit (best one-process pipeline: any backend, allocator, threads, batch)"
+
+
+CPU_VS_LITSERVE_TARGET = "CPU ms per image at saturation, whole service ÷ LitServe's (whole process tree)"
+SAT_VS_LITSERVE_TARGET = "saturation ÷ LitServe's (same model, decode, backend; batch 8)"
+P99_VS_LITSERVE_TARGET = "p99 at 50 req/s offered ÷ LitServe's"
+
+
+def litserve_targets(h: Headline, peer: PeerHeadline) -> list[TargetRow]:
+    """inferq (one layout's headline) against the LitServe phase of the same run."""
+    cpu = ratio(h.cpu_ms_per_image, peer.cpu_ms_per_image)
+    sat = ratio(h.saturation, peer.saturation)
+    tail = ratio(h.p99_at_50_rps, peer.p99_at_50_rps)
+    return [
+        _row(CPU_VS_LITSERVE_TARGET, cpu, f"≤ {CPU_VS_LITSERVE}", cpu <= CPU_VS_LITSERVE, "×"),
+        _row(SAT_VS_LITSERVE_TARGET, sat, f"≥ {SAT_VS_LITSERVE}", sat >= SAT_VS_LITSERVE, "×"),
+        _row(P99_VS_LITSERVE_TARGET, tail, f"< {P99_VS_LITSERVE:.0f}", tail < P99_VS_LITSERVE, "×"),
+    ]
 
 
 def service_targets(results: Results, layout: str = "deployed") -> list[TargetRow]:
@@ -208,6 +292,7 @@ def service_targets(results: Results, layout: str = "deployed") -> list[TargetRo
             h.p99_at_80 <= P99_AT_80_MS,
             "ms",
         ),
+        *litserve_targets(h, peer_headline(results)),
     ]
 
 
@@ -215,15 +300,12 @@ def fixed_rate_targets(results: Results, layout: str = "deployed") -> list[Targe
     """The fixed offered rates the targets ask to be reported: zero errors, p99 shown as the value."""
     rows = []
     for rate in REPORTED_RATES:
-        run = next(
-            (r for r in layout_rates(results, layout) if abs(r["offered_rate"] - rate) <= 0.03 * rate), None
-        )
-        p99 = run["pooled_latency_ms"]["p99"] if run else math.nan
+        run = run_at_rate(layout_rates(results, layout), rate)
         failed = run["errors"] + run["lost"] if run else 0
         rows.append(
             _row(
                 f"{rate:.0f} req/s offered: p99, with zero errors",
-                p99,
+                p99(run),
                 f"0 errors + lost (measured {failed})" if run else "0 errors + lost",
                 failed == 0,
                 "ms",

@@ -4,6 +4,9 @@
     inferq classify backlog/ --priority low --deadline-ms 60000
     inferq status <job-id> --wait 30
 
+Each image is one request when it ends within 30 s (`Client.classify`: `Prefer: wait`), else its
+submit is followed by long-polls.
+
 Exit codes: 0 every image finished; 1 any image failed or was refused (or `status` of a failed, expired,
 canceled or unknown job); 2 usage error, or the service cannot be reached / refuses the API key.
 """
@@ -270,6 +273,8 @@ def _progress_bar(total: int) -> Any:
 
 
 def run_status(client: Client, args: argparse.Namespace) -> int:
+    if not args.job_id:
+        raise UsageError("a job id is required: inferq status <job-id>")
     _preflight(client, need_workers=False)
     try:
         result = client.wait(args.job_id, args.wait) if args.wait else client.get(args.job_id)

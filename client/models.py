@@ -56,10 +56,13 @@ class JobRef:
 
 @dataclass(frozen=True, slots=True)
 class Readiness:
-    """`GET /readyz`: ready means Redis answers and at least one worker has its model loaded."""
+    """`GET /readyz`: ready means Redis answers, at least one worker has its model loaded and the
+    workers are not suspended. `status` is the answer's own: `ready`, `suspended` (`rq suspend` holds
+    the workers: `rq resume` frees them) or `unavailable`."""
 
     ready: bool
     reason: str | None = None
+    status: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

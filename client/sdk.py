@@ -5,6 +5,11 @@ honouring `Retry-After` (else capped, jittered backoff). A submission always car
 `Idempotency-Key` (a fresh uuid4 unless the caller gives one), so retrying a POST whose reply was
 lost can never queue the same image twice.
 
+One request: `classify` asks the api to answer its submit with the ended job (`Prefer: wait`,
+RFC 7240), so a job that ends within the wait costs one HTTP exchange; otherwise (a longer job, a
+server that ignores the preference) it long-polls as after a plain submit. `prefer_wait=False`
+sends a plain submit and long-polls always.
+
 Failed jobs: `classify` raises `JobFailed` (the full JobResult is on `.result`), so its return
 value is always a finished job with predictions. `get`/`wait` return jobs in any status; check
 `.ok` / `.terminal`. `classify_many` yields, per input, a finished JobResult or a ClientError.
@@ -12,6 +17,7 @@ value is always a finished job with predictions. `get`/`wait` return jobs in any
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -66,6 +72,7 @@ class Client:
     timeout: seconds for one HTTP request (connect and read); a long-poll adds its wait to it.
     max_retries: retries of one request on 429/502/503/504 or a connection failure (0 = none).
     max_retry_wait: a `Retry-After` longer than this is not slept through: the error is raised.
+    prefer_wait: `classify` submits with `Prefer: wait` (one request when the job ends within it).
     """
 
     def __init__(
@@ -78,6 +85,7 @@ class Client:
         max_retry_wait: float = 60.0,
         pool_size: int = 16,
         session: requests.Session | None = None,
+        prefer_wait: bool = True,
     ) -> None:
         base = (url or os.environ.get("INFERQ_URL") or DEFAULT_URL).strip().rstrip("/")
         if not base.startswith(("http://", "https://")):
@@ -88,6 +96,7 @@ class Client:
         self.timeout = timeout
         self.max_retries = max_retries
         self.max_retry_wait = max_retry_wait
+        self.prefer_wait = prefer_wait
         self._owns_session = session is None
         self._session = session or requests.Session()
         self._pool_size = 0
@@ -130,7 +139,7 @@ class Client:
         batch). deadline_ms: milliseconds from now within which a worker must START the job; if
         none can, it ends `expired` (error `deadline_expired`) without running. The api refuses
         values outside its range with InvalidInput (`invalid_priority`, `invalid_deadline`)."""
-        return self._submit(image, top_k, idempotency_key, priority, deadline_ms, deadline=None)
+        return self._submit(image, top_k, idempotency_key, priority, deadline_ms, deadline=None)[0]
 
     def get(self, job_id: str, wait: float | None = None) -> JobResult:
         """The job now, or, with `wait` (seconds, at most the server's MAX_WAIT_SECONDS, 30 by
@@ -157,8 +166,11 @@ class Client:
         (the job is left running: fetch it later by `.job_id`). `priority`, `deadline_ms`: as
         for `submit`."""
         deadline = time.monotonic() + timeout
-        ref = self._submit(image, top_k, idempotency_key, priority, deadline_ms, deadline=deadline)
-        result = self._wait(ref.id, deadline)
+        wait = math.floor(min(MAX_LONG_POLL_SECONDS, timeout)) if self.prefer_wait else 0
+        ref, ended = self._submit(
+            image, top_k, idempotency_key, priority, deadline_ms, deadline=deadline, wait=wait
+        )
+        result = ended if ended is not None and ended.terminal else self._wait(ref.id, deadline)
         if not result.terminal:
             raise JobTimeout(
                 f"job {ref.id} is still {result.status} after {timeout:g} s", code="timeout", job_id=ref.id
@@ -217,7 +229,9 @@ class Client:
         """`GET /readyz`: not-ready (503) is an answer, not an error; Unavailable if unreachable."""
         response = self._request("GET", "/readyz", retries=0, accept=frozenset({503}))
         body = _json_or_empty(response)
-        return Readiness(ready=response.status_code == 200, reason=body.get("reason"))
+        return Readiness(
+            ready=response.status_code == 200, reason=body.get("reason"), status=body.get("status")
+        )
 
     # --- internals -------------------------------------------------------------------------------
 
@@ -229,7 +243,10 @@ class Client:
         priority: str | None,
         deadline_ms: int | None,
         deadline: float | None,
-    ) -> JobRef:
+        wait: int = 0,
+    ) -> tuple[JobRef, JobResult | None]:
+        """The job's reference, and with `wait` (whole seconds, `Prefer: wait`) the ended job when
+        the api answered with it (a 200)."""
         data = _read_image(image)
         headers = {
             # The api sniffs the bytes; the type only tells it this is a raw body, not a form.
@@ -243,15 +260,24 @@ class Client:
             params["priority"] = priority
         if deadline_ms is not None:
             params["deadline_ms"] = deadline_ms
+        if wait > 0:
+            headers["Prefer"] = f"wait={wait}"
         response = self._request(
-            "POST", "/v1/jobs", params=params, data=data, headers=headers, deadline=deadline
+            "POST",
+            "/v1/jobs",
+            params=params,
+            data=data,
+            headers=headers,
+            read_timeout=self.timeout + wait,  # the server holds the request up to `wait` seconds
+            deadline=deadline,
         )
         body = _json_object(response)
         job_id = body.get("id")
         if not isinstance(job_id, str) or not job_id:
             raise ClientError(f"the reply names no job: {response.text[:200]!r}", code="bad_response")
         # The api's `url` is a path from its root; built from our base it also works behind a prefix.
-        return JobRef(id=job_id, url=self.url + _job_path(job_id), status=str(body.get("status", "queued")))
+        ref = JobRef(id=job_id, url=self.url + _job_path(job_id), status=str(body.get("status", "queued")))
+        return ref, _job_result(response) if wait > 0 and response.status_code == 200 else None
 
     def _get(self, job_id: str, wait: float | None, deadline: float | None) -> JobResult:
         params: dict[str, str] = {}

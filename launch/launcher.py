@@ -8,13 +8,18 @@
    worker that dies) under `launch.supervisor`, from the project root, with the current
    interpreter's bin dir first on PATH and the project root on PYTHONPATH.
 4. Waits (at most `--ready-timeout`, 180 s) until `http://HOST:PORT/readyz` answers 200, printing
-   progress; then prints the URL, an example and the cold-start time, and keeps running. If a
-   process exits first, or readiness never comes, it stops everything and exits 1 with the tail
-   of the processes' output.
+   progress; then prints the URL, examples, where the dashboard (/rq) and /metrics are and which
+   key opens them, and the cold-start time, and keeps running. A /readyz that answers 503 because
+   the workers are suspended (`rq:suspended`, which the embedded Redis keeps in its AOF) counts as
+   up: the banner then says so, with the `rq resume` command. If a process exits first, or
+   readiness never comes, it stops everything and exits 1 with the tail of the processes' output.
 5. On Ctrl-C / SIGTERM (whatever is being printed at that moment): SIGTERM to each process group
    (gunicorn drains its requests, the pool stops its workers after their batch), SIGKILL to what
    is left after `API_GRACEFUL_TIMEOUT` + a margin; the Redis server is stopped last and the
-   launcher exits 0. A second Ctrl-C kills the processes at once; a third exits the launcher at once.
+   launcher exits 0. Signals within `SAME_REQUEST_SECONDS` (1 s) of the first are copies of the same
+   stop request (`kill -TERM -- -<pgid>` on `make up` reaches the launcher twice: make forwards it);
+   a second request (a Ctrl-C 1 s or more later) kills the processes at once; a third exits the
+   launcher at once.
 
 Process tree: launcher ─┬─ valkey-server (own process group)
                         ├─ gunicorn master ── gunicorn workers         (own session)
@@ -31,6 +36,7 @@ import contextlib
 import http.client
 import json
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -46,7 +52,7 @@ from honcho.environ import parse_procfile
 from pydantic import ValidationError
 
 from launch.processes import TCMALLOC, proc_table
-from launch.supervisor import Child, Event, Supervisor
+from launch.supervisor import SAME_REQUEST_SECONDS, Child, Event, Supervisor
 from shared.bind_policy import BindNotAllowed, check_bind_allowed
 from shared.config import PROJECT_ROOT, Settings, get_settings
 from shared.redis_conn import redact_url
@@ -59,6 +65,8 @@ KILL_MARGIN_SECONDS = 10
 # The readiness probes carry this User-Agent, and their access-log lines are not shown: the
 # launcher reports progress itself.
 PROBE_USER_AGENT = "inferq-launcher-readyz"
+# /readyz's `status` while the workers are suspended (api/health.py): the service is up all the same.
+READYZ_SUSPENDED = "suspended"
 # This many child processes of one Procfile process (pool workers, gunicorn workers) dying before
 # the service is ready means a crash loop (e.g. no artifact): stop at once rather than at the timeout.
 CRASH_LOOP_DEATHS = 3
@@ -159,9 +167,11 @@ class Readiness:
         deaths = _ChildDeaths()
         self._say(f"waiting for {readyz} (at most {self.timeout:.0f} s)")
         while not self.done.is_set():
-            status, reason = _probe(opener, readyz)
-            if status == 200:
-                self.supervisor.post(Event("ready", f"{time.monotonic() - self.started:.1f}"))
+            code, status, reason = _probe(opener, readyz)
+            if code == 200 or (code == 503 and status == READYZ_SUSPENDED):
+                # Suspended workers are up (and may stay suspended for good): announce them, saying so.
+                kind = "ready" if code == 200 else "suspended"
+                self.supervisor.post(Event(kind, f"{time.monotonic() - self.started:.1f}"))
                 return
             died = deaths.update({c.name: c.pid for c in self.supervisor.children.values()})
             for name, count in died.items():
@@ -185,14 +195,45 @@ class Readiness:
             self.done.wait(0.5)
 
 
-def announcement(url: str, cold_start: str, auth: bool) -> str:
-    key = "-H 'Authorization: Bearer <key>' " if auth else ""
+def operator_routes(settings: Settings) -> str:
+    """Who /rq and /metrics let in, as `api.auth.authenticate_operator` decides."""
+    if settings.operator_keys:
+        return (
+            "need an OPERATOR_KEYS key (-H 'Authorization: Bearer <operator key>'; a browser logs in "
+            "to /rq with HTTP Basic: any user name, the key as password)"
+        )
+    if settings.auth_enabled:
+        return "closed: API_KEYS is set and OPERATOR_KEYS is not (tenant keys do not open them)"
+    return "open: no keys are configured (the api listens on loopback only)"
+
+
+def resume_command(redis_url: str) -> str:
+    """The `rq resume` that lifts a suspension on this Redis (its password, if any, masked)."""
+    rq = Path(sys.executable).parent / "rq"  # the rq of this environment, on PATH or not
+    return f"{shlex.quote(str(rq)) if rq.exists() else 'rq'} resume --url {redact_url(redis_url)}"
+
+
+def announcement(url: str, cold_start: str, settings: Settings, redis_url: str, suspended: bool) -> str:
+    key = "-H 'Authorization: Bearer <key>' " if settings.auth_enabled else ""
+    if suspended:
+        head = (
+            f"\ninferq up at {url} (cold start {cold_start} s), but the workers are suspended "
+            "(rq:suspended is set, by `rq suspend`; Redis keeps it across restarts): they take no job and "
+            "/readyz answers 503 until you run\n"
+            f"  resume:    {resume_command(redis_url)}\n"
+        )
+    else:
+        head = f"\ninferq ready at {url} (cold start {cold_start} s)\n"
     return (
-        f"\ninferq ready at {url} (cold start {cold_start} s)\n"
-        f"  submit:  curl {key}-F image=@photo.jpg {url}/v1/jobs\n"
-        f"  result:  curl {key}'{url}/v1/jobs/<id>?wait=10'\n"
-        f"  docs:    {url}/openapi.json\n"
-        "Ctrl-C stops everything.\n\n"
+        f"{head}"
+        f"  submit:    curl {key}-F image=@photo.jpg {url}/v1/jobs\n"
+        f"  result:    curl {key}'{url}/v1/jobs/<id>?wait=10'\n"
+        f"  docs:      {url}/openapi.json\n"
+        f"  dashboard: {url}/rq/\n"
+        f"  metrics:   {url}/metrics\n"
+        f"  /rq and /metrics {operator_routes(settings)}\n"
+        f"Ctrl-C stops everything gracefully; a second Ctrl-C, {SAME_REQUEST_SECONDS:g} s or more later, "
+        "kills at once.\n\n"
     )
 
 
@@ -215,18 +256,20 @@ class _ChildDeaths:
         return {name: len(pids) for name, pids in self.dead.items()}
 
 
-def _probe(opener: urllib.request.OpenerDirector, url: str) -> tuple[int | None, str]:
+def _probe(opener: urllib.request.OpenerDirector, url: str) -> tuple[int | None, str | None, str]:
+    """/readyz's HTTP status, the `status` of its body and its reason (None, None, why: no answer)."""
     try:
         with opener.open(url, timeout=2) as response:
-            return response.status, "ready"
+            return response.status, "ok", "ready"
     except urllib.error.HTTPError as exc:
         try:
-            reason = json.loads(exc.read() or b"{}").get("reason") or f"HTTP {exc.code}"
+            body = json.loads(exc.read() or b"{}")
+            status, reason = body.get("status"), body.get("reason") or f"HTTP {exc.code}"
         except (ValueError, AttributeError, OSError):
-            reason = f"HTTP {exc.code}"
-        return exc.code, str(reason)
+            status, reason = None, f"HTTP {exc.code}"
+        return exc.code, status if isinstance(status, str) else None, str(reason)
     except (OSError, ValueError, http.client.HTTPException) as exc:
-        return None, f"the api does not answer yet ({getattr(exc, 'reason', exc)})"
+        return None, None, f"the api does not answer yet ({getattr(exc, 'reason', exc)})"
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -269,7 +312,7 @@ def supervise(
     url: str,
     ready_timeout: float,
     started: float,
-    auth: bool,
+    settings: Settings,
     kill_after: float,
 ) -> Outcome:
     """Start the Procfile's processes, announce readiness, and run until a stop; stop them all."""
@@ -279,9 +322,10 @@ def supervise(
     def on_event(event: Event) -> bool:
         if event.kind == "say":
             supervisor.say(event.text)
-        elif event.kind == "ready":
+        elif event.kind in ("ready", "suspended"):
             outcome.ready_after = event.text
-            supervisor.raw(announcement(url, event.text, auth))
+            suspended = event.kind == "suspended"
+            supervisor.raw(announcement(url, event.text, settings, env["REDIS_URL"], suspended))
         elif event.kind == "fail":
             outcome.failure, outcome.culprit = event.text, event.culprit
             return True
@@ -349,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                 url,
                 args.ready_timeout,
                 started,
-                settings.auth_enabled,
+                settings,
                 kill_after,
             )
     except Exception as exc:  # EmbeddedRedisError and the like: say it in one line, no traceback
@@ -364,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
             supervisor.say(
                 f"warning: {', '.join(outcome.killed)} did not stop within {kill_after:.0f} s and was killed"
             )
+        if supervisor.stop_requests > 1:
+            supervisor.say("a second stop request: every process was killed at once")
         supervisor.say(f"stopped ({signal.Signals(outcome.stop_signal).name})")
         return EXIT_OK
     tails = {name: child.tail for name, child in supervisor.children.items()}

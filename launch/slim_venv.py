@@ -27,15 +27,17 @@ def cache_root() -> Path:
     return Settings().cache_dir
 
 
-def slim_venv_path(cache: Path) -> Path:
-    """The venv's folder for the current requirements-worker.txt and this Python."""
-    key = hashlib.sha256(REQUIREMENTS.read_bytes() + sys.version.encode()).hexdigest()[:16]
-    return cache / f"venv-worker-{key}"
+def slim_venv_path(cache: Path, requirements: Path = REQUIREMENTS, prefix: str = "venv-worker") -> Path:
+    """The venv's folder for the current requirements-worker.txt (or another pinned file: the bench's
+    LitServe peer has its own) and this Python."""
+    key = hashlib.sha256(requirements.read_bytes() + sys.version.encode()).hexdigest()[:16]
+    return cache / f"{prefix}-{key}"
 
 
-def slim_venv(cache: Path) -> Path:
-    """The cached venv for the current requirements-worker.txt; built (once) if missing."""
-    venv = slim_venv_path(cache)
+def slim_venv(cache: Path, requirements: Path = REQUIREMENTS, prefix: str = "venv-worker") -> Path:
+    """The cached venv for the current requirements-worker.txt (or `requirements`, its folder named
+    `prefix`-<hash>); built (once) if missing."""
+    venv = slim_venv_path(cache, requirements, prefix)
     if (venv / ".complete").exists():
         return venv
     shutil.rmtree(venv, ignore_errors=True)
@@ -43,7 +45,7 @@ def slim_venv(cache: Path) -> Path:
     # The venv module of the running interpreter: the same Python, without its packages.
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, "-r", str(REQUIREMENTS)], check=True, timeout=1800)
+    subprocess.run([*pip, "-r", str(requirements)], check=True, timeout=1800)
     (venv / ".complete").touch()  # only after a complete install: an interrupted one is redone
     return venv
 

@@ -4,12 +4,18 @@ Why not honcho's `Manager`: adapting it meant overriding its private hooks, and 
 print (they take the printer's lock), so a SIGTERM that landed while the main thread held that
 lock deadlocked the launcher. Here:
 
-- Signal handlers never do I/O and never take a lock. The first SIGINT/SIGTERM records itself and
-  sends SIGTERM to every command (`os.kill`, async-signal-safe), so the stop starts even if the
-  main thread is stuck writing to a console nobody reads; a second one SIGKILLs every group; a
-  third one exits at once (`os._exit`: for a main thread blocked on a console that is never read;
-  the embedded Valkey then gets its parent-death SIGTERM and shuts down cleanly).
-  `signal.set_wakeup_fd` wakes the main loop's `select`.
+- Signal handlers never do I/O and never take a lock (they read the monotonic clock, set
+  attributes and call `os.kill`). The first SIGINT/SIGTERM records itself and sends SIGTERM to
+  every command, so the stop starts even if the main thread is stuck writing to a console nobody
+  reads; a second stop request SIGKILLs every group; a third one exits at once (`os._exit`: for a
+  main thread blocked on a console that is never read; the embedded Valkey then gets its
+  parent-death SIGTERM and shuts down cleanly). `signal.set_wakeup_fd` wakes the main loop's
+  `select`.
+- One stop request can arrive as several signals: `kill -TERM -- -<pgid>` on `make up` (what
+  `docker stop`, systemd and CI runners send) reaches the launcher once from the group kill and
+  once more from make, which forwards SIGTERM to its children. So every SIGINT/SIGTERM within
+  SAME_REQUEST_SECONDS of the first signal of a request is a copy of it and changes nothing; only
+  a signal after that window is a new request (a deliberate second Ctrl-C).
 - A graceful stop signals the command only, not its group: gunicorn and RQ's worker pool stop
   their own children in their own way (a worker that got both the group's SIGTERM and its pool's
   SIGINT could hang in RQ's shutdown). What is still running after the grace period, orphans
@@ -54,8 +60,12 @@ LAUNCHER = "launcher"
 # How often the main loop looks at its children when nothing is printed.
 TICK_SECONDS = 0.2
 _READ_CHUNK = 65536
-# The exit code after a third stop signal (128 + SIGTERM's number, as a shell reports a kill).
+# The exit code after a third stop request (128 + SIGTERM's number, as a shell reports a kill).
 EXIT_ABANDONED = 143
+# Signals this close (seconds) to the first signal of a stop request are copies of that request
+# (a process group's SIGTERM plus make's forwarded one arrive within milliseconds, even on a
+# loaded machine); a person who means a second Ctrl-C presses it later than this.
+SAME_REQUEST_SECONDS = 1.0
 
 
 @dataclass
@@ -83,7 +93,7 @@ class Child:
 class Event:
     """Something another thread tells the main loop: a line to print, or a verdict."""
 
-    kind: str  # "say", "ready" or "fail"
+    kind: str  # "say", "ready", "suspended" (up, its workers suspended) or "fail"
     text: str = ""
     culprit: str | None = None
 
@@ -106,7 +116,9 @@ class Supervisor:
         for name in names:
             self.children[name] = Child(name, "", next(colours))
         self.stop_signal: int | None = None
-        self.signals_received = 0
+        # Stop requests so far: 1 a graceful stop, 2 a kill, 3 an exit (`_on_signal`).
+        self.stop_requests = 0
+        self._request_began: float | None = None  # time.monotonic() of the current request's first signal
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -130,12 +142,16 @@ class Supervisor:
             signal.set_wakeup_fd(self._old_wakeup_fd)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        # No I/O, no locks, no allocation that can block: attributes and os.killpg only.
-        self.signals_received += 1
+        # No I/O, no locks, no allocation that can block: the clock, attributes and os.kill only.
+        now = time.monotonic()
+        if self._request_began is not None and now - self._request_began < SAME_REQUEST_SECONDS:
+            return  # a copy of the request being served (see the module's docstring)
+        self._request_began = now
+        self.stop_requests += 1
         if self.stop_signal is None:
             self.stop_signal = signum
-        escalate = self.signals_received > 1
-        if self.signals_received > 2:
+        escalate = self.stop_requests > 1
+        if self.stop_requests > 2:
             os._exit(EXIT_ABANDONED)
         for child in self.children.values():
             if child.proc is not None and (escalate or not child.stop_sent):

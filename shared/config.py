@@ -175,7 +175,11 @@ class Settings(BaseSettings):
     )
     result_ttl: int = Field(default=3600, ge=1, description="Seconds a finished job and its result are kept.")
     failure_ttl: int = Field(default=24 * 3600, ge=1, description="Seconds a failed job is kept.")
-    max_wait_seconds: float = Field(default=30.0, gt=0, description="Longest long-poll `?wait=` accepted.")
+    max_wait_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest long-poll `?wait=` accepted; a submit's `Prefer: wait` is shortened to it.",
+    )
 
     # --- Worker liveness ------------------------------------------------------------------------
     heartbeat_seconds: float = Field(
@@ -287,8 +291,9 @@ class Settings(BaseSettings):
     long_polls_per_key: int = Field(
         default=2000,
         ge=1,
-        description="Concurrent long-polls (`?wait=`) one API key (or client address) may hold, over all api "
-        "processes (counted in Redis). Refusal: 429 `long_poll_limit`.",
+        description="Concurrent long-polls (`?wait=`, and submits waiting with `Prefer: wait`) one API key "
+        "(or client address) may hold, over all api processes (counted in Redis). Refusal: 429 "
+        "`long_poll_limit` (a submit's wait is declined instead: its 202 at once).",
     )
     long_poll_recheck_seconds: float = Field(
         default=1.0,

@@ -26,3 +26,12 @@ DEADLINE_EXPIRED = "deadline_expired"
 WORKER_CRASHED = "worker_crashed"
 # A failed job whose error is this code spent more than JOB_TIMEOUT being decoded and in forward passes.
 JOB_TIMEOUT = "job_timeout"
+# A failed job that carries none of inferq's codes was failed by RQ itself, not by inferq's code:
+# RQ's registry cleanup of a dead worker's job (which `rq info` and dashboards run), a plain RQ
+# worker. The api shows it with this code, and the workers' maintenance counts it under it
+# (`worker.failed_elsewhere`), writing it into the job.
+FAILED_BY_RQ = "internal_error"
+FAILED_BY_RQ_MESSAGE = (
+    "The job was failed by RQ itself, not by an inferq worker (e.g. RQ's registry cleanup of a job "
+    "whose worker died, run by `rq info` or a dashboard)."
+)

@@ -36,6 +36,8 @@ from shared.config import Settings
 # which this module imports, names them too); readers import them from here.
 from shared.job_meta import (  # noqa: F401 (re-exported)
     DEADLINE_EXPIRED,
+    FAILED_BY_RQ,
+    FAILED_BY_RQ_MESSAGE,
     JOB_TIMEOUT,
     META_ATTEMPTS,
     META_BATCH_ID,
@@ -84,12 +86,16 @@ def result_payload(predictions: list[dict[str, Any]], model_info: Mapping[str, A
     return {"predictions": predictions, "model": dict(model_info)}
 
 
-def timings(queue_ms: float, preprocess_ms: float, inference_ms: float, batch_size: int) -> dict[str, Any]:
-    """`job.meta[META_TIMINGS]` of a job that ran (ms rounded to the microsecond)."""
+def timings(
+    queue_ms: float, preprocess_ms: float, inference_ms: float | None, batch_size: int | None
+) -> dict[str, Any]:
+    """`job.meta[META_TIMINGS]` of a job that a worker started (ms rounded to the microsecond).
+    `inference_ms` and `batch_size` are its forward pass's: None for a job that had none (its image
+    failed to decode or was gone, or it timed out before its pass ended)."""
     return {
         "queue_ms": round(queue_ms, 3),
         "preprocess_ms": round(preprocess_ms, 3),
-        "inference_ms": round(inference_ms, 3),
+        "inference_ms": None if inference_ms is None else round(inference_ms, 3),
         "batch_size": batch_size,
     }
 

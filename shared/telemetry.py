@@ -1,11 +1,17 @@
 """Worker telemetry that reaches one `/metrics`: histograms and counters kept in the shared Redis.
 
 The batch workers RECORD, the api's scrape-time collector (`api.metrics`) READS. Per batch a worker
-adds to four histograms — queue wait (per job), batch size (per batch), preprocess (per job),
-inference (per batch that ran a forward pass) — and to the jobs-ended counters (finished; failed by
-error code), with commands queued on the pipeline that writes the batch's results anyway
+adds to four histograms — queue wait (per job), batch size and inference (per batch that ran a
+forward pass), preprocess (per job) — and to the jobs-ended counters (finished; failed by error
+code), with commands queued on the pipeline that writes the batch's results anyway
 (`worker.rq_writes`): a constant number of commands per batch (at most buckets + 2 per histogram,
 whatever the batch size) and no extra round trip.
+
+Every job that ends `failed` (or `expired`) is counted once, under its error code, in the
+transaction that ends it, whoever ends it: a worker's batch, its grab (`deadline_expired`), its
+timeouts and a dead worker's recovery (`count_ended`), the api or the image sweep ending a queued job
+whose image is gone (`shared.image_budget`), and the workers' maintenance for jobs RQ itself failed
+(`worker.failed_elsewhere`).
 
 Why workers push to the shared Redis instead of each serving its own `/metrics` (or a Pushgateway):
 - nothing to discover: workers are RQ processes without HTTP, started N per machine by a pool or an
@@ -136,7 +142,7 @@ QUEUE_WAIT = RedisHistogram(
 )
 BATCH_SIZE = RedisHistogram(
     "inferq_batch_size",
-    "Jobs per batch a worker ran (one forward pass), per batch.",
+    "Jobs per forward pass, per batch that ran one (jobs whose image failed to decode are not in it).",
     (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256),
 )
 PREPROCESS = RedisHistogram(
@@ -166,13 +172,13 @@ def record_batch(
 ) -> None:
     """Queue one batch's telemetry on `pipe` (the pipeline that writes the batch's results).
 
-    `queue_ms` and `preprocess_ms` have one value per job; `inference_ms` is the batch's forward
-    pass (0 when none ran: not observed); `finished` + `failed_by_code` count the jobs' outcomes.
+    `queue_ms` and `preprocess_ms` have one value per job; `inference_ms` and `batch_size` are the
+    batch's forward pass, its time and its jobs (0 when none ran: not observed; jobs whose decode
+    failed were not in it); `finished` + `failed_by_code` count the jobs' outcomes.
     """
-    if batch_size <= 0:
-        return
     QUEUE_WAIT.observe(pipe, namespace, (ms / 1000 for ms in queue_ms))
-    BATCH_SIZE.observe(pipe, namespace, (batch_size,))
+    if batch_size > 0:
+        BATCH_SIZE.observe(pipe, namespace, (batch_size,))
     PREPROCESS.observe(pipe, namespace, (ms / 1000 for ms in preprocess_ms))
     if inference_ms > 0:
         INFERENCE.observe(pipe, namespace, (inference_ms / 1000,))

@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 from rq.job import Job
 from rq.results import Result
 
@@ -205,3 +206,38 @@ def all_ended(conn: redis.Redis, ids: list[str]) -> bool:
 def results_of(conn: redis.Redis, job_id: str) -> list[Result]:
     """Every result RQ holds for the job: exactly one for a job that ended once."""
     return Result.all(Job.fetch(job_id, connection=conn, serializer=SERIALIZER), serializer=SERIALIZER)
+
+
+def http_requests(base: str) -> dict[tuple[str, str, str], float]:
+    """The api's `inferq_http_requests_total` (all its processes) by (method, route, status)."""
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    return {
+        (s.labels["method"], s.labels["route"], s.labels["status"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "inferq_http_requests_total"
+    }
+
+
+def request_counts(base: str) -> dict[str, float]:
+    """What the api at `base` has answered so far: submits answered with the ended job
+    (`one_request`: 200) or queued (`submitted`: 202), and reads of a job (`reads`: GET, any status)."""
+    counts = http_requests(base)
+    return {
+        "one_request": counts.get(("POST", "/v1/jobs", "200"), 0.0),
+        "submitted": counts.get(("POST", "/v1/jobs", "202"), 0.0),
+        "reads": sum(
+            n for (method, route, _), n in counts.items() if method == "GET" and route.startswith("/v1/jobs/")
+        ),
+    }
+
+
+def jobs_failed_by_code(metrics: str) -> dict[str, float]:
+    """`inferq_jobs_failed_total` by code, as a scraper reads it from a /metrics page."""
+    return {
+        sample.labels["code"]: sample.value
+        for family in text_string_to_metric_families(metrics)
+        if family.name == "inferq_jobs_failed"
+        for sample in family.samples
+        if sample.name == "inferq_jobs_failed_total"
+    }

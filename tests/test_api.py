@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from rq.serializers import JSONSerializer
 from werkzeug.test import TestResponse
 
 from api import create_app
+from api.validation import MULTIPART_OVERHEAD_BYTES
 from shared.config import Settings
 from shared.keys import image_key
 from tests.factories import png_declaring, settings_for
@@ -228,6 +230,21 @@ def test_body_over_max_upload_bytes_is_413(
 
     assert_error(client.post("/v1/jobs", data=image, content_type="image/png"), 413, "payload_too_large")
     assert_error(client.post("/v1/jobs", **multipart(("image", image))), 413, "payload_too_large")
+    assert redis_conn.llen(QUEUE_KEY) == 0
+
+
+def test_a_multipart_413_states_max_upload_bytes(redis_url: str, redis_conn: redis.Redis) -> None:
+    """The limit a client can act on is MAX_UPLOAD_BYTES, whatever room the api leaves for the
+    multipart envelope on top of it: by Content-Length, and for a body without one (chunked)."""
+    limit = 1000
+    client = create_app(settings_for(redis_url, max_upload_bytes=limit)).test_client()
+    body = b"\0" * (limit + MULTIPART_OVERHEAD_BYTES + 1)
+    chunked = {"wsgi.input_terminated": True}
+    for overrides in ({}, chunked):
+        response = client.post("/v1/jobs", **multipart(("image", body)), environ_overrides=overrides)
+        error = assert_error(response, 413, "payload_too_large")
+        assert f"at most {limit:,} bytes" in error["message"], error
+        assert f"{limit + MULTIPART_OVERHEAD_BYTES:,}" not in error["message"], error
     assert redis_conn.llen(QUEUE_KEY) == 0
 
 
@@ -503,6 +520,21 @@ def test_cancel_takes_a_queued_job_off_its_queue_and_wakes_long_polls(
     assert outcome["elapsed"] < 3
     # Ended: canceling again is a conflict.
     assert_error(client.post(f"/v1/jobs/{job_id}/cancel"), 409, "job_not_cancelable")
+
+
+def test_a_canceled_job_says_when_it_was_canceled(client: FlaskClient, photo_bytes: dict[str, bytes]) -> None:
+    job_id = submit_png(client, photo_bytes)
+    before = datetime.now(UTC)
+    response = client.post(f"/v1/jobs/{job_id}/cancel")
+    after = datetime.now(UTC)
+
+    assert response.status_code == 200, response.json
+    for view in (response.json, client.get(f"/v1/jobs/{job_id}").json):
+        assert view["status"] == "canceled"
+        assert view["ended_at"] is not None, view
+        ended = datetime.fromisoformat(view["ended_at"].replace("Z", "+00:00"))
+        created = datetime.fromisoformat(view["created_at"].replace("Z", "+00:00"))
+        assert created <= before <= ended <= after, view
 
 
 def test_job_taken_by_a_worker_cannot_be_canceled(

@@ -41,7 +41,16 @@ from shared.config import PROJECT_ROOT, Settings
 from shared.job_meta import META_DEADLINE
 from shared.jobs import fetch, lane_queue_name
 from tests.conftest import PHOTO_LABELS
-from tests.service import free_port, http_ok, service_env, start_api, start_worker, stop, wait_until
+from tests.service import (
+    free_port,
+    http_ok,
+    request_counts,
+    service_env,
+    start_api,
+    start_worker,
+    stop,
+    wait_until,
+)
 
 JOB_ID = "3f8e0a9c-1b2d-4e5f-8a7b-6c5d4e3f2a1b"
 TEXT_FILE = b"this is a text file, not an image\n"
@@ -104,6 +113,21 @@ def queue_full(retry_after: str) -> tuple[int, dict[str, str], dict[str, object]
 
 
 CREATED = (202, {}, {"id": JOB_ID, "status": "queued", "url": f"/v1/jobs/{JOB_ID}"})
+FINISHED_JOB = {
+    "id": JOB_ID,
+    "status": "finished",
+    "result": {
+        "predictions": [{"label": "espresso", "index": 967, "score": 0.9}],
+        "model": {"name": "m", "sha256": "0" * 64},
+    },
+    "error": None,
+    "created_at": "2026-01-01T12:00:00Z",
+    "started_at": "2026-01-01T12:00:00.010Z",
+    "ended_at": "2026-01-01T12:00:00.020Z",
+    "timings": {"queue_ms": 10.0, "inference_ms": 8.0, "batch_size": 1},
+}
+# A submit with `Prefer: wait` whose job ended within the wait: the job itself.
+ENDED = (200, {"Preference-Applied": "wait=10", "Location": f"/v1/jobs/{JOB_ID}"}, FINISHED_JOB)
 REDIS_DOWN = (503, {"Retry-After": "0"}, {"error": {"code": "redis_unavailable", "message": "down"}})
 
 
@@ -118,6 +142,40 @@ def test_a_429_is_retried_after_its_retry_after_with_the_same_idempotency_key(st
     # The retry replays the same submission: the server can never queue it twice.
     assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"]
     assert first.headers["Authorization"] == "Bearer s3cret"
+
+
+def test_classify_takes_the_ended_job_from_the_submit_reply(stub: Stub):
+    stub.script = [ENDED]
+    with Client(stub.url) as client:
+        result = client.classify(b"\x89PNG fake", top_k=1, timeout=10)
+    assert result.ok and result.id == JOB_ID and result.top1 is not None and result.top1.label == "espresso"
+    (only,) = stub.seen  # one request: no long-poll
+    assert (only.method, only.path) == ("POST", "/v1/jobs?top_k=1")
+    assert only.headers["Prefer"] == "wait=10"  # the classify's timeout, under the 30 s of a long-poll
+
+
+def test_classify_long_polls_when_the_submit_is_answered_202(stub: Stub):
+    stub.script = [CREATED, (200, {}, FINISHED_JOB)]
+    with Client(stub.url) as client:
+        result = client.classify(b"\x89PNG fake")
+    assert result.ok
+    submit, poll = stub.seen
+    assert submit.method == "POST" and submit.headers["Prefer"] == "wait=30"
+    assert poll.method == "GET" and poll.path.startswith(f"/v1/jobs/{JOB_ID}?wait=")
+
+
+def test_without_prefer_wait_classify_submits_then_long_polls(stub: Stub):
+    stub.script = [CREATED, (200, {}, FINISHED_JOB)]
+    with Client(stub.url, prefer_wait=False) as client:
+        assert client.classify(b"\x89PNG fake").ok
+    submit, poll = stub.seen
+    assert submit.method == "POST" and "Prefer" not in submit.headers
+    assert poll.method == "GET"
+    stub.seen.clear()
+    stub.script = [CREATED]
+    with Client(stub.url) as client:  # a plain submit never waits
+        assert client.submit(b"\x89PNG fake").id == JOB_ID
+    assert "Prefer" not in stub.seen[0].headers
 
 
 def test_retries_are_bounded(stub: Stub):
@@ -185,7 +243,10 @@ def test_readiness_is_what_readyz_sends(stub: Stub):
     """`Client.ready()` holds the answer's status (as `ready`) and the fields /readyz documents."""
     stub.script = [(503, {"Retry-After": "1"}, {"status": "unavailable", "reason": "no live worker"})]
     with Client(stub.url) as client:
-        assert client.ready() == Readiness(ready=False, reason="no live worker")
+        assert client.ready() == Readiness(ready=False, reason="no live worker", status="unavailable")
+    stub.script = [(503, {"Retry-After": "1"}, {"status": "suspended", "reason": "workers suspended"})]
+    with Client(stub.url) as client:
+        assert client.ready().status == "suspended"
     sent = openapi_document(Settings())["components"]["schemas"]["Status"]["properties"]
     assert {f.name for f in fields(Readiness)} - {"ready"} <= set(sent)
 
@@ -204,6 +265,13 @@ def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str
         text=True,
         timeout=timeout,
     )
+
+
+def test_cli_status_of_an_empty_id_is_a_usage_error():
+    done = run_cli("--url", "http://127.0.0.1:1", "status", "")
+    assert done.returncode == 2
+    assert "a job id is required" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_cli_exits_2_when_the_service_is_unreachable(tmp_path: Path):
@@ -346,6 +414,31 @@ def test_cli_reports_a_mixed_folder_as_jsonl_and_csv(api_url: str, folders: dict
     assert rows["coffee.png"][1:3] == ["finished", "espresso"]
     assert rows["broken.png"][1] == "failed" and rows["broken.png"][-1] == "corrupt_image"
     assert rows["notes.jpg"][1] == "rejected" and rows["notes.jpg"][-1] == "unsupported_image_format"
+
+
+@pytest.mark.slow
+def test_classify_and_the_cli_send_one_request_per_image(
+    api_url: str, folders: dict[str, Path], sample_dir: Path
+):
+    """The service's own request counts: a classify is one submit answered with the ended job (200),
+    no read of the job; without the preference, a submit (202) and a long-poll."""
+    before = request_counts(api_url)
+    with Client(api_url) as client:
+        assert client.classify(sample_dir / "coffee.png").ok
+    after = request_counts(api_url)
+    assert after["one_request"] == before["one_request"] + 1
+    assert (after["submitted"], after["reads"]) == (before["submitted"], before["reads"])
+
+    done = run_cli("classify", str(folders["good"]), "--url", api_url)
+    assert done.returncode == 0, done.stderr
+    cli = request_counts(api_url)
+    assert cli["one_request"] == after["one_request"] + len(PHOTO_LABELS)
+    assert (cli["submitted"], cli["reads"]) == (after["submitted"], after["reads"])
+
+    with Client(api_url, prefer_wait=False) as client:
+        assert client.classify(sample_dir / "coffee.png").ok
+    plain = request_counts(api_url)
+    assert plain["submitted"] == cli["submitted"] + 1 and plain["reads"] > cli["reads"]
 
 
 @pytest.mark.slow

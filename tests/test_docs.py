@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 from launch.settings_doc import render
@@ -53,3 +54,29 @@ def test_nothing_points_to_an_outside_design_document() -> None:
         and re.search(r"DESIGN\s*§?\d", (PROJECT_ROOT / path).read_text(errors="replace"))
     ]
     assert not offenders, offenders
+
+
+def test_the_readme_states_the_embedded_servers_maxmemory() -> None:
+    """What the Redis section says `make up`'s server runs with is EMBEDDED_REDIS_MAXMEMORY's default."""
+    text = readme()
+    section = text[text.index("\n## Redis\n") :]
+    section = section[: section.index("\n## ", 1)]
+    (bullet,) = [b for b in section.split("\n- ") if b.startswith("The embedded server of `make up`")]
+    default = Settings.model_fields["embedded_redis_maxmemory"].default
+    assert default and f"{default} by" in bullet and "`EMBEDDED_REDIS_MAXMEMORY`" in bullet, bullet
+    assert "no `maxmemory`" not in bullet, bullet
+
+
+def test_no_readme_line_is_a_stray_fragment() -> None:
+    """A line that starts in lower case continues the sentence of the line before it: never one
+    that the line before has already ended (what an edit that splits a sentence leaves behind)."""
+    lines = readme().splitlines()
+    in_code = False
+    strays = []
+    for before, line in itertools.pairwise(lines):
+        if before.startswith("```"):
+            in_code = not in_code
+        ended = re.search(r"[.!?]\)?$", before.rstrip()) and not re.search(r"\b(e\.g|i\.e|etc)\.$", before)
+        if not in_code and ended and re.match(r"\s+[a-z]", line):
+            strays.append(f"{before.strip()[-50:]!r} then {line.strip()[:50]!r}")
+    assert not strays, strays

@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from launch.processes import alive, cmdline, descendants, free_port, port_open, proc_table, wait_until
+from launch.supervisor import SAME_REQUEST_SECONDS
 from shared.config import PROJECT_ROOT
 from shared.redis_conn import redis_from_url
 from tests.service import run_module
@@ -135,6 +136,10 @@ def test_launcher_serves_respawns_a_killed_worker_and_stops_cleanly(
         )
         assert requests.get(f"{base}/readyz", timeout=5).status_code == 200
         assert f"curl -F image=@photo.jpg {base}/v1/jobs" in log.read_text()
+        # Without keys the banner says the operator routes are open, and they are.
+        assert "/rq and /metrics open: no keys are configured" in log.read_text()
+        assert requests.get(f"{base}/rq/", timeout=10).status_code == 200
+        assert requests.get(f"{base}/metrics", timeout=10).status_code == 200
 
         assert classify(base, photo_bytes["coffee.png"]) == "espresso"
 
@@ -356,15 +361,16 @@ def test_a_process_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_pat
 
 
 def test_a_second_signal_kills_at_once(tmp_path: Path) -> None:
-    with _stubborn_launcher(tmp_path, grace=600) as (launcher, _log, stubborn):
+    with _stubborn_launcher(tmp_path, grace=600) as (launcher, log, stubborn):
         launcher.send_signal(signal.SIGINT)
-        time.sleep(0.5)
+        time.sleep(SAME_REQUEST_SECONDS + 0.5)  # a deliberate second Ctrl-C, not a copy of the first
         assert launcher.poll() is None and alive(stubborn)  # waiting out the grace period
         started = time.monotonic()
         launcher.send_signal(signal.SIGINT)
         assert launcher.wait(STOP_TIMEOUT) == 0
         assert time.monotonic() - started < 5
         assert not alive(stubborn)
+        assert "a second stop request: every process was killed at once" in log.read_text()
 
 
 def test_a_third_signal_exits_even_when_the_console_is_never_read(tmp_path: Path) -> None:
@@ -382,9 +388,9 @@ def test_a_third_signal_exits_even_when_the_console_is_never_read(tmp_path: Path
         wait_until(lambda: port_open(redis_port), 60, what="the embedded Valkey up")
         wait_until(lambda: len(processes_mentioning(str(tmp_path))) >= 4, 60, what="the processes up")
         time.sleep(1)  # the pipe is full by now: the launcher's main thread is stuck in a write
-        for _ in range(3):
+        for _ in range(3):  # three stop requests, each past the previous one's window
             launcher.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
+            time.sleep(SAME_REQUEST_SECONDS + 0.3)
         assert launcher.wait(STOP_TIMEOUT) == 143
         wait_until(lambda: not processes_mentioning(str(tmp_path)), 30, what="no process left")
         assert not port_open(redis_port)
@@ -408,3 +414,41 @@ def test_a_sigkilled_launcher_leaves_nothing_behind(tmp_path: Path) -> None:
     finally:
         for pid in processes_mentioning(str(tmp_path)):
             os.kill(pid, signal.SIGKILL)
+
+
+# --- the banner -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("keys", "rule"),
+    [
+        ({}, "/rq and /metrics open: no keys are configured"),
+        ({"API_KEYS": "k" * 32}, "/rq and /metrics closed: API_KEYS is set and OPERATOR_KEYS is not"),
+        ({"API_KEYS": "k" * 32, "OPERATOR_KEYS": "o" * 32}, "/rq and /metrics need an OPERATOR_KEYS key"),
+        ({"OPERATOR_KEYS": "o" * 32}, "/rq and /metrics need an OPERATOR_KEYS key"),
+    ],
+    ids=["no-keys", "api-keys", "both", "operator-keys"],
+)
+def test_the_banner_names_the_operator_routes_and_the_key_that_opens_them(
+    tmp_path: Path, keys: dict[str, str], rule: str
+) -> None:
+    # (What the api really does with each configuration: tests/test_security.py; the banner of a
+    # real api with and without keys: the end-to-end tests here and in tests/test_suspension.py.)
+    (tmp_path / "app.py").write_text(_APP)
+    procfile = tmp_path / "Procfile"
+    procfile.write_text(f"web: exec gunicorn --chdir {tmp_path} --bind 127.0.0.1:$PORT --workers 1 app:app\n")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = launcher_env(tmp_path, PORT=str(port), REDIS_URL="redis://127.0.0.1:9/0", **keys)
+    log = tmp_path / "launcher.log"
+    launcher = run_launcher(env, log, "--procfile", str(procfile), "--ready-timeout", "60")
+    try:
+        wait_until(lambda: "Ctrl-C stops" in log.read_text(errors="replace"), 60, what="the banner")
+        banner = log.read_text(errors="replace")
+        assert f"inferq ready at {base}" in banner
+        assert f"dashboard: {base}/rq/" in banner and f"metrics:   {base}/metrics" in banner
+        assert rule in banner, banner
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(STOP_TIMEOUT) == 0
+    finally:
+        _leave_nothing(launcher)

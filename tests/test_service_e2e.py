@@ -28,6 +28,7 @@ from tests.service import (
     Stack,
     all_ended,
     enqueue_photos,
+    jobs_failed_by_code,
     post_image,
     results_of,
     service_env,
@@ -39,6 +40,7 @@ from tests.service import (
     wait_job,
     wait_until,
 )
+from worker import failed_elsewhere
 
 pytestmark = pytest.mark.slow
 # A waiter must be answered this soon after its job ended: a wake-up takes milliseconds; a waiter
@@ -115,7 +117,7 @@ def test_a_burst_is_batched_and_a_corrupt_image_fails_alone(
         else:
             assert body["status"] == "finished", body
             assert body["result"]["predictions"][0]["label"] in PHOTO_LABELS[names[i % len(names)]]
-    sizes = [body["timings"]["batch_size"] for body in bodies]
+    sizes = [body["timings"]["batch_size"] for i, body in enumerate(bodies) if i != corrupt_at]
     assert max(sizes) > 1, sizes
     # The corrupt image shared its batch (one forward pass: the same batch_id) with neighbours,
     # and only it failed.
@@ -127,8 +129,11 @@ def test_a_burst_is_batched_and_a_corrupt_image_fails_alone(
         i for i, job_id in enumerate(ids) if batch_of[job_id] == batch_of[ids[corrupt_at]] and i != corrupt_at
     ]
     assert mates, "the corrupt image ran in a batch of its own"
-    assert bodies[corrupt_at]["timings"]["batch_size"] == len(mates) + 1
     assert all(bodies[i]["status"] == "finished" for i in mates), [bodies[i] for i in mates]
+    # It had no forward pass: no inference time or batch size of its own; its mates' pass was theirs.
+    assert bodies[corrupt_at]["timings"]["inference_ms"] is None, bodies[corrupt_at]
+    assert bodies[corrupt_at]["timings"]["batch_size"] is None, bodies[corrupt_at]
+    assert {bodies[i]["timings"]["batch_size"] for i in mates} == {len(mates)}
 
     # RQ's own API agrees with what HTTP reported.
     queue = make_queue(conn, Settings())
@@ -180,6 +185,41 @@ def test_a_long_poll_wakes_when_a_real_worker_ends_its_job(
         assert ended_at is not None
         late = at - ended_at.timestamp()
         assert -0.5 < late < WAKE_UP_BOUND_S, f"answered {late:.2f} s after the job ended"
+
+
+def failed_counts(base: str) -> dict[str, float]:
+    return jobs_failed_by_code(requests.get(f"{base}/metrics", timeout=10).text)
+
+
+def test_a_job_whose_deadline_passed_before_its_grab_is_counted_once(
+    stack: Stack, photo_bytes: dict[str, bytes]
+) -> None:
+    """The worker grabs a job whose `deadline_ms` has passed and ends it unstarted: it shows as
+    expired, and /metrics counts it once under `deadline_expired`, also once the workers'
+    maintenance has looked over the failed registry since."""
+    base, conn, worker = stack.base, stack.conn, stack.workers[0]
+    before = failed_counts(base)
+    worker.send_signal(signal.SIGSTOP)  # it cannot grab the job before its deadline has passed
+    try:
+        response = post_image(base, photo_bytes["coffee.png"], deadline_ms=1)
+        assert response.status_code == 202, response.text
+        time.sleep(0.1)
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    job_id = response.json()["id"]
+    body = wait_job(base, job_id)
+    assert body["status"] == "expired", body
+    assert body["error"]["code"] == "deadline_expired"
+    assert body["started_at"] is None and body["ended_at"] is not None, "ended at the grab, unstarted"
+    counted = failed_counts(base)
+    assert counted.get("deadline_expired", 0) - before.get("deadline_expired", 0) == 1, (before, counted)
+    assert sum(counted.values()) - sum(before.values()) == 1, (before, counted)
+
+    ended = Job.fetch(job_id, connection=conn, serializer=SERIALIZER).ended_at
+    assert ended is not None
+    scanned = failed_elsewhere.scanned_key(make_queue(conn, Settings()))
+    wait_until(lambda: float(conn.get(scanned) or 0) > ended.timestamp(), 60, 0.2, "a maintenance pass since")
+    assert failed_counts(base) == counted
 
 
 def statuses(conn: redis.Redis, ids: list[str]) -> list[str]:

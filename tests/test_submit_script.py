@@ -44,6 +44,8 @@ OPERATOR = "operator-key-0123456789abcdef"
 BEARER = {"Authorization": f"Bearer {KEY}"}
 OPERATOR_AUTH = {"Authorization": f"Bearer {OPERATOR}"}
 IMAGE = png(90, size=48)
+WAIT = {"Prefer": "wait=1"}
+LEASES = "inferq:long-polls:addr:127.0.0.1"  # the test client's long-poll leases (no API keys)
 
 
 def post_job(client: Any, query: str = "", headers: dict[str, str] | None = None) -> Any:
@@ -93,12 +95,16 @@ def commands_sent(url: str) -> Iterator[list[str]]:
 
 
 def test_a_submit_is_one_round_trip_before_its_body_and_one_after(redis_url: str) -> None:
-    client = create_app(Settings(redis_url=redis_url)).test_client()
+    # No worker: a submit that prefers to wait waits its full second. The listener's safety-net
+    # re-check is set far off, so only the request's own commands are sent meanwhile.
+    settings = Settings(redis_url=redis_url, long_poll_recheck_seconds=3600)
+    client = create_app(settings).test_client()
     # The defaults: a rate limit with two windows, the queue bound, the key's share, the byte budget.
     for response in (
         post_job(client),
         post_job(client, headers={"Idempotency-Key": "warm"}),
         post_batch(client, 2),
+        post_job(client, headers=WAIT),  # the completion listener subscribes
     ):
         assert response.status_code == 202, response.get_data(as_text=True)  # the scripts are loaded
 
@@ -109,11 +115,34 @@ def test_a_submit_is_one_round_trip_before_its_body_and_one_after(redis_url: str
     with commands_sent(redis_url) as batch:
         assert post_batch(client, 3).status_code == 202
 
+    with commands_sent(redis_url) as waiting:
+        response = post_job(client, headers=WAIT)
+        assert response.status_code == 202
+        assert response.headers["Preference-Applied"] == "wait=1"
+    with commands_sent(redis_url) as waiting_idempotent:
+        response = post_job(client, headers={**WAIT, "Idempotency-Key": "order-2"})
+        assert response.headers["Preference-Applied"] == "wait=1"
+    # A key at its long-poll cap: the preference is declined at once, the job queued all the same.
+    leases = redis_from_url(redis_url)
+    leases.zadd(LEASES, {f"held-{i}": 4e9 for i in range(settings.long_polls_per_key)})
+    with commands_sent(redis_url) as declined:
+        response = post_job(client, headers=WAIT)
+        assert response.status_code == 202
+        assert "Preference-Applied" not in response.headers
+    assert leases.zcard(LEASES) == settings.long_polls_per_key  # no lease taken over the cap
+    leases.close()
+
     assert single == ["EVALSHA", "EVALSHA"]
     assert idempotent == ["EVALSHA", "EVALSHA"]
     # The count of images is known only from the body: the rate and bounds are checked for one image
     # before it is read, for the others after.
     assert batch == ["EVALSHA", "EVALSHA", "EVALSHA"]
+    # A submit that waits: its long-poll lease is among the store script's writes (the count under the
+    # cap read by the first script); after the wait, one round trip gives the lease back and reads the job.
+    after_wait = ["ZREM", "HGETALL", "XREVRANGE", "EXISTS"]
+    assert waiting == ["EVALSHA", "EVALSHA", *after_wait]
+    assert waiting_idempotent == ["EVALSHA", "EVALSHA", *after_wait]
+    assert declined == ["EVALSHA", "EVALSHA"]
 
 
 def _with_db(url: str, db: int) -> str:

@@ -13,7 +13,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from api import create_app
-from shared.config import Settings
+from shared.config import PROJECT_ROOT, Settings
 from shared.telemetry import (
     BATCH_SIZE,
     HISTOGRAMS,
@@ -128,6 +128,8 @@ def test_metrics_show_every_workers_telemetry(redis_url: str, redis_conn: redis.
     jobs = [Job.fetch(i, connection=redis_conn, serializer=JSONSerializer) for i in good + bad]
     assert all(job.get_status() in ("finished", "failed") for job in jobs)
     batches = {job.meta["batch_id"] for job in jobs}
+    # The batches that ran a forward pass: those with a decodable image (the bad one was in none).
+    passes = {job.meta["batch_id"] for job in jobs[: len(good)]}
     families = scrape(client)
 
     wait = histogram(families, "inferq_job_queue_wait_seconds")
@@ -135,11 +137,11 @@ def test_metrics_show_every_workers_telemetry(redis_url: str, redis_conn: redis.
     assert wait["sum"] > 0
     assert list(wait["buckets"].values()) == sorted(wait["buckets"].values())  # cumulative
     sizes = histogram(families, "inferq_batch_size")
-    assert sizes["count"] == len(batches) and sizes["sum"] == len(jobs)
-    assert sizes["buckets"]["4.0"] == len(batches)  # MAX_BATCH_SIZE=4
+    assert sizes["count"] == len(passes) and sizes["sum"] == len(good)
+    assert sizes["buckets"]["4.0"] == len(passes)  # MAX_BATCH_SIZE=4
     assert histogram(families, "inferq_job_preprocess_seconds")["count"] == len(jobs)
     inference = histogram(families, "inferq_batch_inference_seconds")
-    assert 1 <= inference["count"] <= len(batches)
+    assert 1 <= inference["count"] <= len(passes) <= len(batches)
     assert samples(families["inferq_jobs_finished"]) == {("inferq_jobs_finished_total", ()): len(good)}
     assert samples(families["inferq_jobs_failed"]) == {
         ("inferq_jobs_failed_total", (("code", "corrupt_image"),)): 1
@@ -164,6 +166,45 @@ def test_metrics_show_every_workers_telemetry(redis_url: str, redis_conn: redis.
     after = scrape(client)
     assert not after["inferq_worker_info"].samples
     assert samples(after["inferq_workers_live"]) == {("inferq_workers_live", ()): 0}
+
+
+def test_a_job_whose_image_failed_to_decode_reports_no_forward_pass(redis_url: str) -> None:
+    """Its timings have no inference time or batch size (it was in no forward pass), a job of the
+    same batch reports the pass it was in, and the batch-size histogram counts that pass alone."""
+    settings = Settings(redis_url=redis_url, queue_name="no-forward-pass", max_batch_size=4)
+    client = create_app(settings).test_client()
+    sizes_before = histogram(scrape(client), "inferq_batch_size")
+
+    def post(data: bytes) -> str:
+        response = client.post("/v1/jobs", data=data, headers={"Content-Type": "image/png"})
+        assert response.status_code == 202, response.get_data(as_text=True)
+        return str(response.get_json()["id"])
+
+    good, bad = post(png(40)), post(truncated_png())
+    stub_worker(settings).work(burst=True)
+
+    bad_view = client.get(f"/v1/jobs/{bad}").get_json()
+    assert bad_view["status"] == "failed" and bad_view["error"]["code"] == "corrupt_image"
+    assert bad_view["timings"]["inference_ms"] is None, bad_view
+    assert bad_view["timings"]["batch_size"] is None, bad_view
+    good_view = client.get(f"/v1/jobs/{good}").get_json()
+    assert good_view["status"] == "finished"
+    assert good_view["timings"]["inference_ms"] > 0
+    assert good_view["timings"]["batch_size"] == 1, good_view  # the one decodable image
+    sizes = histogram(scrape(client), "inferq_batch_size")
+    assert sizes["count"] - sizes_before["count"] == 1
+    assert sizes["sum"] - sizes_before["sum"] == 1
+
+
+def test_the_readme_says_what_the_failure_counters_help_text_says(redis_url: str) -> None:
+    """One description of `inferq_jobs_failed_total`: its HELP on /metrics is the README's row."""
+    client = create_app(Settings(redis_url=redis_url)).test_client()
+    text = client.get("/metrics").get_data(as_text=True)
+    (help_line,) = [line for line in text.splitlines() if line.startswith("# HELP inferq_jobs_failed_total ")]
+    help_text = help_line.removeprefix("# HELP inferq_jobs_failed_total ")
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    (row,) = [line for line in readme.splitlines() if line.startswith("| `inferq_jobs_failed_total` |")]
+    assert row.split(" | ")[-1].removesuffix(" |").replace("`", "") == help_text
 
 
 def test_idempotent_replays_are_not_counted(redis_url: str) -> None:

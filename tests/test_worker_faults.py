@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,13 @@ from rq.job import Job
 from rq.results import Result
 from rq.suspension import resume, suspend
 
+from api import create_app
 from api.job_view import job_view
 from launch.redis_server import EmbeddedRedis
 from shared.config import PROJECT_ROOT, Settings
 from shared.jobs import (
+    FAILED_BY_RQ,
+    FAILED_BY_RQ_MESSAGE,
     JOB_TIMEOUT,
     META_CRASHES,
     META_DEADLINE,
@@ -35,9 +39,9 @@ from shared.jobs import (
 )
 from shared.keys import ended_channel
 from shared.telemetry import read_snapshot
-from tests.service import service_env, stop, wait_until
+from tests.service import jobs_failed_by_code, service_env, stop, wait_until
 from tests.worker_stub import MeanRunner, png, stub_handler, truncated_png
-from worker import rq_writes
+from worker import failed_elsewhere, rq_writes
 from worker.batch_worker import BatchWorker
 from worker.batching import BatchCollector, Grabbed
 from worker.feeder import SUSPENSION_CHECK_SECONDS
@@ -138,7 +142,13 @@ def test_a_late_writer_never_adds_a_second_result(
         redis_conn.lmove(queue.key, late.grabbed_keys[0], "LEFT", "RIGHT")
     jobs = {i: fetch(redis_conn, i) for i in ids}
     running = rq_writes.start_grabbed(
-        late, [Grabbed(0, i) for i in ids], late.grabbed_keys, jobs, late.execution_ttl, late.top_k_of
+        late,
+        [Grabbed(0, i) for i in ids],
+        late.grabbed_keys,
+        jobs,
+        late.execution_ttl,
+        late.top_k_of,
+        namespace=settings.queue_name,
     )
     assert running is not None and len(running) == 3
     time.sleep(
@@ -364,3 +374,67 @@ def test_a_busy_worker_obeys_rq_suspend_and_resume(
 
 def worker_states(conn: redis.Redis) -> set[bytes]:
     return {conn.hget(key, "state") for key in conn.smembers("rq:workers")}
+
+
+def test_a_job_rq_itself_failed_is_counted_once_under_the_code_the_api_shows(
+    fresh_redis_server: Callable[..., EmbeddedRedis], tmp_path: Path
+) -> None:
+    """A worker dies in a forward pass while no other worker runs. Before any worker's recovery can
+    get to the job, RQ's own registry cleanup, run by `rq info` (RQ's CLI), fails it: no RQ retry is
+    left at MAX_ATTEMPTS=1. The next worker's maintenance counts it in /metrics once, under the code
+    the api shows for it, and wakes its long-polls."""
+    server = fresh_redis_server()
+    conn = redis.Redis.from_url(server.url)
+    settings = Settings(redis_url=server.url, abandoned_after_seconds=2, max_attempts=1)
+    env = service_env(
+        server.url, ABANDONED_AFTER_SECONDS=2, HEARTBEAT_SECONDS=0.5, MAX_ATTEMPTS=1, DECODERS=0
+    )
+    client = create_app(settings).test_client()
+    queue = make_queue(conn, settings)
+    job_id = submit(queue, png(70), 1, settings).id
+    victim = start_stub_worker(env, tmp_path / "victim.log", STUB_INFER_SECONDS="60")
+    try:
+        wait_until(lambda: fetch(conn, job_id).get_status().value == "started", 60, 0.05, "job started")
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+    finally:
+        stop(victim)
+    registry = queue.started_job_registry.key
+    # No heartbeat any more: once its started-registry entry has expired, RQ's cleanup may take it.
+    wait_until(lambda: not conn.zrangebyscore(registry, time.time(), "+inf"), 30, 0.2, "entry expired")
+    info = subprocess.run(
+        [sys.executable, "-m", "rq.cli", "info", "--url", server.url, "--serializer", "json", queue.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert info.returncode == 0, info.stderr
+    view = client.get(f"/v1/jobs/{job_id}").get_json()
+    assert view["status"] == "failed", view  # RQ failed it; inferq wrote nothing
+    assert view["error"]["code"] == FAILED_BY_RQ
+    assert view["ended_at"] is None, view  # RQ's cleanup records no end time
+    assert failed_by_code(client) == {}
+
+    rescuer = start_stub_worker(env, tmp_path / "rescuer.log")
+    try:
+        wait_until(lambda: failed_by_code(client) == {FAILED_BY_RQ: 1}, 30, 0.2, "counted")
+        counted_at = time.time()
+        scanned = failed_elsewhere.scanned_key(queue)
+        wait_until(lambda: float(conn.get(scanned) or 0) > counted_at, 30, 0.2, "another maintenance pass")
+    finally:
+        stop(rescuer)
+    assert failed_by_code(client) == {FAILED_BY_RQ: 1}, "counted once"
+    view = client.get(f"/v1/jobs/{job_id}").get_json()
+    assert view["status"] == "failed"
+    assert view["error"] == {"code": FAILED_BY_RQ, "message": FAILED_BY_RQ_MESSAGE}
+    # When RQ's failure result was written: after the start, before the count.
+    started, ended = (
+        datetime.fromisoformat(view[k].replace("Z", "+00:00")) for k in ("started_at", "ended_at")
+    )
+    assert started <= ended <= datetime.fromtimestamp(counted_at, UTC), view
+    assert results(conn, job_id) == [Result.Type.FAILED]
+
+
+def failed_by_code(client: Any) -> dict[str, float]:
+    return jobs_failed_by_code(client.get("/metrics").get_data(as_text=True))

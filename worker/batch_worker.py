@@ -44,7 +44,7 @@ from shared.logging_setup import configure_logging_once, set_log_context
 from shared.redis_conn import connect_checked
 from shared.redis_policy import check_eviction_policy
 from shared.telemetry import worker_info_fields
-from worker import liveness, past_maxmemory, rq_writes
+from worker import failed_elsewhere, liveness, past_maxmemory, rq_writes
 from worker.batching import BatchCollector, Lane
 from worker.decoders import DecoderPool
 from worker.feeder import IDLE_BLOCK_SECONDS, Decoded, DecodeMany, Feeder, InFlight, in_thread_decoder
@@ -299,10 +299,10 @@ class BatchWorker(SimpleWorker):
 
     def clean_registries(self) -> None:
         """Registry maintenance, run every few seconds: dead workers' jobs given back
-        (`worker.liveness.recover`, instead of RQ's abandoned-job cleanup), stale workers, and RQ's
-        other registries. Unlike RQ's, the per-queue lock lives only a few intervals: a worker killed
-        while holding it must not stop everyone's cleanup for RQ's 15 minutes. Logged at debug
-        level, since it runs so often."""
+        (`worker.liveness.recover`, instead of RQ's abandoned-job cleanup), jobs RQ itself failed
+        counted (`worker.failed_elsewhere`), stale workers, and RQ's other registries. Unlike RQ's,
+        the per-queue lock lives only a few intervals: a worker killed while holding it must not
+        stop everyone's cleanup for RQ's 15 minutes. Logged at debug level, since it runs so often."""
         try:
             self._clean_registries()
         except redis.exceptions.OutOfMemoryError as exc:
@@ -321,6 +321,12 @@ class BatchWorker(SimpleWorker):
                         self,
                         queue,
                         max_attempts=self.settings.max_attempts,
+                        namespace=self.settings.queue_name,
+                    )
+                    failed_elsewhere.adopt(
+                        self.connection,
+                        queue,
+                        failure_ttl=self.settings.failure_ttl,
                         namespace=self.settings.queue_name,
                     )
                     liveness.clean_other_registries(queue)

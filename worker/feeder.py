@@ -151,6 +151,10 @@ class Feeder:
                     if worker.should_run_maintenance_tasks:
                         worker.run_maintenance_tasks()
                     room = self.ready.room(IDLE_BLOCK_SECONDS)
+                    if worker.stop_requested:
+                        # A stop that came meanwhile grabs nothing more: RQ's suspension check above
+                        # returns on a stop even while the workers are suspended.
+                        break
                     if room == 0:
                         continue
                     grabbed = self._grab(room)
@@ -298,7 +302,13 @@ class Feeder:
             return 0
         worker = self.worker
         started = rq_writes.start_grabbed(
-            worker, grabbed, self.grabbed_keys, jobs, worker.execution_ttl, worker.top_k_of
+            worker,
+            grabbed,
+            self.grabbed_keys,
+            jobs,
+            worker.execution_ttl,
+            worker.top_k_of,
+            namespace=worker.settings.queue_name,
         )
         if not started:
             return 0

@@ -14,7 +14,9 @@ the entries that expired, and so the workers that died, and gives their jobs bac
   waiting (decoded, waiting for the model) was not what killed its worker.
 
 This replaces RQ's own abandoned-job cleanup for inferq's queues (it would charge every started job
-and fail them by exception text); RQ's other registry maintenance still runs.
+and fail them by exception text); RQ's other registry maintenance still runs. RQ's readers (`rq info`,
+dashboards) still run that cleanup as they read, and may fail a dead worker's job first: such a job
+is counted by `worker.failed_elsewhere`.
 """
 
 from __future__ import annotations

@@ -41,7 +41,15 @@ def run_batch(
         ended = clock()
         for running in at_risk:
             running.leave_risk(ended)
+    # Only the jobs that had a model input were in the forward pass (one ran if any had one).
+    in_pass = set(prepared.ready)
     return [
-        Ending(item.running, outcome.result, outcome.error, outcome.preprocess_ms)
-        for item, outcome in zip(items, outcomes, strict=True)
+        Ending(
+            item.running,
+            outcome.result,
+            outcome.error,
+            outcome.preprocess_ms,
+            forward_pass_size=len(prepared.ready) if i in in_pass else None,
+        )
+        for i, (item, outcome) in enumerate(zip(items, outcomes, strict=True))
     ], inference_ms

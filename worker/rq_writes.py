@@ -110,6 +110,9 @@ class Ending:
     result: dict[str, Any] | None = None
     error: InferqError | None = None
     preprocess_ms: float = 0.0
+    # Jobs in the forward pass this job was part of; None: it had none (its decode failed or its
+    # image was gone, or it timed out), so it reports no inference time or batch size of its own.
+    forward_pass_size: int | None = None
 
 
 def crashes(job: Job | None) -> int:
@@ -140,13 +143,16 @@ def start_grabbed(
     jobs: dict[str, Job | None],
     execution_ttl: int,
     top_k_of: Any,
+    *,
+    namespace: str,
 ) -> list[Running] | None:
     """Start the grabbed jobs that are still queued, in one transaction, as being decoded (at risk).
 
     Each id leaves its worker's grabbed list in the same transaction (so it is always in exactly one
     of: its queue, a grabbed list, the started registry). Ids whose job is gone or no longer queued
-    (canceled) are dropped; jobs past their deadline end `deadline_expired` unstarted. None when the
-    grabbed lists were handed back meanwhile (another worker judged this one dead): nothing started.
+    (canceled) are dropped; jobs past their deadline end `deadline_expired` unstarted (counted in the
+    telemetry of `namespace`, in the same transaction). None when the grabbed lists were handed back
+    meanwhile (another worker judged this one dead): nothing started, nothing ended.
     """
     started: list[Running] = []
     wall = time.time()
@@ -162,9 +168,12 @@ def start_grabbed(
                     continue
                 deadline = job.meta.get(META_DEADLINE)
                 if isinstance(deadline, int | float) and wall > deadline:
-                    _end_expired(pipe, worker, job, wall)
+                    _end_expired(pipe, worker, job, wall, namespace)
                     continue
                 job.meta[META_ATTEMPTS] = int(job.meta.get(META_ATTEMPTS, 0)) + 1
+                # A job that failed before and was requeued (the dashboard) runs afresh: an error
+                # left in its meta would read as already counted (`worker.failed_elsewhere`).
+                job.meta.pop(META_ERROR, None)
                 pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
                 execution = Execution.create(job, execution_ttl, pipeline=pipe, worker_name=worker.name)
                 job.prepare_for_execution(worker.name, pipeline=pipe)
@@ -199,7 +208,7 @@ def _still_grabbed(pipe: Any, grabbed: Sequence[Grabbed], grabbed_keys: Sequence
     return all(pipe.lpos(grabbed_keys[g.lane], g.job_id) is not None for g in grabbed)
 
 
-def _end_expired(pipe: Any, worker: SimpleWorker, job: Job, wall: float) -> None:
+def _end_expired(pipe: Any, worker: SimpleWorker, job: Job, wall: float, namespace: str) -> None:
     late_ms = (wall - float(job.meta[META_DEADLINE])) * 1000
     error = InferqError(
         f"The job's deadline passed {late_ms:.0f} ms before a worker could start it.", code=DEADLINE_EXPIRED
@@ -209,6 +218,7 @@ def _end_expired(pipe: Any, worker: SimpleWorker, job: Job, wall: float) -> None
     pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
     _drop_image(pipe, job.id)
     publish_ended(pipe, job.id)
+    count_ended(pipe, namespace=namespace, finished=0, failed_by_code={DEADLINE_EXPIRED: 1})
 
 
 # --- risk markers ---------------------------------------------------------------------------------
@@ -350,7 +360,10 @@ def _write_endings(
         assert job.started_at is not None
         queued_at = job.enqueued_at or job.created_at
         job.meta[META_TIMINGS] = timings(
-            (job.started_at - queued_at).total_seconds() * 1000, e.preprocess_ms, inference_ms, len(owned)
+            (job.started_at - queued_at).total_seconds() * 1000,
+            e.preprocess_ms,
+            inference_ms if e.forward_pass_size else None,
+            e.forward_pass_size,
         )
         job.meta[META_BATCH_ID] = batch_id
         worker.increment_total_working_time(ended - job.started_at, pipe)
@@ -378,7 +391,8 @@ def _record(pipe: Any, owned: Sequence[Ending], inference_ms: float, namespace: 
         queue_ms=[e.running.job.meta[META_TIMINGS]["queue_ms"] for e in owned],
         preprocess_ms=[e.preprocess_ms for e in owned],
         inference_ms=inference_ms,
-        batch_size=len(owned),
+        # The forward pass's own size (the jobs whose decode failed were not in it); 0: none ran.
+        batch_size=max((e.forward_pass_size or 0 for e in owned), default=0),
         finished=finished,
         failed_by_code=failed,
     )
