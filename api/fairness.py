@@ -1,20 +1,27 @@
 """Per-key fairness: what one API key (or, without keys, one client address) may take of the service.
 
-- A submit rate with a burst (SUBMIT_RATE_LIMIT), counted by the `limits` library (the engine of
-  Flask-Limiter) in Redis with its sliding-window counter, so the limit holds across api processes.
+- A submit rate with a burst (SUBMIT_RATE_LIMIT), counted in Redis with the sliding-window counter of
+  the `limits` library (the engine of Flask-Limiter), so the limit holds across api processes. Its
+  counters are `limits`' own (its script, its keys: `limits` reads them as if it had counted), but
+  the script runs inside `Fairness.admit`, the one round trip a submission makes before its body is
+  read, which also reads what the queue bounds count (and an idempotency claim).
 - A share of MAX_QUEUE_DEPTH (QUEUE_SHARE_PER_KEY): each key's waiting jobs are a sorted set of ids
-  (`shared.keys`-style `inferq:pending:<key>`, added in the enqueue transaction where possible). Ids
+  (`shared.keys`-style `inferq:pending:<key>`, added in the submit's one script). Ids
   leave it lazily: only when the key is at its share are the set's jobs looked up and those no longer
   queued removed (at most once per second per key and process), so the common case costs one ZCARD.
 - Concurrent long-polls per key (LONG_POLLS_PER_KEY), over all api processes: each waiting request
   holds a lease in the key's sorted set (`inferq:long-polls:<key>`, scored by when the lease lapses),
   taken in the same round trip as the request's first read of the job and given back in the same
   round trip as its last (`LongPollSlot`). A submit that prefers to wait for its job (`api.prefer`)
-  holds one too, taken in its enqueue's transaction. A lease of a process that died lapses by
-  itself, after the request's wait plus a margin.
+  holds one too: `Fairness.admit` reads the key's count of leases, and the lease is one of the
+  writes of the submit's store script (no round trip of its own). A lease of a process that died
+  lapses by itself, after the request's wait plus a margin.
 
 Every refusal is a 429 with `Retry-After` and an error code naming the limit, decided from the headers
 (key, Content-Length) before any of the body is read.
+
+`Fairness.admit` runs `limits`' script text inside its own and builds `limits`' keys with the storage's
+private key helpers: written for `limits` 5.8, checked at import, so an upgrade stops here.
 """
 
 from __future__ import annotations
@@ -25,8 +32,11 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import limits
 from flask import request
 from limits import RateLimitItem, parse_many
 from limits.storage import RedisStorage
@@ -43,6 +53,15 @@ from api.capacity import completion_rate, retry_after_seconds
 from api.errors import ApiError
 from shared.config import Settings
 from shared.keys import PREFIX, image_key
+from shared.recorded_writes import RecordedWrites
+
+LIMITS_WRITTEN_FOR = "5.8."
+if not limits.__version__.startswith(LIMITS_WRITTEN_FOR):
+    raise ImportError(
+        f"api.fairness runs the sliding-window script and key layout of limits {LIMITS_WRITTEN_FOR}x; "
+        f"limits {limits.__version__} is installed: check RedisStorage.acquire_sliding_window_entry "
+        "before changing the pin"
+    )
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +129,66 @@ return {raw, latest, image, lease}
 """
 )
 
-# The lease of a submit that prefers to wait (api.prefer), queued on the enqueue's own transaction:
-# the job is new, so there is nothing to read. KEYS: leases. ARGV as `_FIRST_READ`'s.
-_TAKE_ON_SUBMIT = _TAKE_LEASE + "return take_lease(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])\n"
+
+# A submission's round trip before its body is read: the key's submit rate, each limit in turn through
+# `limits`' own acquire script (the text `RedisStorage.acquire_sliding_window_entry` runs, called here
+# as a function of its KEYS and ARGV), then, if every limit admits it, what the queue bounds count
+# (the key's waiting jobs, each lane's backlog), an idempotency claim and, for a submit that prefers
+# to wait (api.prefer), the key's long-poll leases (those that lapsed dropped first, as `take_lease`
+# does: the store script adds the submit's own lease only if this count is under the cap).
+# KEYS: per limit, its previous and current window keys; the pending key; the lanes; [the claim key];
+# [the leases key]. ARGV: number of limits; per limit: amount, expiry, cost; number of lanes; 1 if
+# there is a claim key; now if there is a leases key, else ''.
+# Returns {index of the limit that refused} or
+# {0, waiting, claim value or nil, leases held or -1 (not asked), backlog per lane...}.
+_ADMIT = (
+    "local function acquire_sliding_window(KEYS, ARGV)\n"
+    + RedisStorage.SCRIPT_ACQUIRE_SLIDING_WINDOW.decode()
+    + """
+end
+local limits = tonumber(ARGV[1])
+for i = 1, limits do
+  local a = 3 * i - 1
+  if not acquire_sliding_window({KEYS[2 * i - 1], KEYS[2 * i]}, {ARGV[a], ARGV[a + 1], ARGV[a + 2]}) then
+    return {i}
+  end
+end
+local k = 2 * limits + 1
+local lanes = tonumber(ARGV[3 * limits + 2])
+local claim = false
+local last = k + lanes
+if ARGV[3 * limits + 3] == '1' then
+  last = last + 1
+  claim = redis.call('GET', KEYS[last])
+end
+local leases = -1
+local now = ARGV[3 * limits + 4]
+if now and now ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[last + 1], '-inf', now)
+  leases = redis.call('ZCARD', KEYS[last + 1])
+end
+local reply = {0, redis.call('ZCARD', KEYS[k]), claim, leases}
+for j = 1, lanes do reply[4 + j] = redis.call('LLEN', KEYS[k + j]) end
+return reply
+"""
+)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What `Fairness.admit` read, for the checks that follow it."""
+
+    waiting: int  # the key's waiting jobs (ZCARD of `pending_key`)
+    backlog: int  # jobs waiting in all lanes
+    claim: bytes | None  # the idempotency claim's value (None: unclaimed, or none was asked)
+    long_polls: int | None = None  # the key's long-poll leases held (None: not asked)
 
 
 class LongPollSlot:
     """One long-poll's lease in its key's set (LONG_POLLS_PER_KEY over all api processes): taken by
     `first_read`, in the round trip of the request's first read and only if the job has not ended
-    (or by `queue_take`, on the transaction of a submit that waits for its new job: `api.prefer`);
+    (or recorded by `record_take` among the store script's writes of a submit that waits for its
+    new job, `api.prefer`, once `Fairness.admit` read the key under its cap);
     given back by `queue_release` on the pipeline of the request's last read, or by `release` (a
     round trip of its own) when there is none. A lease of a process that died lapses by itself."""
 
@@ -171,18 +241,19 @@ class LongPollSlot:
             image,
         ]
 
-    def queue_take(self, pipe: Pipeline) -> None:
-        """Queue the taking of the lease on `pipe` (a submit's transaction: its job is new, there is
-        nothing to read first); `took` gets the reply. EVAL rather than the cached script's EVALSHA:
-        a pipeline with a script object checks it exists first, one more round trip."""
-        pipe.eval(_TAKE_ON_SUBMIT, 1, self._key, *self._lease_args())
+    def record_take(self, writes: RecordedWrites) -> None:
+        """Record the lease among a submit's writes (its job is new, there is nothing to read first):
+        what `take_lease` writes, its cap already checked by `Fairness.admit`. `taken` once the
+        submit's script has made them."""
+        member, _, lease_end, _, ttl = self._lease_args()
+        writes.zadd(self._key, {member: lease_end})
+        writes.expire(self._key, ttl)
 
-    def took(self, reply: Any) -> bool:
-        """The reply of `queue_take`'s command: whether the lease is held (else the key was at its
-        cap). The request's next read is its last, and gives the lease back (`queue_release`)."""
+    def taken(self) -> None:
+        """The writes of `record_take` were made: the request's next read is its last, and gives the
+        lease back (`queue_release`)."""
         self._read = True
-        self._held = int(reply) == 1
-        return self._held
+        self._held = True
 
     def queue_release(self, pipe: Pipeline) -> None:
         if self._held:
@@ -203,11 +274,14 @@ class Fairness:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self._redis = redis
         self._settings = settings
-        storage = RedisStorage("redis://", connection_pool=redis.connection_pool, key_prefix=LIMITS_PREFIX)
-        self._limiter = SlidingWindowCounterRateLimiter(storage)
+        self._storage = RedisStorage(
+            "redis://", connection_pool=redis.connection_pool, key_prefix=LIMITS_PREFIX
+        )
+        self._limiter = SlidingWindowCounterRateLimiter(self._storage)
         self._submit_limits: list[RateLimitItem] = parse_many(settings.submit_rate_limit)
         self._pruned_at: dict[str, float] = {}
         self._first_read = redis.register_script(_FIRST_READ)
+        self._admit = redis.register_script(_ADMIT)
 
     def long_poll_slot(self, client: str, wait: float) -> LongPollSlot:
         return LongPollSlot(
@@ -219,17 +293,57 @@ class Fairness:
             self._settings.max_wait_seconds,
         )
 
-    def check_submit_rate(self, client: str, cost: int = 1) -> None:
+    def admit(
+        self,
+        client: str,
+        cost: int,
+        lanes: Sequence[str],
+        claim: str | None = None,
+        *,
+        long_polls: bool = False,
+    ) -> Admitted:
+        """Count `cost` submissions against `client`'s rate (429 `rate_limited` when a limit refuses:
+        the limits before it have counted them, as `limits` does) and read, in the same round trip,
+        what the queue bounds count over the lane keys `lanes`, the idempotency claim key `claim`
+        and, if `long_polls` (a submit that prefers to wait), the key's long-poll leases held."""
+        keys: list[str] = []
+        args: list[Any] = [len(self._submit_limits)]
         for item in self._submit_limits:
-            if not self._limiter.hit(item, "submit", client, cost=cost):
-                reset_at = self._limiter.get_window_stats(item, "submit", client).reset_time
-                retry = max(1, math.ceil(reset_at - time.time()))
-                raise ApiError(
-                    f"too many submissions for this key: the limit is {item}; retry in {retry} s",
-                    code="rate_limited",
-                    http_status=429,
-                    headers={"Retry-After": str(retry)},
-                )
+            # The keys `RedisStorage.acquire_sliding_window_entry` builds for `limiter.hit`.
+            name = item.key_for("submit", client)
+            keys.append(self._storage.prefixed_key(self._storage._previous_window_key(name)))
+            keys.append(self._storage.prefixed_key(self._storage._current_window_key(name)))
+            args += [item.amount, item.get_expiry(), cost]
+        keys += [pending_key(client), *lanes]
+        args += [len(lanes), 1 if claim is not None else 0]
+        if claim is not None:
+            keys.append(claim)
+        if long_polls:
+            keys.append(long_polls_key(client))
+            args.append(time.time())
+        reply = self._admit(keys=keys, args=args)
+        if int(reply[0]):
+            item = self._submit_limits[int(reply[0]) - 1]
+            reset_at = self._limiter.get_window_stats(item, "submit", client).reset_time
+            retry = max(1, math.ceil(reset_at - time.time()))
+            raise ApiError(
+                f"too many submissions for this key: the limit is {item}; retry in {retry} s",
+                code="rate_limited",
+                http_status=429,
+                headers={"Retry-After": str(retry)},
+            )
+        leases = int(reply[3])
+        return Admitted(
+            waiting=int(reply[1]),
+            backlog=sum(int(n) for n in reply[4:]),
+            claim=reply[2],
+            long_polls=leases if leases >= 0 else None,
+        )
+
+    def declines_wait(self, admitted: Admitted) -> bool:
+        """Whether a submit's `Prefer: wait` is declined: its key held LONG_POLLS_PER_KEY when
+        `admit` read it."""
+        return admitted.long_polls is None or admitted.long_polls >= self._settings.long_polls_per_key
 
     @property
     def share_limit(self) -> int:
@@ -261,8 +375,8 @@ class Fairness:
             headers={"Retry-After": str(retry)},
         )
 
-    def note_pending(self, pipe: Pipeline | Redis, client: str, job_ids: list[str]) -> None:
-        """Count `job_ids` against `client`'s share (queued on `pipe` when it is a transaction)."""
+    def note_pending(self, pipe: RecordedWrites | Pipeline | Redis, client: str, job_ids: list[str]) -> None:
+        """Count `job_ids` against `client`'s share (recorded for the submit script, or queued on `pipe`)."""
         if not self.share_limit or not job_ids:
             return
         key = pending_key(client)

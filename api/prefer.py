@@ -14,11 +14,13 @@ one HTTP exchange instead of two (submit, then long-poll).
   answer's `Preference-Applied: wait=<n>` says how long it waited (on a 200, and on a 202 sent once
   the wait ran out). A 202 without that header was not waited on.
 - The wait is a long-poll: it holds an Event of the process's completion listener, no Redis
-  connection (`api.long_poll`), and it counts against LONG_POLLS_PER_KEY. Its waiter is registered
-  and its lease taken in the enqueue's own transaction (`SubmitWait`, an `EnqueueHook`), so an end
-  can never be published unheard and the lease costs no extra round trip. A key at its long-poll cap
-  has the preference declined (a 202 at once), not its submit refused: the job is as welcome as
-  without the header.
+  connection (`api.long_poll`), and it counts against LONG_POLLS_PER_KEY. The submit's admission
+  script (`api.fairness.Fairness.admit`) reads the key's long-poll count; its waiter is registered
+  before the store script runs and its lease is one of that script's writes (`SubmitWait`), so an
+  end can never be published unheard and the lease costs no extra round trip. A key at its
+  long-poll cap has the preference declined (a 202 at once), not its submit refused: the job is as
+  welcome as without the header. (Waiting submits of one key racing between their admission and
+  their store may take a lease or two over the cap; long-polls (GET) check it atomically.)
 """
 
 from __future__ import annotations
@@ -28,14 +30,13 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from typing import Any
 
 from flask import Request
-from redis.client import Pipeline
 
 from api.fairness import LongPollSlot
 from api.long_poll import CompletionListener
 from shared.config import Settings
+from shared.recorded_writes import RecordedWrites
 
 PREFERENCE_APPLIED = "Preference-Applied"
 
@@ -89,15 +90,19 @@ def drop_uploaded_files(request: Request) -> None:
 
 
 class SubmitWait:
-    """The waiting side of one submit that prefers to wait: an `shared.jobs.EnqueueHook` that, once
-    the new jobs' ids are known and before their transaction runs, registers a waiter for each with
-    the completion listener and queues the request's long-poll lease on that transaction.
+    """The waiting side of one submit that prefers to wait: once the new jobs' ids are known and
+    before their store script runs (`record`), registers a waiter for each with the completion
+    listener and records the request's long-poll lease among that script's writes; `stored` once it
+    has run. `declined`: the key was at its long-poll cap when admitted (nothing to wait for).
 
     A context manager: on exit the waiters are dropped and the lease, if still held, given back."""
 
-    def __init__(self, listener: CompletionListener, slot: LongPollSlot, seconds: int) -> None:
+    def __init__(
+        self, listener: CompletionListener, slot: LongPollSlot, seconds: int, declined: bool
+    ) -> None:
         self.slot = slot
         self.seconds = seconds
+        self._declined = declined
         self._listener = listener
         self._waiters = ExitStack()
         self._events: list[threading.Event] = []
@@ -109,22 +114,26 @@ class SubmitWait:
         self._waiters.close()
         self.slot.release()
 
-    def queue(self, pipe: Pipeline, job_ids: Sequence[str]) -> None:
-        # A transaction tried again (a WATCH conflict of an idempotent submit) has new ids.
+    def record(self, writes: RecordedWrites, job_ids: Sequence[str]) -> None:
+        if self._declined:
+            return
+        # A script tried again (an idempotent submit whose claim changed meanwhile) has new ids.
         self._waiters.close()
         self._events = [
             self._waiters.enter_context(self._listener.waiter(i, job_exists=False)) for i in job_ids
         ]
-        self.slot.queue_take(pipe)
+        self.slot.record_take(writes)
 
-    def executed(self, replies: list[Any]) -> None:
+    def stored(self) -> None:
+        if self._declined:
+            return
         self._listener.jobs_exist(self._events)
-        self.slot.took(replies[-1])  # `queue` put the lease last on the transaction
+        self.slot.taken()
 
     @property
     def declined(self) -> bool:
         """The key already held LONG_POLLS_PER_KEY long-polls: answer at once."""
-        return not self.slot.held
+        return self._declined
 
     def wait(self) -> bool:
         """Until every job has ended (True) or the wait has run out (False)."""

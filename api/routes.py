@@ -20,10 +20,10 @@ from rq.job import Job
 
 from api.auth import current_owner, enforce_api_key
 from api.cancel import cancel
-from api.capacity import check_capacity, queue_backlog
+from api.capacity import check_capacity
 from api.errors import ApiError
-from api.fairness import LongPollSlot, TooManyWaiters, client_key, pending_key
-from api.idempotency import expired_job, submit_once
+from api.fairness import Admitted, LongPollSlot, TooManyWaiters, client_key
+from api.idempotency import claim_key, expired_job, submit_once
 from api.job_view import JOB_READ_REPLIES, client_status, job_view, parse_job_read, queue_job_read, read_job
 from api.metrics import note_enqueued
 from api.prefer import SubmitWait, applied, drop_uploaded_files, preferred_wait
@@ -39,8 +39,9 @@ from api.validation import (
     read_job_upload,
 )
 from shared.image_budget import end_if_image_expired
-from shared.jobs import META_DEADLINE, META_OWNER, TERMINAL_STATUSES, fetch, submit, submit_many, unreserve
+from shared.jobs import META_DEADLINE, META_OWNER, TERMINAL_STATUSES, fetch, new_job_id, submit, submit_many
 from shared.keys import is_job_id, known_key
+from shared.recorded_writes import RecordedWrites
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 bp.before_request(enforce_api_key)
@@ -55,29 +56,38 @@ def _created(job_id: str, status: str = "queued") -> dict[str, str]:
     return {"id": job_id, "status": status, "url": job_url(job_id)}
 
 
-def _admit(state: ApiState, incoming: int, *, queue_bounds: bool = True) -> str:
+def _admit(
+    state: ApiState,
+    incoming: int,
+    *,
+    queue_bounds: bool = True,
+    cost: int | None = None,
+    claim: str | None = None,
+    long_polls: bool = False,
+) -> tuple[str, Admitted]:
     """Every limit a submission of `incoming` images passes, from its headers alone (the body is
-    not read yet): the key's rate, the queue bound, the key's share of it. Returns the client key.
+    not read yet), in one round trip: the key's rate (counting `cost`, by default `incoming`), the
+    queue bound, the key's share of it. Returns the client key and what that round trip read (the
+    counts behind the bounds; the idempotency claim key `claim`'s value; with `long_polls`, a submit
+    that prefers to wait, the key's long-poll leases).
     `queue_bounds=False` (idempotent submits): the bounds are checked only if a job is really
-    enqueued, since a replay adds nothing to the queue."""
+    enqueued, with the counts read here, since a replay adds nothing to the queue."""
     client = client_key()
-    state.fairness.check_submit_rate(client, incoming)
+    lanes = [queue.key for queue in state.queue_list]
+    admitted = state.fairness.admit(
+        client, incoming if cost is None else cost, lanes, claim, long_polls=long_polls
+    )
     if queue_bounds:
-        _check_queue_bounds(state, client, incoming)
-    return client
+        _check_queue_bounds(state, client, incoming, admitted)
+    return client, admitted
 
 
-def _check_queue_bounds(state: ApiState, client: str, incoming: int) -> None:
+def _check_queue_bounds(state: ApiState, client: str, incoming: int, admitted: Admitted) -> None:
     if not state.settings.max_queue_depth:
         return  # unbounded: no share of it either
-    # What both bounds count, in one round trip: the key's waiting jobs and the lanes' backlog.
-    with state.redis.pipeline(transaction=False) as pipe:
-        pipe.zcard(pending_key(client))
-        queue_backlog(pipe, state.queue_list)
-        key_waiting, *lanes = pipe.execute()
     # The key's own share first: when it is over it, that is the more useful refusal.
-    state.fairness.check_queue_share(client, incoming, state.queue_list, waiting=int(key_waiting))
-    _ensure_capacity(state, incoming, waiting=sum(int(n) for n in lanes))
+    state.fairness.check_queue_share(client, incoming, state.queue_list, waiting=admitted.waiting)
+    _ensure_capacity(state, incoming, waiting=admitted.backlog)
 
 
 def _ensure_capacity(state: ApiState, incoming: int, waiting: int | None = None) -> None:
@@ -158,20 +168,26 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     deadline_ms = parse_deadline_ms(request, state.settings)
     idempotency_key = parse_idempotency_key(request)
     wait = preferred_wait(request, state.settings)
-    client = _admit(state, 1, queue_bounds=idempotency_key is None)
+    claim = claim_key(idempotency_key, current_owner()) if idempotency_key is not None else None
+    client, admitted = _admit(
+        state, 1, queue_bounds=idempotency_key is None, claim=claim, long_polls=wait is not None
+    )
     upload = read_job_upload(request, state.settings)
     queue = state.queues[lane]
     if wait is None:
-        job_id, replayed = _enqueue(state, client, queue, upload, top_k, lane, deadline_ms, idempotency_key)
+        job_id, replayed = _enqueue(
+            state, client, admitted, queue, upload, top_k, lane, deadline_ms, idempotency_key
+        )
         body = _created(job_id)
         if replayed:
             job = fetch(state.redis, job_id)
             body["status"] = client_status(job) if job is not None else "queued"
         return jsonify(body), 202, {"Location": job_url(job_id)}
-    # `Prefer: wait` (api.prefer): its waiters and lease go on the enqueue's own transaction.
-    with _submit_wait(state, client, wait) as waiting:
+    # `Prefer: wait` (api.prefer): its waiters are registered and its lease recorded before the
+    # store script runs, the lease among that script's writes.
+    with _submit_wait(state, client, wait, admitted) as waiting:
         job_id, replayed = _enqueue(
-            state, client, queue, upload, top_k, lane, deadline_ms, idempotency_key, waiting
+            state, client, admitted, queue, upload, top_k, lane, deadline_ms, idempotency_key, waiting
         )
         del upload  # in Redis now: the wait holds no copy of the image
         drop_uploaded_files(request)
@@ -183,6 +199,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
 def _enqueue(
     state: ApiState,
     client: str,
+    admitted: Admitted,
     queue: Queue,
     upload: Upload,
     top_k: int,
@@ -193,21 +210,16 @@ def _enqueue(
 ) -> tuple[str, bool]:
     """`(job_id, replayed)`: the job enqueued, or with an Idempotency-Key, its claim's job."""
     if idempotency_key is None:
-        with state.redis.pipeline() as pipe:
-            pipe.multi()  # RQ's enqueue must not start its own MULTI (shared.jobs.submit)
-            job_id = submit(
-                queue, upload.data, top_k, state.settings, _job_meta(deadline_ms), pipeline=pipe
-            ).id
-            state.fairness.note_pending(pipe, client, [job_id])
-            if waiting is not None:
-                waiting.queue(pipe, [job_id])
-            try:
-                replies = pipe.execute()
-            except BaseException:
-                unreserve(state.redis, [job_id])  # its bytes no longer count against MAX_QUEUED_BYTES
-                raise
+        # One round trip (shared.jobs.submit): the byte budget, the image, RQ's job, the key's
+        # pending count and a waiting submit's lease in one script, nothing stored when it refuses.
+        job_id = new_job_id()
+        writes = RecordedWrites()
+        _record(state, client, writes, [job_id], waiting)
+        submit(
+            queue, upload.data, top_k, state.settings, _job_meta(deadline_ms), job_id=job_id, writes=writes
+        )
         if waiting is not None:
-            waiting.executed(replies)
+            waiting.stored()
         note_enqueued([job_id], now=waiting is not None)
         return job_id, False
     job_id, replayed = submit_once(
@@ -219,17 +231,30 @@ def _enqueue(
         owner=current_owner(),
         params={"priority": lane, "deadline_ms": deadline_ms},
         make_meta=lambda: _job_meta(deadline_ms),
-        before_enqueue=lambda: _check_queue_bounds(state, client, 1),
-        also=waiting,
+        before_enqueue=lambda: _check_queue_bounds(state, client, 1, admitted),
+        claimed=admitted.claim,
+        record=lambda writes, new_id: _record(state, client, writes, [new_id], waiting),
     )
     if not replayed:
-        state.fairness.note_pending(state.redis, client, [job_id])
+        if waiting is not None:
+            waiting.stored()
         note_enqueued([job_id], now=waiting is not None)
     return job_id, replayed
 
 
-def _submit_wait(state: ApiState, client: str, wait: int) -> SubmitWait:
-    return SubmitWait(state.listener, state.fairness.long_poll_slot(client, wait), wait)
+def _record(
+    state: ApiState, client: str, writes: RecordedWrites, job_ids: list[str], waiting: SubmitWait | None
+) -> None:
+    """The api's own writes in a new job's store script: the key's pending count and, for a submit
+    that waits, its long-poll lease (its waiters registered first: an end cannot go unheard)."""
+    state.fairness.note_pending(writes, client, job_ids)
+    if waiting is not None:
+        waiting.record(writes, job_ids)
+
+
+def _submit_wait(state: ApiState, client: str, wait: int, admitted: Admitted) -> SubmitWait:
+    slot = state.fairness.long_poll_slot(client, wait)
+    return SubmitWait(state.listener, slot, wait, declined=state.fairness.declines_wait(admitted))
 
 
 # What a submit that waited read of its jobs (None: nothing), and the wait it applied (None: declined).
@@ -310,31 +335,34 @@ def create_batch() -> tuple[Response, int, dict[str, str]]:
     wait = preferred_wait(request, state.settings)
     # The image count is only known from the body: the rate and shares are checked for one image
     # before it is read, and for all of them after (still before anything is enqueued).
-    client = _admit(state, 1)
+    client, admitted = _admit(state, 1, long_polls=wait is not None)
     uploads = read_batch_uploads(request, state.settings)  # all validated: all-or-nothing
     if len(uploads) > 1:
-        state.fairness.check_submit_rate(client, len(uploads) - 1)
-        _check_queue_bounds(state, client, len(uploads))
+        _admit(state, len(uploads), cost=len(uploads) - 1)
+    job_ids = [new_job_id() for _ in uploads]
     items = [(u.data, top_k) for u in uploads]
+    meta = _job_meta(deadline_ms)
     if wait is None:
-        jobs = submit_many(state.queues[lane], items, state.settings, _job_meta(deadline_ms))
-        state.fairness.note_pending(state.redis, client, [job.id for job in jobs])
-        note_enqueued([job.id for job in jobs])
-        return jsonify({"jobs": [_created(job.id) for job in jobs]}), 202, {}
+        writes = RecordedWrites()
+        _record(state, client, writes, job_ids, None)
+        submit_many(state.queues[lane], items, state.settings, meta, job_ids=job_ids, writes=writes)
+        note_enqueued(job_ids)
+        return jsonify({"jobs": [_created(job_id) for job_id in job_ids]}), 202, {}
     # `Prefer: wait` (api.prefer): one lease for the request, a waiter per job.
-    with _submit_wait(state, client, wait) as waiting:
-        jobs = submit_many(state.queues[lane], items, state.settings, _job_meta(deadline_ms), also=waiting)
-        ids = [job.id for job in jobs]
-        state.fairness.note_pending(state.redis, client, ids)
-        note_enqueued(ids, now=True)
+    with _submit_wait(state, client, wait, admitted) as waiting:
+        writes = RecordedWrites()
+        _record(state, client, writes, job_ids, waiting)
+        submit_many(state.queues[lane], items, state.settings, meta, job_ids=job_ids, writes=writes)
+        waiting.stored()
+        note_enqueued(job_ids, now=True)
         del uploads, items  # in Redis now: the wait holds no copy of the images
         drop_uploaded_files(request)
-        reads, applied_wait = _after_wait(state, ids, waiting)
+        reads, applied_wait = _after_wait(state, job_ids, waiting)
     headers = applied(applied_wait) if applied_wait is not None else {}
     if reads is not None and all(_ended(read) for read in reads):
         return jsonify({"jobs": [job_view(*read) for read in reads if read is not None]}), 200, headers
-    statuses = [client_status(read[0]) if read else "queued" for read in reads or [None] * len(ids)]
-    return jsonify({"jobs": [_created(i, s) for i, s in zip(ids, statuses, strict=True)]}), 202, headers
+    statuses = [client_status(read[0]) if read else "queued" for read in reads or [None] * len(job_ids)]
+    return jsonify({"jobs": [_created(i, s) for i, s in zip(job_ids, statuses, strict=True)]}), 202, headers
 
 
 # `<job_id>` matches one path segment: `/v1/jobs/<id>/cancel` is never read as a job whose id

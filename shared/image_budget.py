@@ -4,11 +4,13 @@ Bookkeeping: two keys that only Lua scripts change, each script both keys at onc
 disagree: `inferq:queued_bytes` (a total) and `inferq:queued_images` (a hash: job id ->
 "<bytes> <epoch reserved>"). An image is counted from its submit until its job ends.
 
-- Reserve (`reserve`, one script, before the submit transaction): refuse with `RedisFull` when Redis'
-  used memory plus the uploads would come within REDIS_HEADROOM_BYTES of `maxmemory`, refuse with
-  `QueuedBytesFull` when the total would pass MAX_QUEUED_BYTES, else count them. Check and count are
-  one atomic step, so concurrent submitters cannot overshoot. The submit transaction then stores the
-  images; if it fails, the reservation is released at once.
+- Reserve (`reserve`, one script: the whole submit's one round trip): refuse with `RedisFull` when
+  Redis' used memory plus the uploads would come within REDIS_HEADROOM_BYTES of `maxmemory`, refuse
+  with `QueuedBytesFull` when the total would pass MAX_QUEUED_BYTES, else count them and, in the same
+  script, make the submit's writes (`shared.recorded_writes`: the images, RQ's jobs, the api's
+  counters), so a refused submit stores nothing and an admitted one is counted and stored at once.
+  Concurrent submitters cannot overshoot, and a failed submit has nothing to give back. A script whose
+  reply was lost, sent again by redis-py's retry, finds the job it made and does nothing twice.
 - Release (`release`, one script): deletes the images and un-counts them. Idempotent (only the caller
   whose HDEL removes the entry subtracts), so a retried finish or a race between a worker and a
   sweep never subtracts twice. It deletes before anything that needs memory, so it runs even when
@@ -17,12 +19,12 @@ disagree: `inferq:queued_bytes` (a total) and `inferq:queued_images` (a hash: jo
 - Sweep (`sweep`, at most once per SWEEP_INTERVAL_SECONDS over all processes): every entry whose
   image is gone. A job still queued is ended `failed` with `image_expired` (or, past its deadline,
   `deadline_expired`), seen by its owner and counted in the metrics; every such entry is released.
-  An entry whose job never appeared (a submitter died between reserve and enqueue) is released after
-  ORPHAN_GRACE_SECONDS. Then the total is recounted from the hash.
+  An entry whose job does not exist (deleted by hand, or counted without its writes) is released
+  after ORPHAN_GRACE_SECONDS. Then the total is recounted from the hash.
 
-Drift is therefore self-healing rather than impossible: a process that dies between reserve and
-enqueue over-counts until the next sweep after ORPHAN_GRACE_SECONDS; an image that expires over-counts
-until the next sweep. Nothing else can make the total differ from the bytes in Redis.
+Drift is therefore self-healing rather than impossible: an image that expires over-counts until the
+next sweep, a hand edit until the next sweep after ORPHAN_GRACE_SECONDS. Nothing else can make the
+total differ from the bytes in Redis.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from shared.keys import (
     sweep_lock_key,
     telemetry_key,
 )
+from shared.recorded_writes import APPLY_LUA, RecordedWrites, pack
 from shared.telemetry import FAILED_FIELD_PREFIX, JOBS_ENDED
 
 log = logging.getLogger(__name__)
@@ -66,13 +69,27 @@ ORPHAN_GRACE_SECONDS = 60
 IMAGE_EXPIRED = "image_expired"
 IMAGE_MISSING = "image_missing"
 
-# KEYS: total, hash. ARGV: limit (0 = none), headroom (-1 = no memory check), reserved-at, then
-# id, bytes pairs. Returns {0, new total} or {-1, total, limit} (budget) or {-2, used, maxmemory}.
-_RESERVE = """
+# KEYS: total, hash, made key, guard key, then the writes' keys. ARGV: limit (0 = none), headroom (-1 =
+# no memory check), reserved-at, number of (id, bytes) pairs, made (1: if KEYS[3] exists, this very
+# call already ran: a retry whose first reply was lost; 0: none), guard (1: KEYS[4] must hold ARGV[7],
+# "" for absent; 0: none), guard value, the (id, bytes) pairs, then the writes (`recorded_writes.pack`).
+# Returns {0, total} (counted and written, now or by the earlier run) or, with nothing written:
+# {-1, total, limit} (budget), {-2, used, maxmemory} (memory), {-3, the guard key's value or ""}.
+_RESERVE = (
+    APPLY_LUA
+    + """
 local limit = tonumber(ARGV[1])
 local headroom = tonumber(ARGV[2])
+local last = 7 + 2 * tonumber(ARGV[4])
+if ARGV[5] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then
+  return {0, tonumber(redis.call('GET', KEYS[1]) or '0')}
+end
+if ARGV[6] == '1' then
+  local current = redis.call('GET', KEYS[4]) or ''
+  if current ~= ARGV[7] then return {-3, current} end
+end
 local incoming = 0
-for i = 4, #ARGV, 2 do incoming = incoming + tonumber(ARGV[i + 1]) end
+for i = 8, last, 2 do incoming = incoming + tonumber(ARGV[i + 1]) end
 if headroom >= 0 then
   local info = redis.call('INFO', 'memory')
   local maxmemory = tonumber(string.match(info, 'maxmemory:(%d+)'))
@@ -83,9 +100,12 @@ if headroom >= 0 then
 end
 local total = tonumber(redis.call('GET', KEYS[1]) or '0')
 if limit > 0 and total + incoming > limit then return {-1, total, limit} end
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1] .. ' ' .. ARGV[3]) end
-return {0, redis.call('INCRBY', KEYS[1], incoming)}
+for i = 8, last, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1] .. ' ' .. ARGV[3]) end
+total = redis.call('INCRBY', KEYS[1], incoming)
+apply(last + 1)
+return {0, total}
 """
+)
 
 # KEYS: total, hash, then one image key per id (none: un-count only). ARGV: the ids. Deletes first
 # (allowed under OOM, and once a script has written, its later writes are allowed too), subtracts
@@ -114,20 +134,50 @@ return total
 """
 
 
-def reserve(conn: Redis, items: Sequence[tuple[str, int]], settings: Settings) -> None:
-    """Count `(job id, image bytes)` against MAX_QUEUED_BYTES and Redis' memory, all or nothing."""
-    if not items:
+class GuardChanged(Exception):
+    """`reserve`'s guard key did not hold the value it was given: nothing was counted or written."""
+
+    def __init__(self, key: str, current: bytes | None) -> None:
+        super().__init__(f"{key} changed")
+        self.current = current
+
+
+def reserve(
+    conn: Redis,
+    items: Sequence[tuple[str, int]],
+    settings: Settings,
+    writes: RecordedWrites | None = None,
+    *,
+    made: str | None = None,
+    guard: tuple[str, str | None] | None = None,
+) -> None:
+    """Count `(job id, image bytes)` against MAX_QUEUED_BYTES and Redis' memory and make `writes`,
+    all or nothing, in one script (one round trip): `QueuedBytesFull` or `RedisFull` when they do not
+    fit. `made`: a key that `writes` create and nothing else does (a new job's hash): if it exists,
+    the script did all this already (redis-py sends a command again when its reply is lost) and does
+    nothing more. `guard`: `(key, value)`: only if `key` holds `value` (None: does not exist), else
+    `GuardChanged` (the api's idempotency claim, checked in the same atomic step as the enqueue)."""
+    if not items and not (writes and writes.commands):
         return
-    args: list[Any] = [settings.max_queued_bytes, settings.redis_headroom_bytes, int(time.time())]
+    # Unused slots hold the total's key: every key a script touches is one of its KEYS.
+    keys: list[Any] = [queued_bytes_key(), queued_images_key(), made or queued_bytes_key()]
+    args: list[Any] = [settings.max_queued_bytes, settings.redis_headroom_bytes, int(time.time()), len(items)]
+    args.append(1 if made is not None else 0)
+    keys.append(guard[0] if guard is not None else queued_bytes_key())
+    args += [1, guard[1] or ""] if guard is not None else [0, ""]
     for job_id, size in items:
         args += [job_id, size]
+    if writes is not None:
+        pack(writes, keys, args)
     script = conn.register_script(_RESERVE)
-    reply = script(keys=[queued_bytes_key(), queued_images_key()], args=args)
+    reply = script(keys=keys, args=args)
     if int(reply[0]) == -1 and sweep(conn, settings) is not None:
         # Over budget: expired images may still be counted; sweep them out and ask again once.
-        reply = script(keys=[queued_bytes_key(), queued_images_key()], args=args)
+        reply = script(keys=keys, args=args)
     status = int(reply[0])
     incoming = sum(size for _, size in items)
+    if status == -3:
+        raise GuardChanged(keys[3], reply[1] or None)
     if status == -2:
         used, maxmemory = int(reply[1]), int(reply[2])
         raise RedisFull(
@@ -151,15 +201,6 @@ def release(client: Redis | Pipeline, job_ids: Sequence[str]) -> Any:
         return 0
     keys = [queued_bytes_key(), queued_images_key(), *(image_key(job_id) for job_id in job_ids)]
     return client.register_script(_RELEASE)(keys=keys, args=list(job_ids), client=client)
-
-
-def uncount(conn: Redis, job_ids: Sequence[str]) -> int:
-    """Give back the reservations of a submit whose transaction failed, without deleting anything:
-    if the transaction did land after all (its reply was lost), its job keeps its image and runs."""
-    if not job_ids:
-        return 0
-    script = conn.register_script(_RELEASE)
-    return int(script(keys=[queued_bytes_key(), queued_images_key()], args=list(job_ids)))
 
 
 def queued_bytes(conn: Redis) -> int:

@@ -11,27 +11,25 @@ so nothing the client sent is ever pickled or compressed into the job hash. The 
   `WORKER_CRASHED` (the job was being decoded or in a forward pass in MAX_ATTEMPTS workers that
   died), `JOB_TIMEOUT`, and `DEADLINE_EXPIRED` (its `deadline_at` passed before it started; clients
   see status `expired`); the rest come from the image or the model (`shared.errors`).
-The api also sets `inferq:known:<id>` (`shared.keys.known_key`) in the enqueue transaction: a
-tombstone that outlives the job, so an expired job reads 410 rather than 404.
+The api also sets `inferq:known:<id>` (`shared.keys.known_key`) in the enqueue script: a tombstone
+that outlives the job, so an expired job reads 410 rather than 404.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
-from redis.exceptions import RedisError
 from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from shared import image_budget
+from shared import image_budget, rq_enqueue
 from shared.config import Settings
 
 # The job-meta keys and the worker's own error codes live in a leaf module (shared.image_budget,
@@ -52,8 +50,7 @@ from shared.job_meta import (  # noqa: F401 (re-exported)
     WORKER_CRASHED,
 )
 from shared.keys import image_key, known_key
-
-log = logging.getLogger(__name__)
+from shared.recorded_writes import RecordedWrites
 
 JOB_FUNC = "worker.tasks.classify"
 SERIALIZER = JSONSerializer
@@ -103,17 +100,6 @@ def timings(
     }
 
 
-class EnqueueHook(Protocol):
-    """A caller's own commands that belong in the transaction enqueueing new jobs (e.g. the lease
-    and the waiters of a submit that waits for its job: `api.prefer`): `queue` adds them LAST, once
-    the jobs' ids are known and before the transaction runs (it may be called again with new ids if
-    the transaction is tried again); `executed` gets the transaction's replies once it has run."""
-
-    def queue(self, pipe: Pipeline, job_ids: Sequence[str]) -> None: ...
-
-    def executed(self, replies: list[Any]) -> None: ...
-
-
 def new_job_id() -> str:
     return str(uuid.uuid4())
 
@@ -125,33 +111,18 @@ def submit(
     settings: Settings,
     meta: dict[str, Any] | None = None,
     *,
-    pipeline: Pipeline | None = None,
+    job_id: str | None = None,
+    writes: RecordedWrites | None = None,
+    guard: tuple[str, str | None] | None = None,
 ) -> Job:
-    """Store the image and enqueue its job in one round trip (one MULTI/EXEC pipeline).
-
-    The image's bytes are first counted against MAX_QUEUED_BYTES and Redis' memory
-    (`shared.image_budget.reserve`: raises `QueuedBytesFull` or `RedisFull`, nothing stored).
-
-    With `pipeline` (already in MULTI mode, e.g. after a WATCH), the commands are only queued on it
-    and the caller executes it: that is how the api makes an idempotency claim atomic with the enqueue.
-    If that EXEC fails, the caller gives the reservation back (`unreserve`); what it cannot give back
-    is left to the sweep (released ORPHAN_GRACE_SECONDS later).
-    """
-    job_id = new_job_id()
-    image_budget.reserve(queue.connection, [(job_id, len(image))], settings)
-    try:
-        if pipeline is not None:
-            return _queue_job(queue, pipeline, job_id, image, top_k, settings, meta)
-        with queue.connection.pipeline() as pipe:
-            # MULTI before the first command: RQ's enqueue calls `pipe.multi()` itself unless the
-            # transaction is explicit, and redis-py refuses MULTI once a command (our SET) is queued.
-            pipe.multi()
-            job = _queue_job(queue, pipe, job_id, image, top_k, settings, meta)
-            pipe.execute()
-    except BaseException:
-        unreserve(queue.connection, [job_id])
-        raise
-    return job
+    """Store the image and enqueue its job in one round trip: one script
+    (`shared.image_budget.reserve`) counts the image's bytes against MAX_QUEUED_BYTES and Redis'
+    memory and, only if they fit, stores the image and its tombstone, makes RQ's enqueue writes
+    (`shared.rq_enqueue`) and the caller's `writes` (the api's fairness counters, an idempotency
+    claim); else it raises `QueuedBytesFull` or `RedisFull` with nothing stored. `guard`: see
+    `reserve` (`GuardChanged`, nothing stored)."""
+    ids = [job_id] if job_id is not None else None
+    return submit_many(queue, [(image, top_k)], settings, meta, job_ids=ids, writes=writes, guard=guard)[0]
 
 
 def submit_many(
@@ -159,43 +130,25 @@ def submit_many(
     items: Sequence[tuple[bytes, int]],
     settings: Settings,
     meta: dict[str, Any] | None = None,
-    also: EnqueueHook | None = None,
+    *,
+    job_ids: Sequence[str] | None = None,
+    writes: RecordedWrites | None = None,
+    guard: tuple[str, str | None] | None = None,
 ) -> list[Job]:
-    """`submit` for several `(image, top_k)` at once: all counted, stored and enqueued in ONE
-    transaction, so either every job exists or none does (a batch upload is all-or-nothing).
-    `also`: the caller's commands in that transaction."""
-    job_ids = [new_job_id() for _ in items]
-    image_budget.reserve(
-        queue.connection,
-        [(job_id, len(image)) for job_id, (image, _) in zip(job_ids, items, strict=True)],
-        settings,
-    )
-    try:
-        with queue.connection.pipeline() as pipe:
-            pipe.multi()
-            jobs = [
-                _queue_job(queue, pipe, job_id, image, top_k, settings, meta)
-                for job_id, (image, top_k) in zip(job_ids, items, strict=True)
-            ]
-            if also is not None:
-                also.queue(pipe, job_ids)
-            replies = pipe.execute()
-    except BaseException:
-        unreserve(queue.connection, job_ids)
-        raise
-    if also is not None:
-        also.executed(replies)
+    """`submit` for several `(image, top_k)` at once, in the same one script: either every job
+    exists or none does (a batch upload is all-or-nothing). `job_ids`: theirs, when the caller
+    needs them for its `writes`."""
+    ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in items]
+    recorded = RecordedWrites()
+    jobs = [
+        _queue_job(queue, recorded, job_id, image, top_k, settings, meta)
+        for job_id, (image, top_k) in zip(ids, items, strict=True)
+    ]
+    if writes is not None:
+        recorded.extend(writes)
+    sizes = [(job_id, len(image)) for job_id, (image, _) in zip(ids, items, strict=True)]
+    image_budget.reserve(queue.connection, sizes, settings, recorded, made=jobs[0].key, guard=guard)
     return jobs
-
-
-def unreserve(conn: Redis, job_ids: list[str]) -> None:
-    """Give back the reservation of a submit that failed (a Redis error: best effort, the sweep
-    releases what this cannot). Nothing is deleted: a transaction whose reply was lost may have
-    landed, and its job must keep its image."""
-    try:
-        image_budget.uncount(conn, job_ids)
-    except RedisError as exc:
-        log.warning("could not release %d reservation(s) of a failed submit: %s", len(job_ids), exc)
 
 
 def image_lifetime(settings: Settings, meta: dict[str, Any] | None) -> int:
@@ -209,43 +162,50 @@ def image_lifetime(settings: Settings, meta: dict[str, Any] | None) -> int:
 
 def _queue_job(
     queue: Queue,
-    pipe: Pipeline,
+    writes: RecordedWrites | Pipeline,
     job_id: str,
     image: bytes,
     top_k: int,
     settings: Settings,
     meta: dict[str, Any] | None,
 ) -> Job:
-    """The one enqueue code path: queue `SET image` + RQ's enqueue commands on `pipe` (not executed)."""
+    """The one enqueue code path: the image, its tombstone and RQ's enqueue, recorded on `writes`
+    (or, on a pipeline already in MULTI, queued there: the same writes, without the budget)."""
+    recorded = writes if isinstance(writes, RecordedWrites) else RecordedWrites()
     key = image_key(job_id)
     lifetime = image_lifetime(settings, meta)
-    pipe.set(key, image, ex=lifetime)
+    recorded.set(key, image, ex=lifetime)
     # The tombstone (410 after the job expired), owned like the job (another key must get 404).
-    pipe.set(
+    recorded.set(
         known_key(job_id),
         str((meta or {}).get(META_OWNER) or ""),
         ex=settings.known_job_ttl + lifetime - settings.image_ttl,
     )
     job_meta = dict(meta or {})  # a copy per job: batch jobs must not share one mutable dict
     job_meta[META_IMAGE_EXPIRES] = time.time() + lifetime
-    return queue.enqueue_call(
+    job = rq_enqueue.enqueue(
+        queue,
+        recorded,
         JOB_FUNC,
         args=(key, top_k),
         job_id=job_id,
         timeout=max(60, int(settings.abandoned_after_seconds * 4)),
         result_ttl=settings.result_ttl,
         failure_ttl=settings.failure_ttl,
-        # No TTL on the queued job hash: it must outlive its image, so that a job whose image expired
-        # can still end `image_expired` for its owner (shared.image_budget) instead of vanishing.
-        # It expires RESULT_TTL / FAILURE_TTL after it ends, as RQ does for every ended job.
-        ttl=None,
+        # No TTL on the queued job hash (rq_enqueue writes none): it must outlive its image, so that a
+        # job whose image expired can still end `image_expired` for its owner (shared.image_budget)
+        # instead of vanishing. It expires RESULT_TTL / FAILURE_TTL after it ends, as RQ does for
+        # every ended job.
         description=f"classify top_k={top_k}",
         meta=job_meta,
         # Retries are spent only when a worker dies with the job (RQ's registry cleanup
         # requeues abandoned jobs while retries are left); a bad image fails at once.
         retry=Retry(max=settings.max_attempts - 1) if settings.max_attempts > 1 else None,
-        pipeline=pipe,
     )
+    if recorded is not writes:
+        for command in recorded.commands:
+            writes.execute_command(*command)
+    return job
 
 
 def fetch(conn: Redis, job_id: str) -> Job | None:

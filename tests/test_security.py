@@ -795,7 +795,13 @@ def test_readyz_counts_workers_on_any_lane_and_says_little(
 def test_openapi_documents_the_new_contract(client: FlaskClient) -> None:
     document = client.get("/openapi.json").json
     post = document["paths"]["/v1/jobs"]["post"]
-    assert {p["name"] for p in post["parameters"]} == {"top_k", "priority", "deadline_ms", "Idempotency-Key"}
+    assert {p["name"] for p in post["parameters"]} == {
+        "top_k",
+        "priority",
+        "deadline_ms",
+        "Idempotency-Key",
+        "Prefer",
+    }
     assert {"401", "409", "410", "422", "429"} <= set(post["responses"])
     assert "410" in document["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]
     assert "expired" in document["components"]["schemas"]["Job"]["properties"]["status"]["enum"]
