@@ -14,7 +14,9 @@ one HTTP exchange instead of two (submit, then long-poll).
   answer's `Preference-Applied: wait=<n>` says how long it waited (on a 200, and on a 202 sent once
   the wait ran out). A 202 without that header was not waited on.
 - The wait is a long-poll: it holds an Event of the process's completion listener, no Redis
-  connection (`api.long_poll`), and it counts against LONG_POLLS_PER_KEY. Its waiter is registered
+  connection (`api.long_poll`), and it counts against LONG_POLLS_PER_KEY. A job whose end's message
+  carried its view is answered from it, without reading the job back (the request created the job:
+  it is its owner). Its waiter is registered
   and its lease taken in the enqueue's own transaction (`SubmitWait`, an `EnqueueHook`), so an end
   can never be published unheard and the lease costs no extra round trip. A key at its long-poll cap
   has the preference declined (a 202 at once), not its submit refused: the job is as welcome as
@@ -24,7 +26,6 @@ one HTTP exchange instead of two (submit, then long-poll).
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -34,7 +35,7 @@ from flask import Request
 from redis.client import Pipeline
 
 from api.fairness import LongPollSlot
-from api.long_poll import CompletionListener
+from api.long_poll import CompletionListener, Waiter
 from shared.config import Settings
 
 PREFERENCE_APPLIED = "Preference-Applied"
@@ -100,7 +101,7 @@ class SubmitWait:
         self.seconds = seconds
         self._listener = listener
         self._waiters = ExitStack()
-        self._events: list[threading.Event] = []
+        self._events: list[Waiter] = []
 
     def __enter__(self) -> SubmitWait:
         return self
@@ -125,6 +126,11 @@ class SubmitWait:
     def declined(self) -> bool:
         """The key already held LONG_POLLS_PER_KEY long-polls: answer at once."""
         return not self.slot.held
+
+    @property
+    def views(self) -> list[dict[str, Any] | None]:
+        """Each job's view as its end's message carried it (None: not ended, or no view: read it)."""
+        return [event.view for event in self._events]
 
     def wait(self) -> bool:
         """Until every job has ended (True) or the wait has run out (False)."""
