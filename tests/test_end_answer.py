@@ -23,6 +23,7 @@ import requests
 
 from bench.front_door import end_jobs
 from launch.redis_server import EmbeddedRedis
+from tests.factories import truncated_png
 from tests.service import Stack, service_stack
 
 pytestmark = pytest.mark.slow
@@ -122,6 +123,19 @@ def test_long_poll_woken_by_a_workers_end_answers_from_its_message(
     answer = poll.answer()
     assert answer.status_code == 200
     assert answer.json()["status"] == "finished"
+    assert job_reads(stack.conn) == reads, "the woken long-poll read the job back"
+    assert answer.json() == get(stack, job_id).json()
+
+
+def test_long_poll_woken_by_a_failed_end_answers_from_its_message(stack: Stack) -> None:
+    """A job whose image the worker cannot decode: the failure's view (its error) is in the message."""
+    with paused(stack.workers[0]):
+        job_id = post(stack, truncated_png()).json()["id"]
+        poll = LongPoll(stack, job_id)
+        reads = job_reads(stack.conn)
+    answer = poll.answer()
+    assert answer.json()["status"] == "failed"
+    assert answer.json()["error"]["code"] == "corrupt_image"
     assert job_reads(stack.conn) == reads, "the woken long-poll read the job back"
     assert answer.json() == get(stack, job_id).json()
 
