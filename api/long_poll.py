@@ -10,8 +10,10 @@ the job back. Whoever waits has already seen the job's owner (its first read, or
 the view carries no owner.
 
 Jobs can also end without a publish (RQ's registry cleanup failing an abandoned job, a job expiring,
-a message lost while the subscription reconnects), and a message may carry no view (a bare id, from
-a worker older than the view; or a malformed one): such waiters wake with no view and read the job.
+a message lost while the subscription reconnects), and a message may carry no view (a bare id: from
+a worker older than the view, or from the rarer ends that publish none, `shared.image_budget`'s end
+of a job whose image expired and `worker.failed_elsewhere`; or a malformed view): such waiters wake
+with no view and read the job.
 The safety net: every LONG_POLL_RECHECK_SECONDS the
 listener reads the RQ status of every waited id in one pipelined round trip and wakes the waiters of
 jobs that ended or vanished. No waiter sleeps its full wait on a job that ended.
