@@ -8,13 +8,15 @@ from rq.job import Job, JobStatus
 from rq.utils import now, utcformat
 
 from shared import image_budget
+from shared.ended import publish_ended
+from shared.job_view import view_of
 from shared.jobs import SERIALIZER
-from shared.keys import ended_channel
 
 
 def cancel(conn: Redis, job: Job) -> bool:
     """Cancel a queued job; False when it already started or ended. Wakes long-polls on it (a publish
-    on the ended channel, like a worker's end, heard by every api process's listener).
+    on the ended channel carrying the job's view, like a worker's end, heard by every api process's
+    listener).
 
     The status alone cannot decide it: a worker takes a job by moving its id out of the queue list
     (BLMOVE/LMOVE) BEFORE marking it started, so a job may read "queued" while a worker holds it.
@@ -36,7 +38,8 @@ def cancel(conn: Redis, job: Job) -> bool:
         job.ended_at = now()
         pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
         image_budget.release(pipe, [job.id])  # deletes the image and un-counts its bytes
-        pipe.publish(ended_channel(), job.id)
+        job._status = JobStatus.CANCELED  # what the transaction writes: the view the end carries
+        publish_ended(pipe, job.id, view_of(job))
         pipe.execute()
     # RQ's cancel re-reads the status from Redis while its writes are still queued in the pipeline,
     # leaving `job` saying "queued": re-read it so callers (the api's response) see "canceled".

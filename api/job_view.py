@@ -1,73 +1,24 @@
-"""How the api shows a job: its client status, its error and the body of `GET /v1/jobs/<id>`, read
-from Redis in one round trip (`read_job`: the job hash, its latest RQ result and whether its image
-is still there, together; `queue_job_read` puts the same reads on a caller's pipeline)."""
+"""How the api shows a job it reads: the body of `GET /v1/jobs/<id>` (built by `shared.job_view`, as
+the end's message builds it), read from Redis in one round trip (`read_job`: the job hash, its latest
+RQ result and whether its image is still there, together; `queue_job_read` puts the same reads on a
+caller's pipeline)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any, NamedTuple
 
 from redis import Redis
 from redis.client import Pipeline
 from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq.results import Result
 
-from shared.jobs import (
-    DEADLINE_EXPIRED,
-    FAILED_BY_RQ,
-    FAILED_BY_RQ_MESSAGE,
-    META_ERROR,
-    META_TIMINGS,
-    SERIALIZER,
-)
+from shared.job_view import client_status, view_of
+from shared.jobs import SERIALIZER
 from shared.keys import image_key
 
-# RQ statuses a client never needs to tell apart: a job waiting for a retry is still queued.
-_STATUS_FOR_CLIENT = {
-    JobStatus.QUEUED: "queued",
-    JobStatus.DEFERRED: "queued",
-    JobStatus.SCHEDULED: "queued",
-    JobStatus.CREATED: "queued",
-    JobStatus.STARTED: "started",
-    JobStatus.FINISHED: "finished",
-    JobStatus.FAILED: "failed",
-    JobStatus.STOPPED: "failed",
-    JobStatus.CANCELED: "canceled",
-}
-
-
-def client_status(job: Job) -> str:
-    status = job.get_status(refresh=False)
-    if status is None:
-        return "queued"
-    if status == JobStatus.FAILED and _error_code(job) == DEADLINE_EXPIRED:
-        return "expired"
-    return _STATUS_FOR_CLIENT.get(status, "queued")
-
-
-def _error_code(job: Job) -> str | None:
-    error = job.meta.get(META_ERROR)
-    return str(error["code"]) if isinstance(error, dict) and "code" in error else None
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value else None
-
-
-def job_error(job: Job, status: str, result: Result | None) -> dict[str, str] | None:
-    if status == "canceled":
-        return {"code": "canceled", "message": "The job was canceled before it started."}
-    if status not in ("failed", "expired"):
-        return None
-    error = job.meta.get(META_ERROR)
-    if isinstance(error, dict) and "code" in error:
-        return {"code": str(error["code"]), "message": str(error.get("message", ""))}
-    # Every failure inferq writes carries its code (a crash too: `shared.jobs.WORKER_CRASHED`); one
-    # without it was failed by RQ itself, until the workers' maintenance writes it this same code
-    # (`worker.failed_elsewhere`).
-    return {"code": FAILED_BY_RQ, "message": FAILED_BY_RQ_MESSAGE}
+__all__ = ["client_status", "job_view", "parse_job_read", "queue_job_read", "read_job"]
 
 
 def job_view(job: Job, result: Result | None = None) -> dict[str, Any]:
@@ -75,24 +26,8 @@ def job_view(job: Job, result: Result | None = None) -> dict[str, Any]:
     status = client_status(job)
     if result is None and status in ("finished", "failed", "expired"):
         result = job.latest_result()
-    payload = None
-    if status == "finished" and result is not None and result.type == Result.Type.SUCCESSFUL:
-        payload = result.return_value
-    timings = job.meta.get(META_TIMINGS) or {}
-    return {
-        "id": job.id,
-        "status": status,
-        "result": payload,
-        "error": job_error(job, status, result),
-        "created_at": _iso(job.enqueued_at or job.created_at),
-        "started_at": _iso(job.started_at),
-        "ended_at": _iso(job.ended_at),
-        "timings": {
-            "queue_ms": timings.get("queue_ms"),
-            "inference_ms": timings.get("inference_ms"),
-            "batch_size": timings.get("batch_size"),
-        },
-    }
+    successful = status == "finished" and result is not None and result.type == Result.Type.SUCCESSFUL
+    return view_of(job, result.return_value if successful and result is not None else None)
 
 
 class JobRead(NamedTuple):

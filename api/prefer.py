@@ -14,7 +14,9 @@ one HTTP exchange instead of two (submit, then long-poll).
   answer's `Preference-Applied: wait=<n>` says how long it waited (on a 200, and on a 202 sent once
   the wait ran out). A 202 without that header was not waited on.
 - The wait is a long-poll: it holds an Event of the process's completion listener, no Redis
-  connection (`api.long_poll`), and it counts against LONG_POLLS_PER_KEY. The submit's admission
+  connection (`api.long_poll`), and it counts against LONG_POLLS_PER_KEY. A job whose end's message
+  carried its view is answered from it, without reading the job back (the request created the job:
+  it is its owner). The submit's admission
   script (`api.fairness.Fairness.admit`) reads the key's long-poll count; its waiter is registered
   before the store script runs and its lease is one of that script's writes (`SubmitWait`), so an
   end can never be published unheard and the lease costs no extra round trip. A key at its
@@ -26,15 +28,15 @@ one HTTP exchange instead of two (submit, then long-poll).
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
+from typing import Any
 
 from flask import Request
 
 from api.fairness import LongPollSlot
-from api.long_poll import CompletionListener
+from api.long_poll import CompletionListener, Waiter
 from shared.config import Settings
 from shared.recorded_writes import RecordedWrites
 
@@ -105,7 +107,7 @@ class SubmitWait:
         self._declined = declined
         self._listener = listener
         self._waiters = ExitStack()
-        self._events: list[threading.Event] = []
+        self._events: list[Waiter] = []
 
     def __enter__(self) -> SubmitWait:
         return self
@@ -134,6 +136,11 @@ class SubmitWait:
     def declined(self) -> bool:
         """The key already held LONG_POLLS_PER_KEY long-polls: answer at once."""
         return self._declined
+
+    @property
+    def views(self) -> list[dict[str, Any] | None]:
+        """Each job's view as its end's message carried it (None: not ended, or no view: read it)."""
+        return [event.view for event in self._events]
 
     def wait(self) -> bool:
         """Until every job has ended (True) or the wait has run out (False)."""

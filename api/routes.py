@@ -257,18 +257,25 @@ def _submit_wait(state: ApiState, client: str, wait: int, admitted: Admitted) ->
     return SubmitWait(state.listener, slot, wait, declined=state.fairness.declines_wait(admitted))
 
 
-# What a submit that waited read of its jobs (None: nothing), and the wait it applied (None: declined).
-_Waited = tuple[list[tuple[Job, Any] | None] | None, int | None]
+# The views of a submit's jobs after its wait (None: nothing known), and the wait it applied (None:
+# declined).
+_Waited = tuple[list[dict[str, Any] | None] | None, int | None]
 
 
 def _after_wait(state: ApiState, job_ids: list[str], waiting: SubmitWait) -> _Waited:
-    """New jobs' reads once they have ended or the preferred wait has run out, and the wait applied;
-    `(None, None)` when the preference was declined (the key holds LONG_POLLS_PER_KEY)."""
+    """New jobs' views once they have ended or the preferred wait has run out, and the wait applied;
+    `(None, None)` when the preference was declined (the key holds LONG_POLLS_PER_KEY). A job whose
+    end's message carried its view is not read back (`api.long_poll`)."""
     if waiting.declined:
         return None, None
     try:
         waiting.wait()
-        return _read_jobs(state, job_ids, waiting.slot), waiting.seconds
+        views = waiting.views
+        unread = [i for i, view in zip(job_ids, views, strict=True) if view is None]
+        read = dict(zip(unread, _read_jobs(state, unread, waiting.slot), strict=True)) if unread else {}
+        return [view if view is not None else read[i] for i, view in zip(job_ids, views, strict=True)], (
+            waiting.seconds
+        )
     except (RedisConnectionError, RedisTimeoutError) as exc:
         # The jobs exist: their ids (a 202) serve the client better than a 503 after which it may
         # submit the images again.
@@ -276,54 +283,53 @@ def _after_wait(state: ApiState, job_ids: list[str], waiting: SubmitWait) -> _Wa
         return None, waiting.seconds
 
 
-def _read_jobs(state: ApiState, job_ids: list[str], slot: LongPollSlot) -> list[tuple[Job, Any] | None]:
-    """The request's own new jobs and their latest results (None: gone), read in the round trip that
-    gives back its long-poll lease."""
+def _read_jobs(state: ApiState, job_ids: list[str], slot: LongPollSlot) -> list[dict[str, Any] | None]:
+    """The views of the request's own new jobs (None: gone), read in the round trip that gives back
+    its long-poll lease."""
     with state.redis.pipeline(transaction=False) as pipe:
         slot.queue_release(pipe)
         for job_id in job_ids:
             queue_job_read(pipe, job_id)
         replies = pipe.execute()[-JOB_READ_REPLIES * len(job_ids) :]
-    reads: list[tuple[Job, Any] | None] = []
+    views: list[dict[str, Any] | None] = []
     for i, job_id in enumerate(job_ids):
         found = parse_job_read(
             state.redis, job_id, replies[i * JOB_READ_REPLIES : (i + 1) * JOB_READ_REPLIES]
         )
         if found is None:
-            reads.append(None)
+            views.append(None)
             continue
         job, result, image_present = found
         # As `_load_job`: a queued job whose image expired is ended by its read.
-        reads.append(
-            (end_if_image_expired(state.redis, job, state.settings, image_present=image_present), result)
-        )
-    return reads
+        job = end_if_image_expired(state.redis, job, state.settings, image_present=image_present)
+        views.append(job_view(job, result))
+    return views
 
 
 def _replay_after_wait(state: ApiState, client: str, job_id: str, wait: int) -> _Waited:
     """`_after_wait` for an idempotent replay: its job already exists, so this is a long-poll."""
     slot = state.fairness.long_poll_slot(client, wait)
     try:
-        return [_read_when_ended(state, job_id, slot, wait)], wait
+        return [_view_when_ended(state, job_id, slot, wait)], wait
     except TooManyWaiters:
-        return [_load_job(state, job_id)], None  # declined: the job as it is now
+        return [job_view(*_load_job(state, job_id))], None  # declined: the job as it is now
     finally:
         slot.release()
 
 
-def _ended(read: tuple[Job, Any] | None) -> bool:
-    return read is not None and client_status(read[0]) in TERMINAL_STATUSES
+def _ended(view: dict[str, Any] | None) -> bool:
+    return view is not None and view["status"] in TERMINAL_STATUSES
 
 
 def _preferred_answer(job_id: str, waited: _Waited) -> tuple[Response, int, dict[str, str]]:
     """A submit with `Prefer: wait`: the ended job (200, as GET answers), else the 202 with its
     status now. `Preference-Applied` when the submit waited (or did not need to)."""
-    reads, wait = waited
-    read = reads[0] if reads else None
+    views, wait = waited
+    view = views[0] if views else None
     headers = {"Location": job_url(job_id), **(applied(wait) if wait is not None else {})}
-    if read is not None and _ended(read):
-        return jsonify(job_view(*read)), 200, headers
-    return jsonify(_created(job_id, client_status(read[0]) if read else "queued")), 202, headers
+    if view is not None and _ended(view):
+        return jsonify(view), 200, headers
+    return jsonify(_created(job_id, view["status"] if view else "queued")), 202, headers
 
 
 @bp.post("/batches")
@@ -357,11 +363,11 @@ def create_batch() -> tuple[Response, int, dict[str, str]]:
         note_enqueued(job_ids, now=True)
         del uploads, items  # in Redis now: the wait holds no copy of the images
         drop_uploaded_files(request)
-        reads, applied_wait = _after_wait(state, job_ids, waiting)
+        views, applied_wait = _after_wait(state, job_ids, waiting)
     headers = applied(applied_wait) if applied_wait is not None else {}
-    if reads is not None and all(_ended(read) for read in reads):
-        return jsonify({"jobs": [job_view(*read) for read in reads if read is not None]}), 200, headers
-    statuses = [client_status(read[0]) if read else "queued" for read in reads or [None] * len(job_ids)]
+    if views is not None and all(_ended(view) for view in views):
+        return jsonify({"jobs": [view for view in views if view is not None]}), 200, headers
+    statuses = [view["status"] if view else "queued" for view in views or [None] * len(job_ids)]
     return jsonify({"jobs": [_created(i, s) for i, s in zip(job_ids, statuses, strict=True)]}), 202, headers
 
 
@@ -375,7 +381,7 @@ def get_job(job_id: str) -> dict[str, Any]:
         return job_view(*_load_job(state, job_id))
     slot = state.fairness.long_poll_slot(client_key(), wait)
     try:
-        return job_view(*_read_when_ended(state, job_id, slot, wait))
+        return _view_when_ended(state, job_id, slot, wait)
     except TooManyWaiters:
         limit = state.settings.long_polls_per_key
         raise ApiError(
@@ -388,16 +394,19 @@ def get_job(job_id: str) -> dict[str, Any]:
         slot.release()  # when no read gave it back (a 404, an early answer, an error)
 
 
-def _read_when_ended(state: ApiState, job_id: str, slot: LongPollSlot, wait: float) -> tuple[Job, Any]:
-    """A long-poll: the job once it has ended, or as it is when `wait` runs out. TooManyWaiters when
-    the key holds its LONG_POLLS_PER_KEY; the caller releases `slot` if no read gave it back."""
+def _view_when_ended(state: ApiState, job_id: str, slot: LongPollSlot, wait: float) -> dict[str, Any]:
+    """A long-poll: the job's view once it has ended, or as it is when `wait` runs out.
+    TooManyWaiters when the key holds its LONG_POLLS_PER_KEY; the caller releases `slot` if no read
+    gave it back."""
     # The waiter is registered BEFORE the job is read: an end published from now on wakes it, and
     # an end before now is in what is read (api.long_poll). It holds no Redis connection.
     with state.listener.waiter(job_id) as ended:
-        job, result = _load_job(state, job_id, slot)
+        job, result = _load_job(state, job_id, slot)  # 404 unless the key owns the job
         if client_status(job) in TERMINAL_STATUSES or not ended.wait(wait):
-            return job, result
-    return _load_job(state, job_id, slot)
+            return job_view(job, result)
+        if ended.view is not None:
+            return ended.view  # the end's own view: no read back (api.long_poll)
+    return job_view(*_load_job(state, job_id, slot))
 
 
 @bp.post("/jobs/<job_id>/cancel")

@@ -266,14 +266,16 @@ async def _long_poll(port: int, job_id: str, wait: int, finished_at: dict[str, f
         writer.close()
 
 
-def end_jobs(redis_url: str, ids: list[str]) -> float:
-    """End `ids` the way a worker does (RQ success result + a publish on the ended channel), in one
-    transaction; returns the wall time the transaction completed."""
+def end_jobs(redis_url: str, ids: list[str], *, with_view: bool = True) -> float:
+    """End `ids` the way a worker does (RQ success result + a publish on the ended channel carrying
+    the job's view; `with_view=False`: the bare id, as workers published before `shared.ended`), in
+    one transaction; returns the wall time the transaction completed."""
     from rq.job import Job
     from rq.utils import now
 
+    from shared.ended import publish_ended
+    from shared.job_view import view_of
     from shared.jobs import SERIALIZER
-    from shared.keys import ended_channel
     from shared.redis_conn import redis_from_url
 
     conn = redis_from_url(redis_url)
@@ -284,7 +286,7 @@ def end_jobs(redis_url: str, ids: list[str]) -> float:
             job._result = {"predictions": [], "model": {"name": "bench", "sha256": "0"}}
             job.ended_at = now()
             job._handle_success(3600, pipeline=pipe)
-            pipe.publish(ended_channel(), job.id)
+            publish_ended(pipe, job.id, view_of(job, job._result) if with_view else None)
         pipe.execute()
     done = time.time()
     conn.close()

@@ -28,9 +28,10 @@ def known_key(job_id: str) -> str:
 
 
 def ended_channel() -> str:
-    """The pub/sub channel on which workers publish the id of every job they end (finished, failed,
-    expired, timed out), in the same transaction as the end itself: each api process holds one
-    subscription to it and wakes its own long-polls, so waiters cost no Redis connection each."""
+    """The pub/sub channel on which workers publish every job they end (finished, failed, expired,
+    timed out), in the same transaction as the end itself (its message: `shared.ended`): each api
+    process holds one subscription to it and wakes its own long-polls, so waiters cost no Redis
+    connection each."""
     return f"{PREFIX}ended"
 
 

@@ -27,6 +27,7 @@ from api import create_app
 from api.job_view import job_view
 from launch.redis_server import EmbeddedRedis
 from shared.config import PROJECT_ROOT, Settings
+from shared.ended import parse_ended
 from shared.jobs import (
     FAILED_BY_RQ,
     FAILED_BY_RQ_MESSAGE,
@@ -66,19 +67,20 @@ def test_every_job_end_is_published_on_the_ended_channel(redis_url: str, redis_c
     expired = submit(queue, png(90), 1, settings, meta={META_DEADLINE: time.time() - 1}).id
     BatchWorker(settings=settings, handler=stub_handler()).work(burst=True)
 
-    published = set()
+    published = {}
     deadline = time.monotonic() + 5
     while len(published) < 3 and time.monotonic() < deadline:
         message = pubsub.get_message(timeout=0.5)
         if message and message["type"] == "message":
-            published.add(message["data"].decode())
+            end = parse_ended(message["data"])
+            assert end is not None
+            published[end.job_id] = end.view
     pubsub.close()
-    assert published == {good, corrupt, expired}
-    assert [job_view(fetch(redis_conn, i))["status"] for i in (good, corrupt, expired)] == [
-        "finished",
-        "failed",
-        "expired",
-    ]
+    assert set(published) == {good, corrupt, expired}
+    views = [job_view(fetch(redis_conn, i)) for i in (good, corrupt, expired)]
+    assert [view["status"] for view in views] == ["finished", "failed", "expired"]
+    # Each message carries the body a read of the ended job gives (shared.ended).
+    assert [published[i] for i in (good, corrupt, expired)] == views
 
 
 class StuckOnceRunner(MeanRunner):

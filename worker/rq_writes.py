@@ -8,9 +8,9 @@ This is the one module that calls RQ's private job methods (`_handle_success`, `
 RQ has no public API to end a job that its own `perform_job` did not run. They were written against
 RQ 2.12, checked at import, so an upgrade stops here instead of writing half a job.
 
-Every end is one transaction that also PUBLISHes the job id on `shared.keys.ended_channel()` (the
-api's long-poll listener wakes on it) and deletes the job's image (`_drop_image`: the one place the
-image of an ended job leaves Redis).
+Every end is one transaction that also PUBLISHes the job's id and view on
+`shared.keys.ended_channel()` (`shared.ended`: the api's long-polls answer from it) and deletes the
+job's image (`_drop_image`: the one place the image of an ended job leaves Redis).
 
 Ownership: a job belongs to the worker whose execution of it is in the started registry with a
 score (expiry) still in the future. The ends written here check that entry in the script that
@@ -46,8 +46,9 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.utils import now
 
-from shared import image_budget
+from shared import ended, image_budget
 from shared.errors import InferqError
+from shared.job_view import view_of
 from shared.jobs import (
     DEADLINE_EXPIRED,
     META_ATTEMPTS,
@@ -58,7 +59,7 @@ from shared.jobs import (
     META_TIMINGS,
     timings,
 )
-from shared.keys import at_risk_key, ended_channel
+from shared.keys import at_risk_key
 from shared.telemetry import count_ended, record_batch
 from worker import owned_write, past_maxmemory
 
@@ -120,8 +121,10 @@ def crashes(job: Job | None) -> int:
     return int(job.meta.get(META_CRASHES, 0)) if job is not None else 0
 
 
-def publish_ended(pipe: Any, job_id: str) -> None:
-    pipe.publish(ended_channel(), job_id)
+def publish_ended(pipe: Any, job: Job, returned: Any = None) -> None:
+    """The end's message, with the job's view as written (`shared.ended`): the long-polls it wakes
+    answer from it. `returned`: a finished job's result."""
+    ended.publish_ended(pipe, job.id, view_of(job, returned))
 
 
 def _drop_image(pipe: Any, job_id: str) -> None:
@@ -217,7 +220,7 @@ def _end_expired(pipe: Any, worker: SimpleWorker, job: Job, wall: float, namespa
     _write_failure(pipe, worker.name, job, None, error)
     pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
     _drop_image(pipe, job.id)
-    publish_ended(pipe, job.id)
+    publish_ended(pipe, job)
     count_ended(pipe, namespace=namespace, finished=0, failed_by_code={DEADLINE_EXPIRED: 1})
 
 
@@ -375,7 +378,7 @@ def _write_endings(
         pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
         release(pipe, job, execution)
         _drop_image(pipe, job.id)
-        publish_ended(pipe, job.id)
+        publish_ended(pipe, job, e.result)
 
 
 def _record(pipe: Any, owned: Sequence[Ending], inference_ms: float, namespace: str, as_batch: bool) -> None:
@@ -472,7 +475,7 @@ def end_crashed(pipe: Any, job: Job, execution: Execution, error: InferqError, n
         job.key, mapping={"meta": job.serializer.dumps(job.meta), "retries_left": job.retries_left or 0}
     )
     release(pipe, job, execution)
-    publish_ended(pipe, job.id)
+    publish_ended(pipe, job)
     count_ended(pipe, namespace=namespace, finished=0, failed_by_code={error.code: 1})
 
 
