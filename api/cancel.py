@@ -41,7 +41,4 @@ def cancel(conn: Redis, job: Job) -> bool:
         job._status = JobStatus.CANCELED  # what the transaction writes: the view the end carries
         publish_ended(pipe, job.id, view_of(job))
         pipe.execute()
-    # RQ's cancel re-reads the status from Redis while its writes are still queued in the pipeline,
-    # leaving `job` saying "queued": re-read it so callers (the api's response) see "canceled".
-    job.get_status(refresh=True)
     return True

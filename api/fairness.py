@@ -209,10 +209,6 @@ class LongPollSlot:
     def first_read_done(self) -> bool:
         return self._read
 
-    @property
-    def held(self) -> bool:
-        return self._held
-
     def _lease_args(self) -> list[Any]:
         now = time.time()
         return [
