@@ -39,9 +39,10 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import utcformat
 
+from shared.ended import publish_ended
 from shared.errors import InferqError
 from shared.jobs import FAILED_BY_RQ, FAILED_BY_RQ_MESSAGE, META_ERROR
-from shared.keys import PREFIX, ended_channel
+from shared.keys import PREFIX
 from shared.telemetry import count_ended
 
 log = logging.getLogger("inferq.worker")
@@ -109,7 +110,7 @@ def _adopt_one(connection: redis.Redis, job_id: str, namespace: str) -> int:
                 pipe.hset(key, "meta", JSONSerializer.dumps(fields))
                 if latest is not None:
                     pipe.hset(key, "ended_at", utcformat(latest.created_at))
-                pipe.publish(ended_channel(), job_id)
+                publish_ended(pipe, job_id, None)  # no view: its waiters read the job
                 count_ended(pipe, namespace=namespace, finished=0, failed_by_code={error.code: 1})
                 pipe.execute()
                 break
